@@ -1,0 +1,251 @@
+"""Dense vs accelerated comparison with the same seed: the engine behind ``diffusers-attn compare`` and the demo."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .eval.metrics import psnr, ssim
+from .stats import AttentionStats
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedPipeline:
+    """A pipeline plus how to turn a prompt into call arguments."""
+
+    pipe: Any
+    name: str
+    prompt_kwargs: Callable[[str, str | None], dict[str, Any]]
+    defaults: dict[str, Any] = field(default_factory=dict)
+    tiny: bool = False
+
+
+@dataclass
+class RunResult:
+    frames: np.ndarray  # (F, H, W, 3) float32 in [0, 1]
+    total_s: float
+    denoise_s: float
+
+
+@dataclass
+class ComparisonResult:
+    dense: RunResult
+    accelerated: RunResult
+    psnr_db: float
+    psnr_per_frame_db: float
+    ssim: float
+    stats: AttentionStats
+    settings: dict[str, Any]
+
+    @property
+    def speedup(self) -> float:
+        return self.dense.total_s / self.accelerated.total_s
+
+    @property
+    def denoise_speedup(self) -> float:
+        return self.dense.denoise_s / self.accelerated.denoise_s
+
+    def report(self) -> str:
+        s = self.settings
+        lines = [
+            f"model: {s['model']} ({s['transformer']}), {s['num_frames']} frames {s['height']}x{s['width']}, "
+            f"{s['num_inference_steps']} steps, seed {s['seed']}, {s['device']} {s['dtype']}",
+            f"dense:        total {self.dense.total_s:8.3f} s   denoise {self.dense.denoise_s:8.3f} s",
+            f"{s['method']:<13} total {self.accelerated.total_s:8.3f} s   denoise {self.accelerated.denoise_s:8.3f} s",
+            f"speedup:      {self.speedup:.2f}x total, {self.denoise_speedup:.2f}x denoise",
+            f"fidelity vs dense (same seed): PSNR {self.psnr_db:.2f} dB (global MSE; per-frame mean "
+            f"{self.psnr_per_frame_db:.2f} dB), SSIM {self.ssim:.4f} (Gaussian 11x11, RGB mean)",
+            f"realized density: {self.stats.density:.3f} (all tokens), {self.stats.video_density:.3f} "
+            "(video x video)",
+        ]
+        if s.get("note"):
+            lines.append(f"note: {s['note']}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "settings": self.settings,
+            "dense": {"total_s": self.dense.total_s, "denoise_s": self.dense.denoise_s},
+            "accelerated": {"total_s": self.accelerated.total_s, "denoise_s": self.accelerated.denoise_s},
+            "speedup": self.speedup,
+            "denoise_speedup": self.denoise_speedup,
+            "psnr_db": self.psnr_db,
+            "psnr_per_frame_db": self.psnr_per_frame_db,
+            "ssim": self.ssim,
+            "stats": self.stats.to_dict(),
+        }
+
+
+def resolve_device_dtype(device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype is None or dtype == "auto":
+        dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    elif dtype in names:
+        dt = names[dtype]
+    else:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(names)} or 'auto'")
+    return dev, dt
+
+
+def load_pipeline(model: str, device: torch.device, dtype: torch.dtype, seed: int = 0) -> LoadedPipeline:
+    """A built-in tiny pipeline by name, or a diffusers pipeline from a hub id / local folder."""
+    from .adapters import get_adapter, supported_transformers
+    from .pipelines.tiny import TINY_MODELS, build_tiny_pipeline
+
+    if model in TINY_MODELS:
+        spec = build_tiny_pipeline(model, seed=seed)
+        spec.pipe.to(device)
+        if dtype != torch.float32:
+            spec.pipe.to(dtype=dtype)
+        return LoadedPipeline(spec.pipe, model, spec.prompt_kwargs, dict(spec.defaults or {}), tiny=True)
+
+    from diffusers import DiffusionPipeline
+
+    # Check the transformer class from the (small) config before loading any weights.
+    try:
+        cfg = DiffusionPipeline.load_config(model)
+    except Exception as e:  # network errors, missing folders, bad ids
+        raise ValueError(
+            f"cannot load model {model!r}: {e.__class__.__name__}: {e}. Built-in offline models: "
+            f"{', '.join(TINY_MODELS)}"
+        ) from None
+    entry = cfg.get("transformer")
+    cls_name = entry[1] if isinstance(entry, (list, tuple)) and len(entry) == 2 else None
+    if cls_name not in supported_transformers():
+        raise ValueError(
+            f"model {model!r} has transformer {cls_name!r}; supported: {', '.join(supported_transformers())}"
+        )
+    from diffusers.utils import deprecation_utils
+
+    # diffusers renamed torch_dtype -> dtype (the old name warns); older releases only know torch_dtype.
+    dtype_key = "dtype" if hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else "torch_dtype"
+    pipe = DiffusionPipeline.from_pretrained(model, **{dtype_key: dtype}).to(device)
+    get_adapter(pipe.transformer)
+
+    def prompt_kwargs(prompt: str, negative_prompt: str | None = None) -> dict[str, Any]:
+        kw: dict[str, Any] = {"prompt": prompt}
+        if negative_prompt:
+            kw["negative_prompt"] = negative_prompt
+        return kw
+
+    return LoadedPipeline(pipe, model, prompt_kwargs, {}, tiny=False)
+
+
+def generate(pipe: Any, kwargs: dict[str, Any], seed: int, device: torch.device) -> RunResult:
+    """One timed generation; ``denoise_s`` ends at the last step's callback (before VAE decode)."""
+    marks: list[float] = []
+
+    def on_step_end(_pipe, _i, _t, cb_kwargs):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        marks.append(time.perf_counter())
+        return cb_kwargs
+
+    gen = torch.Generator(device=device if device.type == "cuda" else "cpu").manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    out = pipe(**kwargs, generator=gen, output_type="np", callback_on_step_end=on_step_end)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t1 = time.perf_counter()
+    frames = out.frames if hasattr(out, "frames") else out.images
+    frames = np.asarray(frames[0], dtype=np.float32)
+    if frames.ndim == 3:
+        frames = frames[None]
+    return RunResult(frames=frames, total_s=t1 - t0, denoise_s=(marks[-1] - t0) if marks else t1 - t0)
+
+
+def run_comparison(
+    loaded: LoadedPipeline,
+    apply_fn: Callable[[Any], None],
+    *,
+    method_name: str,
+    prompt: str,
+    negative_prompt: str | None,
+    call_kwargs: dict[str, Any],
+    seed: int,
+    device: torch.device,
+    warmup: bool = True,
+    note: str | None = None,
+) -> ComparisonResult:
+    """Run dense then accelerated with the same seed; the accelerated attention is removed afterwards."""
+    from .install import get_attention_stats, remove_attention_acceleration
+
+    pipe = loaded.pipe
+    kwargs = {**loaded.prompt_kwargs(prompt, negative_prompt), **call_kwargs}
+    warm_kwargs = {**kwargs, "num_inference_steps": 1}
+    if warmup:
+        generate(pipe, warm_kwargs, seed, device)
+    dense = generate(pipe, kwargs, seed, device)
+    apply_fn(pipe)
+    try:
+        if warmup:
+            generate(pipe, warm_kwargs, seed, device)
+        accel = generate(pipe, kwargs, seed, device)
+        stats = get_attention_stats(pipe, log=False)
+    finally:
+        remove_attention_acceleration(pipe)
+    settings = {
+        "model": loaded.name,
+        "transformer": type(pipe.transformer).__name__,
+        "method": method_name,
+        "seed": seed,
+        "device": str(device),
+        "dtype": str(pipe.transformer.dtype).replace("torch.", ""),
+        "warmup": warmup,
+        "note": note,
+        **{k: v for k, v in call_kwargs.items() if isinstance(v, (int, float, str))},
+    }
+    return ComparisonResult(
+        dense=dense,
+        accelerated=accel,
+        psnr_db=psnr(dense.frames, accel.frames),
+        psnr_per_frame_db=psnr(dense.frames, accel.frames, mode="per_frame"),
+        ssim=ssim(dense.frames, accel.frames),
+        stats=stats,
+        settings=settings,
+    )
+
+
+def _label_strip(text: str, width: int, height: int = 20) -> np.ndarray:
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (width, height), (24, 24, 24))
+    ImageDraw.Draw(img).text((4, 4), text, fill=(240, 240, 240))
+    return np.asarray(img)
+
+
+def side_by_side_frames(a: np.ndarray, b: np.ndarray, labels: tuple[str, str]) -> np.ndarray:
+    """uint8 (F, H', W', 3) frames: ``a`` left, ``b`` right, labelled, padded to multiples of 16 for codecs."""
+    if a.shape != b.shape:
+        raise ValueError(f"videos differ in shape: {a.shape} vs {b.shape}")
+    to8 = lambda x: (np.clip(x, 0, 1) * 255 + 0.5).astype(np.uint8)  # noqa: E731
+    Fn, H, W, _ = a.shape
+    gap = np.full((Fn, H, 4, 3), 255, np.uint8)
+    body = np.concatenate([to8(a), gap, to8(b)], axis=2)
+    strip = np.concatenate(
+        [_label_strip(labels[0], W), np.full((20, 4, 3), 255, np.uint8), _label_strip(labels[1], W)], axis=1
+    )
+    frames = np.concatenate([np.broadcast_to(strip, (Fn, *strip.shape)), body], axis=1)
+    ph, pw = (-frames.shape[1]) % 16, (-frames.shape[2]) % 16
+    return np.pad(frames, ((0, 0), (0, ph), (0, pw), (0, 0)))
+
+
+def write_video(path: str | Path, frames: np.ndarray, fps: int = 8) -> Path:
+    import imageio
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    imageio.mimwrite(path, list(frames), fps=fps, macro_block_size=16)
+    return path

@@ -1,0 +1,199 @@
+"""Tiny CogVideoX and HunyuanVideo pipelines built offline from configs (random weights, no download).
+
+They exercise the real diffusers pipeline and model classes end to end on a CPU in seconds: the built-in default
+of ``diffusers-attn compare`` and the test suite. Their weights are random, so their outputs say nothing about
+quality; prompts become fixed pseudo-embeddings (one seeded vector per word) because there is no text encoder.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+TINY_MODELS = ("tiny-cogvideox", "tiny-cogvideox-1.5", "tiny-hunyuan")
+
+
+@dataclass
+class TinyPipelineSpec:
+    """A built tiny pipeline plus what is needed to call it without a text encoder."""
+
+    pipe: Any
+    family: str  # "cogvideox" | "hunyuan_video"
+    text_len: int
+    text_dim: int
+    pooled_dim: int = 0
+    defaults: dict[str, Any] | None = None
+
+    def prompt_kwargs(self, prompt: str, negative_prompt: str | None = None) -> dict[str, Any]:
+        """Pipeline keyword arguments carrying pseudo-embeddings for ``prompt``."""
+        emb, mask = prompt_embeddings(prompt, self.text_len, self.text_dim)
+        if self.family == "cogvideox":
+            neg, _ = prompt_embeddings(negative_prompt or "", self.text_len, self.text_dim)
+            return {"prompt_embeds": emb, "negative_prompt_embeds": neg}
+        pooled = pooled_embedding(prompt, self.pooled_dim)
+        kw = {"prompt_embeds": emb, "pooled_prompt_embeds": pooled, "prompt_attention_mask": mask}
+        if negative_prompt is not None:
+            nemb, nmask = prompt_embeddings(negative_prompt, self.text_len, self.text_dim)
+            kw.update(
+                negative_prompt_embeds=nemb,
+                negative_pooled_prompt_embeds=pooled_embedding(negative_prompt, self.pooled_dim),
+                negative_prompt_attention_mask=nmask,
+            )
+        return kw
+
+
+def _word_vector(word: str, dim: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(zlib.crc32(word.lower().encode()))
+    return torch.randn(dim, generator=g)
+
+
+def prompt_embeddings(prompt: str, text_len: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1, text_len, dim) pseudo-embeddings (one seeded vector per word, zero padding) and the (1, text_len) mask."""
+    words = prompt.split()[:text_len]
+    emb = torch.zeros(1, text_len, dim)
+    mask = torch.zeros(1, text_len, dtype=torch.bool)
+    for i, w in enumerate(words):
+        emb[0, i] = _word_vector(w, dim)
+        mask[0, i] = True
+    if not words:  # an empty prompt still needs one valid token for HunyuanVideo's mask
+        mask[0, 0] = True
+    return emb, mask
+
+
+def pooled_embedding(prompt: str, dim: int) -> torch.Tensor:
+    words = prompt.split() or [""]
+    return torch.stack([_word_vector("pooled:" + w, dim) for w in words]).mean(0, keepdim=True)
+
+
+def tiny_t5(d_model: int, seed: int = 0) -> tuple[Any, Any]:
+    """A real (tiny, random) T5 encoder and a word-level fast tokenizer built offline: exercises the text path of
+    pipelines that are loaded with ``from_pretrained`` (tests of the real loading code)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    words = "a an the red blue green fox cat dog runs running through in on snow water sky at sunrise".split()
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    torch.manual_seed(seed)
+    cfg = T5Config(vocab_size=len(vocab), d_model=d_model, d_ff=2 * d_model, d_kv=8, num_layers=1, num_heads=4)
+    return T5EncoderModel(cfg).eval(), tokenizer
+
+
+def build_tiny_cogvideox(
+    seed: int = 0, version: str = "1.0", *, num_layers: int = 2, text_encoder: bool = False
+) -> TinyPipelineSpec:
+    """A CogVideoX pipeline with a 4-head x 16 transformer (RoPE, like CogVideoX-5B) and an 8-channel VAE.
+
+    ``text_encoder=True`` adds a tiny real T5 encoder and tokenizer (see :func:`tiny_t5`).
+    """
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
+
+    if version not in ("1.0", "1.5"):
+        raise ValueError(f"version must be '1.0' or '1.5', got {version!r}")
+    torch.manual_seed(seed)
+    text_len, text_dim = 16, 32
+    transformer = CogVideoXTransformer3DModel(
+        num_attention_heads=4,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=4,
+        time_embed_dim=8,
+        text_embed_dim=text_dim,
+        num_layers=num_layers,
+        sample_width=16,
+        sample_height=16,
+        sample_frames=17,
+        patch_size=2,
+        patch_size_t=2 if version == "1.5" else None,
+        temporal_compression_ratio=4,
+        max_text_seq_length=text_len,
+        use_rotary_positional_embeddings=True,
+    )
+    vae = AutoencoderKLCogVideoX(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("CogVideoXDownBlock3D",) * 4,
+        up_block_types=("CogVideoXUpBlock3D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=2,
+        temporal_compression_ratio=4,
+    )
+    scheduler = CogVideoXDDIMScheduler(timestep_spacing="trailing")
+    encoder, tokenizer = tiny_t5(text_dim, seed) if text_encoder else (None, None)
+    pipe = CogVideoXPipeline(
+        tokenizer=tokenizer, text_encoder=encoder, vae=vae, transformer=transformer, scheduler=scheduler
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return TinyPipelineSpec(
+        pipe, "cogvideox", text_len, text_dim,
+        defaults={"height": 128, "width": 128, "num_frames": 17, "num_inference_steps": 8, "guidance_scale": 6.0},
+    )
+
+
+def build_tiny_hunyuan(seed: int = 0, *, num_layers: int = 1, num_single_layers: int = 1) -> TinyPipelineSpec:
+    """A HunyuanVideo pipeline with a 2-head x 16 transformer (dual + single stream) and an 8-channel VAE."""
+    from diffusers import (
+        AutoencoderKLHunyuanVideo,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideoPipeline,
+        HunyuanVideoTransformer3DModel,
+    )
+
+    torch.manual_seed(seed)
+    text_len, text_dim, pooled_dim = 16, 16, 8
+    transformer = HunyuanVideoTransformer3DModel(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        num_layers=num_layers,
+        num_single_layers=num_single_layers,
+        num_refiner_layers=1,
+        patch_size=2,
+        patch_size_t=1,
+        guidance_embeds=True,
+        text_embed_dim=text_dim,
+        pooled_projection_dim=pooled_dim,
+        rope_axes_dim=(4, 6, 6),
+    )
+    vae = AutoencoderKLHunyuanVideo(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+        up_block_types=("HunyuanVideoUpBlock3D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        norm_num_groups=4,
+        spatial_compression_ratio=8,
+        temporal_compression_ratio=4,
+        mid_block_add_attention=True,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=7.0)
+    pipe = HunyuanVideoPipeline(
+        text_encoder=None, tokenizer=None, transformer=transformer, vae=vae, scheduler=scheduler,
+        text_encoder_2=None, tokenizer_2=None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return TinyPipelineSpec(
+        pipe, "hunyuan_video", text_len, text_dim, pooled_dim,
+        defaults={"height": 128, "width": 128, "num_frames": 17, "num_inference_steps": 8, "guidance_scale": 6.0},
+    )
+
+
+def build_tiny_pipeline(name: str, seed: int = 0) -> TinyPipelineSpec:
+    """Build one of :data:`TINY_MODELS`."""
+    if name == "tiny-cogvideox":
+        return build_tiny_cogvideox(seed, "1.0")
+    if name == "tiny-cogvideox-1.5":
+        return build_tiny_cogvideox(seed, "1.5")
+    if name == "tiny-hunyuan":
+        return build_tiny_hunyuan(seed)
+    raise ValueError(f"unknown tiny model {name!r}; available: {', '.join(TINY_MODELS)}")

@@ -1,0 +1,240 @@
+"""Telemetry: what the accelerated attention actually computed.
+
+Methods record, per attention call, how many (query, key) pairs were computed against the dense count, which
+pattern each head used, and why a call fell back to dense. Timings use CUDA events on GPU (no sync on the hot
+path; resolved when stats are read) and ``perf_counter`` on CPU.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+PATTERN_NAMES = ("dense", "spatial", "temporal", "textural")
+FALLBACK = len(PATTERN_NAMES)  # column for "whole call fell back to dense" in per-head counts
+
+
+class _Timers:
+    def __init__(self) -> None:
+        self.cpu: Counter[str] = Counter()
+        self.cuda: dict[str, list[tuple[torch.cuda.Event, torch.cuda.Event]]] = {}
+
+    @contextmanager
+    def time(self, name: str, device: torch.device) -> Iterator[None]:
+        if device.type == "cuda":
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            try:
+                yield
+            finally:
+                end.record()
+                self.cuda.setdefault(name, []).append((start, end))
+        else:
+            t0 = time.perf_counter()
+            try:
+                yield
+            finally:
+                self.cpu[name] += time.perf_counter() - t0
+
+    def seconds(self) -> dict[str, float]:
+        out = dict(self.cpu)
+        for name, pairs in self.cuda.items():
+            if pairs:
+                pairs[-1][1].synchronize()
+            out[name] = out.get(name, 0.0) + sum(s.elapsed_time(e) for s, e in pairs) / 1000.0
+        return out
+
+
+@dataclass
+class _LayerAccum:
+    calls: int = 0
+    head_counts: np.ndarray | None = None  # (H, len(PATTERN_NAMES) + 1) head-calls per pattern / fallback
+    computed: float = 0.0  # computed (q, k) pairs x head_dim, summed over heads and batch
+    total: float = 0.0
+    video_computed: float = 0.0
+    video_total: float = 0.0
+    recall_sum: np.ndarray | None = None  # (H, 3) mean-recall accumulator (spatial, temporal, textural)
+    recall_n: int = 0
+
+
+class StatsRecorder:
+    """Per-transformer accumulator. Reset at the start of every generation."""
+
+    def __init__(self) -> None:
+        self.method: str | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        """Clear everything recorded (the method name is kept)."""
+        self.layers: dict[int, _LayerAccum] = {}
+        self.fallbacks: Counter[str] = Counter()
+        self.timers = _Timers()
+        self.skipped_calls = 0
+        self.steps_seen = 0
+        self.info: dict[str, Any] = {}
+
+    def _layer(self, layer: int, heads: int) -> _LayerAccum:
+        acc = self.layers.get(layer)
+        if acc is None:
+            acc = self.layers[layer] = _LayerAccum()
+        if acc.head_counts is None or acc.head_counts.shape[0] != heads:
+            acc.head_counts = np.zeros((heads, len(PATTERN_NAMES) + 1), dtype=np.int64)
+        return acc
+
+    def record(
+        self,
+        layer: int,
+        *,
+        head_patterns: np.ndarray,
+        computed: float,
+        total: float,
+        video_computed: float,
+        video_total: float,
+        recalls: np.ndarray | None = None,
+        fallback_reason: str | None = None,
+    ) -> None:
+        """Record one attention call. ``head_patterns`` is (B, H) of pattern ids (FALLBACK for a dense fallback).
+
+        ``computed``/``total`` count (q, k) pairs times head_dim, summed over batch and heads.
+        """
+        B, H = head_patterns.shape
+        acc = self._layer(layer, H)
+        acc.calls += 1
+        for p in range(acc.head_counts.shape[1]):
+            acc.head_counts[:, p] += (head_patterns == p).sum(0)
+        acc.computed += computed
+        acc.total += total
+        acc.video_computed += video_computed
+        acc.video_total += video_total
+        if recalls is not None:
+            r = recalls.reshape(B, H, -1).sum(0)
+            acc.recall_sum = r if acc.recall_sum is None else acc.recall_sum + r
+            acc.recall_n += B
+        if fallback_reason is not None:
+            self.fallbacks[fallback_reason] += 1
+
+    def summary(self) -> "AttentionStats":
+        layers = []
+        hist: Counter[str] = Counter()
+        computed = total = vcomp = vtot = 0.0
+        calls = 0
+        for idx in sorted(self.layers):
+            acc = self.layers[idx]
+            calls += acc.calls
+            computed += acc.computed
+            total += acc.total
+            vcomp += acc.video_computed
+            vtot += acc.video_total
+            names = list(PATTERN_NAMES) + ["fallback"]
+            for p, name in enumerate(names):
+                hist[name] += int(acc.head_counts[:, p].sum())
+            per_head = [
+                {names[p]: int(c) for p, c in enumerate(row) if c} for row in acc.head_counts
+            ]
+            dominant = [names[int(np.argmax(row))] if row.sum() else "none" for row in acc.head_counts]
+            layers.append(
+                LayerStats(
+                    layer=idx,
+                    calls=acc.calls,
+                    density=acc.computed / acc.total if acc.total else 1.0,
+                    video_density=acc.video_computed / acc.video_total if acc.video_total else 1.0,
+                    head_patterns=per_head,
+                    dominant_patterns=dominant,
+                    mean_recall=(
+                        (acc.recall_sum / acc.recall_n).round(4).tolist() if acc.recall_n else None
+                    ),
+                )
+            )
+        secs = self.timers.seconds()
+        head_calls = sum(hist.values())
+        return AttentionStats(
+            method=self.method,
+            calls=calls,
+            skipped_calls=self.skipped_calls,
+            steps=self.steps_seen,
+            density=computed / total if total else 1.0,
+            video_density=vcomp / vtot if vtot else 1.0,
+            pattern_histogram=dict(hist),
+            dense_fallbacks=dict(self.fallbacks),
+            dense_fallback_rate=(hist.get("fallback", 0) / head_calls) if head_calls else 0.0,
+            timings_ms={k: v * 1000.0 for k, v in sorted(secs.items())},
+            layers=layers,
+            info=dict(self.info),
+        )
+
+
+@dataclass
+class LayerStats:
+    layer: int
+    calls: int
+    density: float
+    video_density: float
+    head_patterns: list[dict[str, int]]  # per head: pattern -> number of calls
+    dominant_patterns: list[str]  # per head: the most frequent pattern
+    mean_recall: list[list[float]] | None  # per head: ARM recall of (spatial, temporal, textural)
+
+
+@dataclass
+class AttentionStats:
+    """What the accelerated attention computed during the last generation (see README, "Reading the stats").
+
+    * ``density``: FLOP-weighted share of (query, key) pairs actually computed, over all tokens, including the
+      always-dense text/first-frame region and block rounding (1.0 = dense).
+    * ``video_density``: the same restricted to video queries x video keys.
+    * ``pattern_histogram``: head-calls per pattern (``fallback`` = whole call ran the stock dense path).
+    * ``dense_fallbacks``: reason -> number of layer calls that ran dense.
+    * ``timings_ms``: ``arm`` (pattern recognition), ``plan`` (block-list building, cached per shape),
+      ``gather`` (textural key gather), ``attention`` (sparse execution), summed over the generation.
+    """
+
+    method: str | None
+    calls: int
+    skipped_calls: int
+    steps: int
+    density: float
+    video_density: float
+    pattern_histogram: dict[str, int]
+    dense_fallbacks: dict[str, int]
+    dense_fallback_rate: float
+    timings_ms: dict[str, float]
+    layers: list[LayerStats] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+    def __str__(self) -> str:
+        lines = [
+            f"diffusers-attn stats ({self.method or 'no method'}): {self.calls} attention calls over "
+            f"{self.steps} steps",
+            f"  realized density: {self.density:.3f} (all tokens), {self.video_density:.3f} (video x video)",
+        ]
+        if self.pattern_histogram:
+            hist = ", ".join(f"{k}={v}" for k, v in self.pattern_histogram.items() if v)
+            lines.append(f"  head-calls per pattern: {hist}")
+        if self.dense_fallbacks:
+            fb = "; ".join(f"{k}: {v}" for k, v in sorted(self.dense_fallbacks.items()))
+            lines.append(f"  dense fallbacks (layer calls): {fb}")
+        if self.timings_ms:
+            tm = ", ".join(f"{k} {v:.1f} ms" for k, v in self.timings_ms.items())
+            lines.append(f"  time: {tm}")
+        for layer in self.layers:
+            pats = "".join(_ABBREV.get(p, "?") for p in layer.dominant_patterns)
+            lines.append(
+                f"  layer {layer.layer:3d}: density {layer.density:.3f}, video {layer.video_density:.3f}, "
+                f"heads [{pats}]"
+            )
+        lines.append("  (heads: D dense, S spatial, T temporal, X textural, F fallback)")
+        return "\n".join(lines)
+
+
+_ABBREV = {"dense": "D", "spatial": "S", "temporal": "T", "textural": "X", "fallback": "F", "none": "."}

@@ -1,0 +1,170 @@
+"""The block-sparse contract: PyTorch reference vs dense attention with the equivalent explicit mask."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import rel_err
+from diffusers_attn.kernels import (
+    block_mask_to_lists,
+    block_sparse_attention_torch,
+    block_sparse_attention,
+    lists_to_block_mask,
+    lists_to_token_mask,
+    masked_attention_reference,
+    num_blocks,
+)
+
+
+def random_lists(B, H, n_q, n_k, bm, bn, density, gen, empty_rows=0):
+    M, K = num_blocks(n_q, bm), num_blocks(n_k, bn)
+    mask = torch.rand(B, H, M, K, generator=gen) < density
+    if empty_rows:
+        mask[0, 0, :empty_rows] = False
+    return mask, *block_mask_to_lists(mask)
+
+
+@pytest.mark.parametrize(
+    "n_q,n_k,bm,bn,D",
+    [(100, 100, 16, 16, 16), (77, 130, 32, 16, 32), (64, 64, 64, 32, 64), (45, 45, 8, 24, 8)],
+)
+@pytest.mark.parametrize("density", [0.2, 0.6, 1.0])
+@pytest.mark.parametrize("impl", ["segments", "math"])
+def test_matches_masked_dense(n_q, n_k, bm, bn, D, density, impl):
+    gen = torch.Generator().manual_seed(n_q * 31 + bn)
+    B, H = 2, 3
+    q = torch.randn(B, H, n_q, D, generator=gen)
+    k = torch.randn(B, H, n_k, D, generator=gen)
+    v = torch.randn(B, H, n_k, D, generator=gen)
+    _, idx, cnt = random_lists(B, H, n_q, n_k, bm, bn, density, gen, empty_rows=1)
+    kpm = torch.rand(B, n_k, generator=gen) > 0.2
+    out = block_sparse_attention_torch(q, k, v, idx, cnt, block_m=bm, block_n=bn, key_padding_mask=kpm, impl=impl)
+    mask = lists_to_token_mask(idx, cnt, n_q, n_k, bm, bn) & kpm[:, None, None, :]
+    ref = masked_attention_reference(q, k, v, mask)
+    assert out.dtype == q.dtype and out.shape == (B, H, n_q, D)
+    assert rel_err(out, ref) < 1e-5
+
+
+def test_key_padding_tails_empty_rows_and_lse():
+    gen = torch.Generator().manual_seed(0)
+    B, H, n, D, bm, bn = 2, 2, 90, 16, 16, 16
+    q, k, v = (torch.randn(B, H, n, D, generator=gen) for _ in range(3))
+    _, idx, cnt = random_lists(B, H, n, n, bm, bn, 0.5, gen, empty_rows=2)
+    kpm = torch.ones(B, n, dtype=torch.bool)
+    kpm[0, 70:] = False
+    kpm[1, 5:9] = False
+    out, lse = block_sparse_attention(q, k, v, idx, cnt, block_m=bm, block_n=bn, key_padding_mask=kpm, return_lse=True)
+    mask = lists_to_token_mask(idx, cnt, n, n, bm, bn) & kpm[:, None, None, :]
+    ref = masked_attention_reference(q, k, v, mask)
+    assert not torch.isnan(out).any()
+    assert rel_err(out, ref) < 1e-5
+    # rows with no allowed key: zeros and lse = -inf
+    empty = ~mask.any(-1)
+    assert empty[0, 0, : 2 * bm].all()
+    assert (out[empty] == 0).all()
+    assert torch.isneginf(lse[empty]).all()
+    s = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(D)
+    ref_lse = s.masked_fill(~mask, float("-inf")).logsumexp(-1)
+    ok = ~empty
+    assert torch.allclose(lse[ok].double(), ref_lse[ok], atol=1e-5, rtol=1e-6)
+
+
+def test_strided_views_and_broadcast_lists_and_scale():
+    """BSHD tensors viewed as BHSD (no copies) and stride-0 broadcast block lists are accepted."""
+    gen = torch.Generator().manual_seed(1)
+    B, H, n, D = 2, 4, 70, 16
+    q, k, v = (torch.randn(B, n, H, D, generator=gen).transpose(1, 2) for _ in range(3))
+    assert not q.is_contiguous()
+    mask = torch.rand(num_blocks(n, 16), num_blocks(n, 32), generator=gen) < 0.5
+    idx, cnt = block_mask_to_lists(mask)
+    idx_b, cnt_b = idx.expand(B, H, *idx.shape), cnt.expand(B, H, *cnt.shape)
+    out = block_sparse_attention(q, k, v, idx_b, cnt_b, block_m=16, block_n=32, scale=0.3)
+    ref = masked_attention_reference(q, k, v, lists_to_token_mask(idx_b, cnt_b, n, n, 16, 32), scale=0.3)
+    assert rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
+def test_low_precision_inputs(dtype, tol):
+    gen = torch.Generator().manual_seed(2)
+    B, H, n, D = 1, 2, 64, 32
+    q, k, v = (torch.randn(B, H, n, D, generator=gen).to(dtype) for _ in range(3))
+    _, idx, cnt = random_lists(B, H, n, n, 16, 16, 0.5, gen)
+    out = block_sparse_attention(q, k, v, idx, cnt, block_m=16, block_n=16)
+    assert out.dtype == dtype
+    ref = masked_attention_reference(q, k, v, lists_to_token_mask(idx, cnt, n, n, 16, 16))
+    assert rel_err(out, ref) < tol
+
+
+def test_chunking_does_not_change_results():
+    gen = torch.Generator().manual_seed(3)
+    B, H, n, D = 2, 3, 130, 16
+    q, k, v = (torch.randn(B, H, n, D, generator=gen) for _ in range(3))
+    _, idx, cnt = random_lists(B, H, n, n, 16, 16, 0.4, gen)
+    a = block_sparse_attention_torch(q, k, v, idx, cnt, block_m=16, block_n=16, impl="math")
+    b = block_sparse_attention_torch(q, k, v, idx, cnt, block_m=16, block_n=16, impl="math", chunk_bytes=1)
+    c = block_sparse_attention_torch(q, k, v, idx, cnt, block_m=16, block_n=16, impl="segments")
+    assert torch.allclose(a, b, atol=1e-6)
+    assert torch.allclose(a, c, atol=1e-5)
+    with pytest.raises(ValueError, match="log-sum-exp"):
+        block_sparse_attention_torch(q, k, v, idx, cnt, block_m=16, block_n=16, impl="segments", return_lse=True)
+
+
+def test_block_list_round_trip():
+    gen = torch.Generator().manual_seed(4)
+    mask = torch.rand(3, 5, 7, generator=gen) < 0.4
+    mask[0, 0] = False
+    idx, cnt = block_mask_to_lists(mask)
+    assert idx.dtype == torch.int32 and cnt.dtype == torch.int32
+    assert torch.equal(lists_to_block_mask(idx, cnt, 7), mask)
+    assert torch.equal(cnt, mask.sum(-1).int())
+    # ascending within the count
+    for i in range(3):
+        for j in range(5):
+            row = idx[i, j, : cnt[i, j]].tolist()
+            assert row == sorted(set(row))
+
+
+def _args(B=1, H=1, n=32, D=8, bm=16, bn=16):
+    q = torch.randn(B, H, n, D)
+    idx, cnt = block_mask_to_lists(torch.ones(B, H, num_blocks(n, bm), num_blocks(n, bn), dtype=torch.bool))
+    return q, q.clone(), q.clone(), idx, cnt
+
+
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda a: {**a, "kv_indices": a["kv_indices"].long()}, "int32"),
+        (lambda a: {**a, "kv_counts": a["kv_counts"][..., :1]}, "kv_counts must be"),
+        (lambda a: {**a, "q": a["q"][..., :4]}, "head_dim"),
+        (lambda a: {**a, "q": a["q"].double()}, "share one of"),
+        (lambda a: {**a, "block_m": 0}, "positive"),
+        (lambda a: {**a, "key_padding_mask": torch.ones(1, 5, dtype=torch.bool)}, "key_padding_mask"),
+        (lambda a: {**a, "q": a["q"][0]}, "4-D"),
+    ],
+)
+def test_validation_errors(mutate, match):
+    q, k, v, idx, cnt = _args()
+    a = dict(q=q, k=k, v=v, kv_indices=idx, kv_counts=cnt, block_m=16, block_n=16)
+    a = mutate(a)
+    with pytest.raises(ValueError, match=match):
+        block_sparse_attention(
+            a["q"], a["k"], a["v"], a["kv_indices"], a["kv_counts"], block_m=a["block_m"], block_n=a["block_n"],
+            key_padding_mask=a.get("key_padding_mask"),
+        )
+
+
+def test_content_checks_and_backend_override(monkeypatch):
+    q, k, v, idx, cnt = _args()
+    bad = idx.clone()
+    bad[..., 0, :] = torch.tensor([1, 0], dtype=torch.int32)  # descending
+    monkeypatch.setenv("DIFFUSERS_ATTN_CHECKS", "1")
+    with pytest.raises(ValueError, match="ascending"):
+        block_sparse_attention(q, k, v, bad, cnt, block_m=16, block_n=16)
+    monkeypatch.delenv("DIFFUSERS_ATTN_CHECKS")
+    with pytest.raises(ValueError, match="unknown or unavailable"):
+        block_sparse_attention(q, k, v, idx, cnt, block_m=16, block_n=16, backend="nope")
+    out = block_sparse_attention(q, k, v, idx, cnt, block_m=16, block_n=16, backend="torch")
+    assert rel_err(out, masked_attention_reference(q, k, v, None)) < 1e-5
