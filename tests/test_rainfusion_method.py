@@ -320,3 +320,29 @@ def test_stats_pairs_account_for_padding():
     mask[:, N - 3 :] = False
     assert c == mask.sum().item()
     assert np.isclose(plan.video_pairs(TEXTURAL), plan.token_mask(TEXTURAL)[:64, :64].sum().item())
+
+
+def test_triton_table_path_matches_grouped_torch_path():
+    """The compact-table execution (one kernel launch + textural gather) equals the grouped PyTorch path."""
+    pytest.importorskip("triton")
+    from diffusers_attn.kernels import available_backends
+
+    if "triton" not in available_backends():
+        pytest.skip("triton backend not registered")
+    layout = TokenLayout.video_first((4, 6, 8), 10)  # small: the interpreter is slow
+    B, D = 1, 16
+    kinds = ["spatial", "temporal", "textural", "random"]
+    q, k, v = planted_qkv(layout, B, kinds, D)
+    kpm = torch.ones(B, layout.seq_len, dtype=torch.bool)
+    kpm[0, -3:] = False
+    outs, decisions = {}, {}
+    for backend in ("torch", "triton"):
+        cfg = RainFusionConfig(sparsity=0.75, dense_steps=0, dense_layers=0, min_video_tokens=0, block_m=16,
+                               block_n=16, arm_threshold=0.95, kernel_backend=backend)
+        method, ctx = RainFusionMethod(cfg), _ctx()
+        outs[backend] = method(q, k, v, layout=layout, key_padding_mask=kpm, scale=None, layer_index=0,
+                               context=ctx, dense_fn=lambda: pytest.fail("mixed heads never take the stock path"))
+        decisions[backend] = ctx.last_decisions[0].patterns
+    assert np.array_equal(decisions["torch"], decisions["triton"])
+    assert set(decisions["torch"].flatten().tolist()) >= {DENSE, SPATIAL, TEMPORAL, TEXTURAL}
+    assert rel_err(outs["triton"], outs["torch"]) < 1e-5

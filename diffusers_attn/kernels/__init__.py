@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "block_sparse_attention",
+    "block_sparse_attention_table",
+    "select_backend",
     "available_backends",
     "register_backend",
     "block_mask_to_lists",
@@ -51,16 +53,19 @@ __all__ = [
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-# name -> (function, supports(q, k, v, block_m, block_n) -> reason-or-None)
-_BACKENDS: dict[str, tuple[Callable, Callable]] = {
-    "torch": (block_sparse_attention_torch, lambda *a: None),
+# name -> (function, supports(q, k, v, block_m, block_n) -> reason-or-None, auto(q) -> bool)
+_BACKENDS: dict[str, tuple[Callable, Callable, Callable]] = {
+    "torch": (block_sparse_attention_torch, lambda *a: None, lambda q: True),
 }
 _AUTO_ORDER: list[str] = ["torch"]
 
 
-def register_backend(name: str, fn: Callable, supports: Callable, *, preferred: bool = True) -> None:
-    """Register a kernel backend. ``supports(q, k, v, block_m, block_n)`` returns None or a reason string."""
-    _BACKENDS[name] = (fn, supports)
+def register_backend(
+    name: str, fn: Callable, supports: Callable, *, auto: Callable = lambda q: True, preferred: bool = True
+) -> None:
+    """Register a kernel backend. ``supports(q, k, v, block_m, block_n)`` returns None or a reason string;
+    ``auto(q)`` says whether automatic selection may pick it (explicit requests only need ``supports``)."""
+    _BACKENDS[name] = (fn, supports, auto)
     if name not in _AUTO_ORDER:
         if preferred:
             _AUTO_ORDER.insert(0, name)
@@ -83,9 +88,12 @@ def _load_optional_backends() -> None:
         return
     _optional_loaded = True
     try:
-        from . import block_sparse_triton  # noqa: F401  (registers itself when Triton is importable)
-    except ImportError as e:  # Triton missing or the module not shipped: the torch path remains
+        from . import block_sparse_triton as bst
+    except ImportError as e:  # Triton missing: the torch path remains
         logger.debug("triton block-sparse backend unavailable: %s", e)
+        return
+    # Automatic selection takes the kernel on CUDA only; on CPU it runs when asked for (interpreter tests).
+    register_backend("triton", bst.block_sparse_attention_triton, bst.supports, auto=lambda q: q.is_cuda)
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -200,8 +208,65 @@ def _select_backend(q, k, v, block_m, block_n, backend: str | None) -> str:
             raise ValueError(f"backend {requested!r} cannot run this call: {reason}")
         return requested
     for name in _AUTO_ORDER:
+        if not _BACKENDS[name][2](q):
+            continue
         reason = _BACKENDS[name][1](q, k, v, block_m, block_n)
         if reason is None:
             return name
         logger.debug("backend %s skipped: %s", name, reason)
     return "torch"
+
+
+def select_backend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m: int, block_n: int, backend: str | None = None
+) -> str:
+    """The backend ``block_sparse_attention`` would use for these inputs (``backend`` as in that function)."""
+    return _select_backend(q, k, v, block_m, block_n, backend)
+
+
+def block_sparse_attention_table(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    table_indices: torch.Tensor,
+    table_counts: torch.Tensor,
+    head_table: torch.Tensor,
+    *,
+    block_m: int,
+    block_n: int,
+    key_padding_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    return_lse: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Block-sparse attention with compact per-pattern lists: head (b, h) uses ``table_indices[head_table[b, h]]``
+    (P, M, K_max) and ``table_counts[head_table[b, h]]`` (P, M). Same semantics as :func:`block_sparse_attention`
+    with the lists expanded per head, without materializing them (the Triton kernel reads the table directly)."""
+    B, H = q.shape[:2]
+    _check(
+        head_table.dtype == torch.int32 and tuple(head_table.shape) == (B, H),
+        f"head_table must be int32 (B, H) = ({B}, {H}); got {head_table.dtype} {tuple(head_table.shape)}",
+    )
+    _check(
+        table_indices.dim() == 3 and table_counts.dim() == 2 and table_indices.shape[:2] == table_counts.shape,
+        f"tables must be (P, M, K_max) and (P, M); got {tuple(table_indices.shape)}, {tuple(table_counts.shape)}",
+    )
+    P, M = table_counts.shape
+    # Validate the tensor contract on broadcast views of one table row (cheap, no copies).
+    _validate(q, k, v, table_indices[0].expand(B, H, M, -1), table_counts[0].expand(B, H, M), block_m, block_n,
+              key_padding_mask)
+    if os.environ.get("DIFFUSERS_ATTN_CHECKS", "0") == "1":
+        _check(bool(((head_table >= 0) & (head_table < P)).all()), f"head_table entries must lie in [0, {P})")
+    name = _select_backend(q, k, v, block_m, block_n, backend)
+    if name == "triton":
+        from .block_sparse_triton import block_sparse_attention_triton
+
+        return block_sparse_attention_triton(
+            q, k, v, table_indices, table_counts, block_m=block_m, block_n=block_n,
+            key_padding_mask=key_padding_mask, scale=scale, return_lse=return_lse, head_table=head_table,
+        )
+    ht = head_table.long()
+    return _BACKENDS[name][0](
+        q, k, v, table_indices[ht], table_counts[ht], block_m=block_m, block_n=block_n,
+        key_padding_mask=key_padding_mask, scale=scale, return_lse=return_lse,
+    )

@@ -25,7 +25,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..kernels import block_mask_to_lists, block_sparse_attention, expand_block_mask, num_blocks
+from ..kernels import (
+    block_mask_to_lists,
+    block_sparse_attention,
+    block_sparse_attention_table,
+    expand_block_mask,
+    num_blocks,
+    select_backend,
+)
 from ..layout import TokenLayout
 from ..stats import PATTERN_NAMES
 from .base import record_dense_fallback, valid_key_counts
@@ -241,6 +248,7 @@ class RainFusionPlan:
         need_sp = ((((q_frames @ band_t) > 0).float() @ k_frames.T) > 0) | always
         need_tp = ((((q_rows @ band_h) > 0).float() @ k_rows.T) > 0) | always
         self.block_masks = {SPATIAL: need_sp, TEMPORAL: need_tp}
+        self._q_dense = q_dense
         self.tables = {p: block_mask_to_lists(m) for p, m in self.block_masks.items()}
 
         strided = s_tok & (hh % params.stride == 0) & (ww % params.stride == 0)
@@ -278,6 +286,15 @@ class RainFusionPlan:
         self._device_cache: dict[torch.device, dict[str, Any]] = {}
         self._pairs_cache: dict[tuple[int, int], tuple[float, float]] = {}
 
+    def pattern_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Compact per-pattern lists ``[4, M, K_max]`` / ``[4, M]`` indexed by pattern id: dense (all blocks),
+        spatial, temporal, and for textural heads only the always-dense query blocks (their other rows take the
+        gather path)."""
+        full = torch.ones(self.num_m, self.num_k, dtype=torch.bool)
+        rows_only = self._q_dense[:, None].expand(self.num_m, self.num_k)
+        masks = torch.stack([full, self.block_masks[SPATIAL], self.block_masks[TEMPORAL], rows_only])
+        return block_mask_to_lists(masks)
+
     def on(self, device: torch.device) -> dict[str, Any]:
         """Device copies of the tensors the hot path needs."""
         d = self._device_cache.get(device)
@@ -289,6 +306,8 @@ class RainFusionPlan:
                 "probe_member": {p: m.to(device=device, dtype=torch.float32) for p, m in self.probe_member.items()},
                 "textural_keys": self.textural_keys.to(device=device, dtype=torch.float32),
             }
+            if device.type == "cuda":
+                d["pattern_tables"] = tuple(t.to(device) for t in self.pattern_tables())
             self._device_cache[device] = d
         return d
 
@@ -463,6 +482,41 @@ class RainFusionMethod:
 
     # ----------------------------------------------------------------- execution
     def _execute(self, q, k, v, patterns, plan, dplan, kpm, scale, timers):
+        cfg = self.config
+        if select_backend(q, k, v, cfg.block_m, cfg.block_n, cfg.kernel_backend) == "triton":
+            return self._execute_tables(q, k, v, patterns, plan, dplan, kpm, scale, timers)
+        return self._execute_grouped(q, k, v, patterns, plan, dplan, kpm, scale, timers)
+
+    def _execute_tables(self, q, k, v, patterns, plan, dplan, kpm, scale, timers):
+        """One kernel launch for every head (compact per-pattern tables), then the textural heads' sparse rows
+        through the gather path. Pattern ids index the tables directly."""
+        cfg = self.config
+        tables = dplan.get("pattern_tables")
+        if tables is None:
+            tables = dplan["pattern_tables"] = tuple(t.to(q.device) for t in plan.pattern_tables())
+        head_table = torch.as_tensor(patterns, dtype=torch.int32).to(q.device, non_blocking=True)
+        out = block_sparse_attention_table(
+            q, k, v, tables[0], tables[1], head_table, block_m=cfg.block_m, block_n=cfg.block_n,
+            key_padding_mask=kpm, scale=scale, backend="triton",
+        )
+        if (patterns == TEXTURAL).any():
+            gi = dplan["gather_index"]
+            s0, s1 = plan.layout.sparse_rows
+            for b in range(q.shape[0]):
+                heads = np.nonzero(patterns[b] == TEXTURAL)[0]
+                if not len(heads):
+                    continue
+                hs = torch.as_tensor(heads, device=q.device)
+                with timers.time("gather", q.device):
+                    kc = k[b].index_select(0, hs).index_select(1, gi).unsqueeze(0)
+                    vc = v[b].index_select(0, hs).index_select(1, gi).unsqueeze(0)
+                    kpm_c = kpm[b : b + 1].index_select(1, gi) if kpm is not None else None
+                qs = q[b].index_select(0, hs)[:, s0:s1].unsqueeze(0)
+                out[b, hs, s0:s1] = _sdpa(qs, kc, vc, kpm_c, scale)[0]
+        return out
+
+    def _execute_grouped(self, q, k, v, patterns, plan, dplan, kpm, scale, timers):
+        """Heads grouped by pattern, one call per group (the right shape for the PyTorch path)."""
         cfg = self.config
         B, H, N, _ = q.shape
         out = torch.empty_like(q) if v.shape[-1] == q.shape[-1] else q.new_empty(B, H, N, v.shape[-1])

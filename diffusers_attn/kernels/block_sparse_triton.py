@@ -1,0 +1,212 @@
+"""Triton forward kernel for block-sparse flash attention (the ``"triton"`` backend of ``block_sparse_attention``).
+
+One program computes one ``BLOCK_M`` tile of query rows for one (batch, head): it reads that tile's key-block list
+(``kv_indices``/``kv_counts`` at the list granularity ``block_m``/``block_n``; kernel tiles divide them), streams
+only the listed key blocks with an online softmax in fp32 (exp2 domain), masks tails and padded keys, and writes
+the output in the input dtype plus, optionally, the natural-log LSE. A row that sees no valid key gets zeros and
+``lse = -inf``.
+
+* Inputs: fp16 / bf16 / fp32 (fp32 uses IEEE dot products), any strides (no copies), head_dim up to 256 (padded
+  in registers to the next power of two, so 72 and 96 work), Nq != Nk, any N.
+* Compact tables: with ``head_table`` (int32 (B, H)), ``kv_indices``/``kv_counts`` are per-*pattern* tables
+  ``[P, M, K_max]``/``[P, M]`` and each (b, h) reads row ``head_table[b, h]``; this is how RainFusion runs all of
+  its heads in one launch without expanding lists per head.
+
+Imported lazily (never at package import); on CPU it runs only under ``TRITON_INTERPRET=1`` (tests).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _bsa_fwd_kernel(
+    Q, K, V, O, LSE, IDX, CNT, HEADTAB, KPM,
+    s_qb, s_qh, s_qm, s_qd,
+    s_kb, s_kh, s_kn, s_kd,
+    s_vb, s_vh, s_vn, s_vd,
+    s_ob, s_oh, s_om, s_od,
+    s_lb, s_lh, s_lm,
+    s_ib, s_ih, s_im, s_ij,
+    s_cb, s_ch, s_cm,
+    s_tb, s_th,
+    s_pb, s_pn,
+    H, NQ, NK, HEAD_DIM, qk_scale,
+    LIST_BM: tl.constexpr, LIST_BN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr, HAS_KPM: tl.constexpr, HAS_LSE: tl.constexpr, USE_TABLE: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    row0 = pid_m * BLOCK_M
+    list_m = row0 // LIST_BM
+
+    offs_m = row0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < NQ
+    if EVEN_D:
+        q_mask = m_ok[:, None]
+    else:
+        q_mask = m_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd, mask=q_mask, other=0.0)
+
+    if USE_TABLE:
+        pat = tl.load(HEADTAB + b * s_tb + h * s_th).to(tl.int64)
+        idx_base = IDX + pat * s_ib + list_m * s_im
+        cnt = tl.load(CNT + pat * s_cb + list_m * s_cm)
+    else:
+        idx_base = IDX + b * s_ib + h * s_ih + list_m * s_im
+        cnt = tl.load(CNT + b * s_cb + h * s_ch + list_m * s_cm)
+
+    k_base = K + b * s_kb + h * s_kh
+    v_base = V + b * s_vb + h * s_vh
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    SUB: tl.constexpr = LIST_BN // BLOCK_N
+
+    for j in range(0, cnt):
+        kb = tl.load(idx_base + j * s_ij).to(tl.int64)
+        for s in tl.static_range(SUB):
+            offs_n = kb * LIST_BN + s * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < NK
+            if HAS_KPM:
+                pad = tl.load(KPM + b * s_pb + offs_n * s_pn, mask=n_ok, other=0)
+                n_ok = n_ok & (pad != 0)
+            if EVEN_D:
+                kt_mask = n_ok[None, :]
+                v_mask = n_ok[:, None]
+            else:
+                kt_mask = n_ok[None, :] & (offs_d[:, None] < HEAD_DIM)
+                v_mask = n_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+            kt = tl.load(k_base + offs_n[None, :] * s_kn + offs_d[:, None] * s_kd, mask=kt_mask, other=0.0)
+            if IEEE:
+                qk = tl.dot(q, kt, input_precision="ieee")
+            else:
+                qk = tl.dot(q, kt)
+            qk = tl.where(n_ok[None, :], qk * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(qk - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_base + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd, mask=v_mask, other=0.0)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    o_ptrs = O + b * s_ob + h * s_oh + offs_m[:, None] * s_om + offs_d[None, :] * s_od
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=q_mask)
+    if HAS_LSE:
+        lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+        tl.store(LSE + b * s_lb + h * s_lh + offs_m * s_lm, lse, mask=m_ok)
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _pow2_divisor(limit: int, of: int) -> int:
+    """Largest power of two <= limit dividing ``of`` (0 if below 16)."""
+    t = 1 << (max(limit, 1).bit_length() - 1)
+    while t >= 16 and of % t:
+        t //= 2
+    return t if t >= 16 else 0
+
+
+def tile_config(head_dim: int, block_m: int, block_n: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for this call. A small table, not autotuned: GPU timings of
+    alternatives come from ``benchmarks/attention_kernels.py --sweep-tiles``."""
+    if device.type != "cuda":  # interpreter: small tiles keep the tests fast
+        bm_t, bn_t, warps, stages = 16, 16, 1, 1
+    elif head_dim <= 64:
+        bm_t, bn_t, warps, stages = 128, 64, 4, 3
+    elif head_dim <= 128:
+        bm_t, bn_t, warps, stages = 128, 64, 8, 3
+    else:
+        bm_t, bn_t, warps, stages = 64, 32, 8, 2
+    return _pow2_divisor(bm_t, block_m), _pow2_divisor(bn_t, block_n), warps, stages
+
+
+def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m: int, block_n: int) -> str | None:
+    """None if the Triton kernel can run this call, else the reason."""
+    if q.device.type != "cuda" and not interpreter_enabled():
+        return f"tensors on {q.device.type} (the Triton kernel needs CUDA, or TRITON_INTERPRET=1 for tests)"
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {q.dtype} (supported: float16, bfloat16, float32)"
+    if q.shape[-1] > 256 or v.shape[-1] != q.shape[-1]:
+        return f"head_dim {q.shape[-1]} / value dim {v.shape[-1]} (supported: equal, at most 256)"
+    if block_m % 16 or block_n % 16:
+        return f"block sizes {block_m}x{block_n} (supported: multiples of 16)"
+    return None
+
+
+def block_sparse_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_indices: torch.Tensor,
+    kv_counts: torch.Tensor,
+    *,
+    block_m: int,
+    block_n: int,
+    key_padding_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    return_lse: bool = False,
+    head_table: torch.Tensor | None = None,
+    config: tuple[int, int, int, int] | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Launch the kernel (inputs validated by the dispatcher). ``config`` overrides the tile table (benchmarks)."""
+    B, H, n_q, D = q.shape
+    n_k = k.shape[2]
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    bm_t, bn_t, warps, stages = config or tile_config(D, block_m, block_n, q.device)
+    if not bm_t or not bn_t or block_m % bm_t or block_n % bn_t:
+        raise ValueError(f"tile {bm_t}x{bn_t} must divide the list blocks {block_m}x{block_n} and be >= 16")
+    block_d = max(16, triton.next_power_of_2(D))
+    out = torch.empty(B, H, n_q, D, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, H, n_q, dtype=torch.float32, device=q.device) if return_lse else out
+    kpm = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else out
+    if head_table is not None:
+        s_i = (kv_indices.stride(0), 0, kv_indices.stride(1), kv_indices.stride(2))
+        s_c = (kv_counts.stride(0), 0, kv_counts.stride(1))
+        s_t = (head_table.stride(0), head_table.stride(1))
+        tab = head_table
+    else:
+        s_i = kv_indices.stride()
+        s_c = kv_counts.stride()
+        s_t = (0, 0)
+        tab = kv_counts
+    grid = (triton.cdiv(n_q, bm_t), B * H)
+    _bsa_fwd_kernel[grid](
+        q, k, v, out, lse, kv_indices, kv_counts, tab, kpm,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        *(lse.stride() if return_lse else (0, 0, 0)),
+        *s_i, *s_c, *s_t,
+        *(kpm.stride() if key_padding_mask is not None else (0, 0)),
+        H, n_q, n_k, D, scale * _LOG2E,
+        LIST_BM=block_m, LIST_BN=block_n, BLOCK_M=bm_t, BLOCK_N=bn_t, BLOCK_D=block_d,
+        EVEN_D=block_d == D, HAS_KPM=key_padding_mask is not None, HAS_LSE=return_lse,
+        USE_TABLE=head_table is not None, IEEE=q.dtype == torch.float32,
+        num_warps=warps, num_stages=stages,
+    )
+    if return_lse:
+        return out, lse
+    return out
