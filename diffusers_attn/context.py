@@ -88,6 +88,7 @@ class Decision:
     recalls: np.ndarray | None  # (B, H, 3) ARM recalls (spatial, temporal, textural)
     layout: Any
     params: Any
+    head_offset: int = 0  # global id of patterns[:, 0] (context parallelism gives each rank a slice of heads)
 
 
 class AttentionContext:
@@ -107,6 +108,7 @@ class AttentionContext:
         self._pipe_ref = weakref.ref(pipeline) if pipeline is not None else None
         self.last_decisions: dict[int, Decision] = {}
         self.forward_calls = 0
+        self.parallel_config: Any = None  # diffusers ParallelConfig when context parallelism is enabled
 
     @property
     def pipeline(self) -> Any:

@@ -99,22 +99,26 @@ class StatsRecorder:
         video_total: float,
         recalls: np.ndarray | None = None,
         fallback_reason: str | None = None,
+        head_offset: int = 0,
+        total_heads: int | None = None,
     ) -> None:
         """Record one attention call. ``head_patterns`` is (B, H) of pattern ids (FALLBACK for a dense fallback).
 
-        ``computed``/``total`` count (q, k) pairs times head_dim, summed over batch and heads.
+        ``computed``/``total`` count (q, k) pairs times head_dim, summed over batch and heads. Under context
+        parallelism a rank records its heads ``[head_offset, head_offset + H)`` of ``total_heads``.
         """
         B, H = head_patterns.shape
-        acc = self._layer(layer, H)
+        acc = self._layer(layer, total_heads or H)
         acc.calls += 1
         for p in range(acc.head_counts.shape[1]):
-            acc.head_counts[:, p] += (head_patterns == p).sum(0)
+            acc.head_counts[head_offset : head_offset + H, p] += (head_patterns == p).sum(0)
         acc.computed += computed
         acc.total += total
         acc.video_computed += video_computed
         acc.video_total += video_total
         if recalls is not None:
-            r = recalls.reshape(B, H, -1).sum(0)
+            r = np.zeros((total_heads or H, recalls.shape[-1]))
+            r[head_offset : head_offset + H] = recalls.reshape(B, H, -1).sum(0)
             acc.recall_sum = r if acc.recall_sum is None else acc.recall_sum + r
             acc.recall_n += B
         if fallback_reason is not None:

@@ -59,6 +59,10 @@ class ModelAdapter:
             raise ValueError(f"diffusers-attn: no attention layers found under {self.block_prefixes}")
         return keys
 
+    def cp_plan(self, transformer: torch.nn.Module) -> dict[str, Any] | None:
+        """diffusers context-parallel plan that shards only the video tokens (see ``diffusers_attn.parallel``)."""
+        return None
+
     def make_processor(
         self, method: AttentionMethod, layer_index: int, context: "AttentionContext", original: Any = None
     ) -> Any:
@@ -85,6 +89,9 @@ class AcceleratedAttnProcessor:
         self.method = method
         self.layer_index = layer_index
         self.context = context
+        from ..ops import register_processor
+
+        self._op_handle = register_processor(self)  # for the compiled path (see diffusers_attn.ops)
 
     def _require_context(self) -> "AttentionContext":
         if self.context is None:
@@ -93,6 +100,49 @@ class AcceleratedAttnProcessor:
                 "diffusers_attn.attach_attention_context(transformer) and pass it as context=..."
             )
         return self.context
+
+    def _exchange(self, ctx: "AttentionContext"):
+        """The Ulysses exchange when context parallelism is active, else None."""
+        pc = self._parallel_config if self._parallel_config is not None else getattr(ctx, "parallel_config", None)
+        if pc is None or getattr(pc, "context_parallel_config", None) is None:
+            return None
+        ex = getattr(self, "_ulysses", None)
+        if ex is None or self._ulysses_config is not pc:
+            from ..parallel import UlyssesExchange
+
+            ex = self._ulysses = UlyssesExchange(pc)
+            self._ulysses_config = pc
+        return ex
+
+    def _call_method(self, q, k, v, *, ctx, layout, key_padding_mask, dense_fn, exchange=None, total_heads=None):
+        """Run the method on (B, H_local, N, D) tensors of the whole sequence.
+
+        While ``torch.compile`` traces, the call goes through the opaque custom op
+        ``diffusers_attn::accelerated_attention`` (no graph break, no per-step recompilation)."""
+        if torch.compiler.is_compiling():
+            from ..ops import accelerated_attention_op
+
+            return accelerated_attention_op(
+                q, k, v, key_padding_mask, self._op_handle, layout.frames, layout.height, layout.width, layout.video_offset,
+                layout.text_offset, layout.text_len,
+                exchange.rank * q.shape[1] if exchange is not None else 0,
+                total_heads if exchange is not None else 0,
+            )
+        kwargs = {}
+        if exchange is not None:
+            import inspect
+
+            params = inspect.signature(self.method.__call__).parameters
+            if "head_offset" not in params:
+                raise ValueError(
+                    f"diffusers-attn: method {getattr(self.method, 'name', self.method)!r} does not support context "
+                    "parallelism (it takes no head_offset)"
+                )
+            kwargs = dict(head_offset=exchange.rank * q.shape[1], total_heads=total_heads)
+        return self.method(
+            q, k, v, layout=layout, key_padding_mask=key_padding_mask, scale=None,
+            layer_index=self.layer_index, context=ctx, dense_fn=dense_fn, **kwargs,
+        )
 
     def _dense_fallback(self, reason: str, q_bhsd: torch.Tensor, n_video: int, key_padding_mask=None) -> None:
         ctx = self._require_context()

@@ -67,21 +67,37 @@ class CogVideoXAttnProcessor(AcceleratedAttnProcessor):
             )
 
         n_video = sequence_length - text_seq_length
+        ex = self._exchange(ctx)
         if attention_mask is not None:
+            if ex is not None:
+                raise ValueError("diffusers-attn: an attention_mask is not supported under context parallelism")
             self._dense_fallback("attention_mask given (CogVideoX never passes one)", query, n_video)
             hidden_states = dense()
-        else:
+        elif ex is None:
             layout = TokenLayout.text_first(ctx.require_grid(), text_seq_length)
             if layout.num_video != n_video:
                 raise ValueError(
                     f"diffusers-attn: CogVideoX layer {self.layer_index} got {n_video} video tokens but the latent "
                     f"grid {layout.grid} has {layout.num_video}"
                 )
-            hidden_states = self.method(
-                query, key, value,
-                layout=layout, key_padding_mask=None, scale=None,
-                layer_index=self.layer_index, context=ctx, dense_fn=dense,
+            hidden_states = self._call_method(query, key, value, ctx=ctx, layout=layout, key_padding_mask=None,
+                                              dense_fn=dense)
+        else:
+            from ..parallel import global_to_joint, joint_to_global
+
+            layout = TokenLayout.text_first(ctx.require_grid(), text_seq_length)
+            if layout.num_video != n_video * ex.size:
+                raise ValueError(
+                    f"diffusers-attn: CogVideoX layer {self.layer_index} holds {n_video} video tokens per rank, "
+                    f"but the grid {layout.grid} over {ex.size} ranks needs {layout.num_video // ex.size}"
+                )
+            qg, kg, vg = (joint_to_global(ex, x.transpose(1, 2), text_seq_length, True).transpose(1, 2)
+                          for x in (query, key, value))
+            out = self._call_method(
+                qg, kg, vg, ctx=ctx, layout=layout, key_padding_mask=None, exchange=ex, total_heads=attn.heads,
+                dense_fn=lambda: F.scaled_dot_product_attention(qg, kg, vg, dropout_p=0.0, is_causal=False),
             )
+            hidden_states = global_to_joint(ex, out.transpose(1, 2), text_seq_length, True).transpose(1, 2)
 
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = attn.to_out[0](hidden_states)
@@ -107,6 +123,19 @@ class CogVideoXAdapter(ModelAdapter):
         from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0, FusedCogVideoXAttnProcessor2_0
 
         return (CogVideoXAttnProcessor2_0, FusedCogVideoXAttnProcessor2_0)
+
+    def cp_plan(self, transformer: torch.nn.Module) -> dict[str, Any]:
+        from diffusers.models._modeling_parallel import ContextParallelInput as In
+        from diffusers.models._modeling_parallel import ContextParallelOutput as Out
+
+        # Text and video are concatenated in patch_embed, so split the video where it enters the first block;
+        # every block receives the full RoPE tables, so split them at each block.
+        return {
+            "transformer_blocks.0": {"hidden_states": In(split_dim=1, expected_dims=3)},
+            "transformer_blocks.*": {"image_rotary_emb": (In(split_dim=0, expected_dims=2),
+                                                          In(split_dim=0, expected_dims=2))},
+            "proj_out": Out(gather_dim=1, expected_dims=3),
+        }
 
     def latent_grid(self, transformer: torch.nn.Module, bound: dict[str, Any]) -> tuple[int, int, int]:
         hs = bound["hidden_states"]

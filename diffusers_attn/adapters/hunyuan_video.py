@@ -80,6 +80,7 @@ class HunyuanVideoAttnProcessor(AcceleratedAttnProcessor):
         B, N = query.shape[:2]
         n_video = N - text_len
         q_bhsd = query.transpose(1, 2)
+        ex = self._exchange(ctx)
         kpm = None
         reason = None
         if attention_mask is not None:
@@ -87,25 +88,46 @@ class HunyuanVideoAttnProcessor(AcceleratedAttnProcessor):
                 kpm = attention_mask.reshape(B, N)
             else:
                 reason = f"unsupported attention_mask {attention_mask.dtype} {tuple(attention_mask.shape)}"
-        if self._parallel_config is not None:
-            reason = "context parallelism active (sparse path not yet sharded)"
         if reason is not None:
+            if ex is not None:
+                raise ValueError(f"diffusers-attn: {reason} under context parallelism")
             self._dense_fallback(reason, q_bhsd, n_video, key_padding_mask=kpm)
             hidden_states = dense_bshd()
-        else:
+        elif ex is None:
             layout = TokenLayout.video_first(ctx.require_grid(), text_len)
             if layout.num_video != n_video:
                 raise ValueError(
                     f"diffusers-attn: HunyuanVideo layer {self.layer_index} got {n_video} video tokens but the "
                     f"latent grid {layout.grid} has {layout.num_video}"
                 )
-            out = self.method(
-                q_bhsd, key.transpose(1, 2), value.transpose(1, 2),
-                layout=layout, key_padding_mask=kpm, scale=None,
-                layer_index=self.layer_index, context=ctx,
+            out = self._call_method(
+                q_bhsd, key.transpose(1, 2), value.transpose(1, 2), ctx=ctx, layout=layout, key_padding_mask=kpm,
                 dense_fn=lambda: dense_bshd().transpose(1, 2),
             )
             hidden_states = out.transpose(1, 2)
+        else:
+            from ..parallel import global_to_joint, joint_to_global
+
+            layout = TokenLayout.video_first(ctx.require_grid(), text_len)
+            if layout.num_video != n_video * ex.size:
+                raise ValueError(
+                    f"diffusers-attn: HunyuanVideo layer {self.layer_index} holds {n_video} video tokens per rank, "
+                    f"but the grid {layout.grid} over {ex.size} ranks needs {layout.num_video // ex.size}"
+                )
+            if kpm is not None:  # only text is ever padded: rebuild the global mask from the replicated text part
+                kpm = torch.cat([kpm.new_ones(B, layout.num_video), kpm[:, N - text_len :]], dim=1)
+            qg, kg, vg = (joint_to_global(ex, x, text_len, False) for x in (query, key, value))
+
+            def dense_global() -> torch.Tensor:
+                mask = kpm[:, None, None, :] if kpm is not None else None
+                return dispatch_attention_fn(qg, kg, vg, attn_mask=mask, dropout_p=0.0, is_causal=False,
+                                             backend=self._attention_backend).transpose(1, 2)
+
+            out = self._call_method(
+                qg.transpose(1, 2), kg.transpose(1, 2), vg.transpose(1, 2), ctx=ctx, layout=layout,
+                key_padding_mask=kpm, exchange=ex, total_heads=attn.heads, dense_fn=dense_global,
+            )
+            hidden_states = global_to_joint(ex, out.transpose(1, 2), text_len, False)
         hidden_states = hidden_states.flatten(2, 3)
         hidden_states = hidden_states.to(query.dtype)
 
@@ -137,6 +159,21 @@ class HunyuanVideoAdapter(ModelAdapter):
         from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0
 
         return (HunyuanVideoAttnProcessor2_0,)
+
+    def cp_plan(self, transformer: torch.nn.Module) -> dict[str, Any]:
+        from diffusers.models._modeling_parallel import ContextParallelInput as In
+        from diffusers.models._modeling_parallel import ContextParallelOutput as Out
+
+        if getattr(transformer.config, "image_condition_type", None) == "token_replace":
+            raise ValueError("diffusers-attn: context parallelism does not support HunyuanVideo token-replace I2V")
+        # Video tokens are split right after patch embedding, RoPE tables after they are built; the attention
+        # mask is then built per rank for (local video + text), and text is never split.
+        return {
+            "x_embedder": {0: In(split_dim=1, expected_dims=3, split_output=True)},
+            "rope": {0: In(split_dim=0, expected_dims=2, split_output=True),
+                     1: In(split_dim=0, expected_dims=2, split_output=True)},
+            "proj_out": Out(gather_dim=1, expected_dims=3),
+        }
 
     def latent_grid(self, transformer: torch.nn.Module, bound: dict[str, Any]) -> tuple[int, int, int]:
         hs = bound["hidden_states"]

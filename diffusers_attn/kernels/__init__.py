@@ -177,7 +177,14 @@ def block_sparse_attention(
     """Block-sparse attention (see the module docstring for the contract).
 
     Returns ``out`` (B, H, Nq, Dv) in ``q.dtype``; with ``return_lse`` also the fp32 log-sum-exp (B, H, Nq).
+    Under ``torch.compile`` this is the custom op ``diffusers_attn::block_sparse_attention`` (no graph break).
     """
+    if torch.compiler.is_compiling():
+        from ..ops import block_sparse_attention_op
+
+        out, lse = block_sparse_attention_op(q, k, v, kv_indices, kv_counts, block_m, block_n, key_padding_mask,
+                                             scale, return_lse, backend or "auto")
+        return (out, lse) if return_lse else out
     _validate(q, k, v, kv_indices, kv_counts, block_m, block_n, key_padding_mask)
     name = _select_backend(q, k, v, block_m, block_n, backend)
     fn = _BACKENDS[name][0]
@@ -242,6 +249,11 @@ def block_sparse_attention_table(
     """Block-sparse attention with compact per-pattern lists: head (b, h) uses ``table_indices[head_table[b, h]]``
     (P, M, K_max) and ``table_counts[head_table[b, h]]`` (P, M). Same semantics as :func:`block_sparse_attention`
     with the lists expanded per head, without materializing them (the Triton kernel reads the table directly)."""
+    if torch.compiler.is_compiling():
+        from ..ops import block_sparse_attention_table_op
+
+        return block_sparse_attention_table_op(q, k, v, table_indices, table_counts, head_table, block_m, block_n,
+                                               key_padding_mask, scale, backend or "auto")
     B, H = q.shape[:2]
     _check(
         head_table.dtype == torch.int32 and tuple(head_table.shape) == (B, H),

@@ -51,6 +51,8 @@ def record_dense_fallback(
     n_q: int,
     n_k_valid: float,
     n_video: int,
+    head_offset: int = 0,
+    total_heads: int | None = None,
 ) -> None:
     """Count a whole layer call that ran the stock dense path (density 1), with its reason."""
     pairs = float(n_q) * n_k_valid * head_dim * heads
@@ -63,6 +65,8 @@ def record_dense_fallback(
         video_computed=vpairs,
         video_total=vpairs,
         fallback_reason=reason,
+        head_offset=head_offset,
+        total_heads=total_heads,
     )
 
 

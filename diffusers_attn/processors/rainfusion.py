@@ -417,7 +417,11 @@ class RainFusionMethod:
         layer_index: int,
         context: "AttentionContext",
         dense_fn: Callable[[], torch.Tensor],
+        head_offset: int = 0,
+        total_heads: int | None = None,
     ) -> torch.Tensor:
+        """Attention for heads ``[head_offset, head_offset + H)`` of ``total_heads`` (context parallelism gives a
+        rank a slice of the heads over the whole sequence; per-head state uses global ids)."""
         B, H, N, D = q.shape
         if N != layout.seq_len or k.shape[2] != N:
             raise ValueError(
@@ -430,7 +434,8 @@ class RainFusionMethod:
             valid = valid_key_counts(key_padding_mask, B, N) if key_padding_mask is not None else [N] * B
             record_dense_fallback(
                 context, layer_index, reason, batch=B, heads=H, head_dim=D, n_q=N,
-                n_k_valid=float(sum(valid)), n_video=layout.num_video,
+                n_k_valid=float(sum(valid)), n_video=layout.num_video, head_offset=head_offset,
+                total_heads=total_heads,
             )
             return dense_fn()
 
@@ -442,8 +447,9 @@ class RainFusionMethod:
 
         from ..context import Decision
 
-        context.last_decisions[layer_index] = Decision(context.step, patterns, recalls, layout, plan.params)
-        self._record(context, layer_index, plan, patterns, recalls, valid, D)
+        context.last_decisions[layer_index] = Decision(context.step, patterns, recalls, layout, plan.params,
+                                                       head_offset)
+        self._record(context, layer_index, plan, patterns, recalls, valid, D, head_offset, total_heads)
         if (patterns == DENSE).all():
             # Every head stays dense: the stock call is the fastest exact dense path.
             with timers.time("attention", dev):
@@ -562,7 +568,8 @@ class RainFusionMethod:
         return o
 
     # ----------------------------------------------------------------- stats
-    def _record(self, context, layer_index, plan, patterns, recalls, valid, head_dim):
+    def _record(self, context, layer_index, plan, patterns, recalls, valid, head_dim, head_offset=0,
+                total_heads=None):
         B, H = patterns.shape
         computed = total = vcomp = 0.0
         for b in range(B):
@@ -584,6 +591,8 @@ class RainFusionMethod:
             video_computed=vcomp * head_dim,
             video_total=vtot * head_dim,
             recalls=recalls,
+            head_offset=head_offset,
+            total_heads=total_heads,
         )
 
 

@@ -1,0 +1,105 @@
+"""``torch.library`` custom ops, so ``torch.compile`` sees the accelerated attention as one opaque node.
+
+* ``diffusers_attn::block_sparse_attention`` / ``::block_sparse_attention_table``: the kernel entry points
+  (Triton or PyTorch path, chosen inside), with fake implementations giving output shapes.
+* ``diffusers_attn::accelerated_attention``: a whole method call of an accelerated processor (ARM, plan lookup,
+  schedule, stats, kernels). Everything data- or step-dependent stays inside, so a compiled transformer block has
+  no graph break in the attention path and does not recompile per step. The processor is found through an integer
+  handle (ops take tensors and scalars only).
+
+Processors use these ops only while compiling (``torch.compiler.is_compiling()``); eager calls go straight to the
+Python implementation (which also keeps the stock dense path bit-identical at ``sparsity=0``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+_HANDLES: "weakref.WeakValueDictionary[int, Any]" = weakref.WeakValueDictionary()
+_NEXT = itertools.count(1)
+
+
+def register_processor(proc: Any) -> int:
+    """An integer handle for ``proc`` (weakly referenced)."""
+    handle = next(_NEXT)
+    _HANDLES[handle] = proc
+    return handle
+
+
+@torch.library.custom_op("diffusers_attn::block_sparse_attention", mutates_args=())
+def block_sparse_attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_indices: torch.Tensor, kv_counts: torch.Tensor,
+    block_m: int, block_n: int, key_padding_mask: Optional[torch.Tensor], scale: Optional[float], return_lse: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from .kernels import block_sparse_attention
+
+    res = block_sparse_attention(q, k, v, kv_indices, kv_counts, block_m=block_m, block_n=block_n,
+                                 key_padding_mask=key_padding_mask, scale=scale, return_lse=return_lse,
+                                 backend=None if backend == "auto" else backend)
+    if return_lse:
+        return res[0], res[1]
+    return res, q.new_empty(0, dtype=torch.float32)
+
+
+@block_sparse_attention_op.register_fake
+def _(q, k, v, kv_indices, kv_counts, block_m, block_n, key_padding_mask, scale, return_lse, backend):
+    out = q.new_empty(*q.shape[:-1], v.shape[-1])
+    lse = q.new_empty(q.shape[:-1], dtype=torch.float32) if return_lse else q.new_empty(0, dtype=torch.float32)
+    return out, lse
+
+
+@torch.library.custom_op("diffusers_attn::block_sparse_attention_table", mutates_args=())
+def block_sparse_attention_table_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table_indices: torch.Tensor, table_counts: torch.Tensor,
+    head_table: torch.Tensor, block_m: int, block_n: int, key_padding_mask: Optional[torch.Tensor],
+    scale: Optional[float], backend: str,
+) -> torch.Tensor:
+    from .kernels import block_sparse_attention_table
+
+    return block_sparse_attention_table(q, k, v, table_indices, table_counts, head_table, block_m=block_m,
+                                        block_n=block_n, key_padding_mask=key_padding_mask, scale=scale,
+                                        backend=None if backend == "auto" else backend)
+
+
+@block_sparse_attention_table_op.register_fake
+def _(q, k, v, table_indices, table_counts, head_table, block_m, block_n, key_padding_mask, scale, backend):
+    return q.new_empty(*q.shape[:-1], v.shape[-1])
+
+
+@torch.library.custom_op("diffusers_attn::accelerated_attention", mutates_args=())
+def accelerated_attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor], handle: int,
+    frames: int, height: int, width: int, video_offset: int, text_offset: int, text_len: int, head_offset: int,
+    total_heads: int,
+) -> torch.Tensor:
+    from .layout import TokenLayout
+
+    proc = _HANDLES.get(handle)
+    if proc is None:
+        raise RuntimeError("diffusers-attn: the processor behind this compiled attention call no longer exists")
+    layout = TokenLayout(frames, height, width, video_offset, text_offset, text_len)
+
+    def dense() -> torch.Tensor:  # the stock computation (SDPA, key mask as a boolean attn_mask)
+        mask = key_padding_mask[:, None, None, :] if key_padding_mask is not None else None
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    kwargs = {} if total_heads == 0 else {"head_offset": head_offset, "total_heads": total_heads}
+    out = proc.method(q, k, v, layout=layout, key_padding_mask=key_padding_mask, scale=None,
+                      layer_index=proc.layer_index, context=proc.context, dense_fn=dense, **kwargs)
+    # The fake promises a fresh contiguous tensor: custom ops may not alias inputs, and strides must match.
+    if out.is_contiguous() and all(out.untyped_storage().data_ptr() != t.untyped_storage().data_ptr()
+                                   for t in (q, k, v)):
+        return out
+    return out.contiguous() if not out.is_contiguous() else out.clone()
+
+
+@accelerated_attention_op.register_fake
+def _(q, k, v, key_padding_mask, handle, frames, height, width, video_offset, text_offset, text_len, head_offset,
+      total_heads):
+    return q.new_empty(*q.shape[:-1], v.shape[-1])

@@ -1,0 +1,40 @@
+"""Worker for the 2-process context-parallel tests (spawned by tests/test_parallel.py)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def run(rank: int, world: int, init_file: str, model: str, sparsities: tuple, out_dir: str) -> None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    from conftest import cogvideox_inputs, hunyuan_inputs, make_cogvideox, make_hunyuan
+    from diffusers_attn import RainFusionConfig, apply_rainfusion, get_attention_context
+    from diffusers_attn.parallel import enable_context_parallel
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        for sparsity in sparsities:
+            torch.manual_seed(0)
+            if model == "cogvideox":
+                m = make_cogvideox("1.5", heads=4, head_dim=16)
+                inputs = cogvideox_inputs(m, batch=2, frames=6, size=8)
+            else:
+                m = make_hunyuan(heads=4, head_dim=10, num_layers=1, num_single_layers=1)
+                inputs = hunyuan_inputs(batch=2, frames=4, size=8, text_len=12, valid=(5, 12))
+            cfg = RainFusionConfig(sparsity=sparsity, dense_steps=0, dense_layers=0, min_video_tokens=0,
+                                   arm_threshold=0.0, block_m=16, block_n=16, num_inference_steps=10)
+            apply_rainfusion(m, cfg)
+            ctx = get_attention_context(m)
+            with torch.no_grad():
+                ref = m(**inputs).sample
+                ref_dec = {k: v.patterns.copy() for k, v in ctx.last_decisions.items()}
+                enable_context_parallel(m, ulysses_degree=world)
+                out = m(**inputs).sample
+            dec = {k: (v.patterns.copy(), v.head_offset) for k, v in ctx.last_decisions.items()}
+            torch.save({"ref": ref, "out": out, "ref_dec": ref_dec, "dec": dec, "density": ctx.stats.summary().density},
+                       os.path.join(out_dir, f"{sparsity}-rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
