@@ -90,6 +90,10 @@ def bench_shape(name, args, device, dtype):
         return choose_patterns(r, plan, [1, 2, 3], args.arm_threshold).cpu()
 
     results["arm_only"] = timeit(arm_only, **timing)
+    if device.type == "cuda":  # the PyTorch probe path, for the record of what the Triton probe kernel saves
+        results["arm_only_torch_path"] = timeit(
+            lambda: choose_patterns(arm_recalls(q, k, plan, dplan, kpm, None, backend="torch"), plan, [1, 2, 3],
+                                    args.arm_threshold).cpu(), **timing)
     results["arm_share_of_call"] = results["arm_only"]["median_ms"] / full["median_ms"]
     results["arm_probe_rows"] = int(plan.probe_rows.numel())
     for pattern in () if args.sweep_min_video_tokens else ("spatial", "temporal", "textural"):
@@ -168,6 +172,9 @@ def main(argv=None):
         print(f"ARM alone: {a['median_ms']:.2f} ms = {100 * r['arm_share_of_call']:.1f}% of the full call "
               f"({r['arm_probe_rows']} probe rows); patterns chosen: {r['rainfusion_full_call']['patterns']}; "
               f"plan build (once per shape): {r['rainfusion_full_call']['plan_build_ms']:.0f} ms")
+        if "arm_only_torch_path" in r:
+            print(f"ARM with the PyTorch probe path instead of the Triton probe kernel: "
+                  f"{r['arm_only_torch_path']['median_ms']:.2f} ms")
     if args.json:
         Path(args.json).write_text(json.dumps({"env": env, "results": all_results}, indent=2, default=str))
 

@@ -77,6 +77,8 @@ class StatsRecorder:
         self.fallbacks: Counter[str] = Counter()
         self.timers = _Timers()
         self.skipped_calls = 0
+        self.kernel_calls: Counter[str] = Counter()  # sparse executions per kernel backend
+        self.slow_path: Counter[str] = Counter()  # CUDA calls that could not use the GPU kernel, by reason
         self.steps_seen = 0
         self.info: dict[str, Any] = {}
 
@@ -169,6 +171,8 @@ class StatsRecorder:
             dense_fallbacks=dict(self.fallbacks),
             dense_fallback_rate=(hist.get("fallback", 0) / head_calls) if head_calls else 0.0,
             timings_ms={k: v * 1000.0 for k, v in sorted(secs.items())},
+            kernel_backends=dict(self.kernel_calls),
+            slow_path=dict(self.slow_path),
             layers=layers,
             info=dict(self.info),
         )
@@ -196,6 +200,9 @@ class AttentionStats:
     * ``dense_fallbacks``: reason -> number of layer calls that ran dense.
     * ``timings_ms``: ``arm`` (pattern recognition), ``plan`` (block-list building, cached per shape),
       ``gather`` (textural key gather), ``attention`` (sparse execution), summed over the generation.
+    * ``kernel_backends``: sparse layer calls per kernel backend (``triton`` on GPU, ``torch`` on CPU).
+    * ``slow_path``: reason -> CUDA layer calls that ran the exact but slow PyTorch path instead of the GPU kernel
+      (e.g. Triton missing, an unsupported head_dim or block size); also logged once as a warning.
     """
 
     method: str | None
@@ -208,6 +215,8 @@ class AttentionStats:
     dense_fallbacks: dict[str, int]
     dense_fallback_rate: float
     timings_ms: dict[str, float]
+    kernel_backends: dict[str, int] = field(default_factory=dict)
+    slow_path: dict[str, int] = field(default_factory=dict)
     layers: list[LayerStats] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -231,6 +240,11 @@ class AttentionStats:
         if self.timings_ms:
             tm = ", ".join(f"{k} {v:.1f} ms" for k, v in self.timings_ms.items())
             lines.append(f"  time: {tm}")
+        if self.kernel_backends:
+            lines.append("  sparse kernels: " + ", ".join(f"{k}={v}" for k, v in sorted(self.kernel_backends.items())))
+        if self.slow_path:
+            sp = "; ".join(f"{k}: {v}" for k, v in sorted(self.slow_path.items()))
+            lines.append(f"  SLOW PATH on GPU (PyTorch instead of the Triton kernel): {sp}")
         for layer in self.layers:
             pats = "".join(_ABBREV.get(p, "?") for p in layer.dominant_patterns)
             lines.append(

@@ -168,3 +168,43 @@ def test_content_checks_and_backend_override(monkeypatch):
         block_sparse_attention(q, k, v, idx, cnt, block_m=16, block_n=16, backend="nope")
     out = block_sparse_attention(q, k, v, idx, cnt, block_m=16, block_n=16, backend="torch")
     assert rel_err(out, masked_attention_reference(q, k, v, None)) < 1e-5
+
+
+def _probe_oracle(q, k, block_n, kpm, scale, tw):
+    """fp64 softmax of every probe row, summed per key block and weighted by token_weights."""
+    s = (q.double() @ k.double().transpose(-1, -2)) * scale
+    if kpm is not None:
+        s = s.masked_fill(~kpm[:, None, None, :], float("-inf"))
+    empty = torch.isneginf(s.amax(-1, keepdim=True))
+    p = torch.softmax(torch.where(empty, torch.zeros_like(s), s), -1).masked_fill(empty, 0.0)
+    N = k.shape[2]
+    K = num_blocks(N, block_n)
+    mass = torch.nn.functional.pad(p, (0, K * block_n - N)).unflatten(-1, (K, block_n)).sum(-1)
+    return mass, p @ tw.double()
+
+
+@pytest.mark.parametrize("n,bn,D", [(100, 16, 16), (77, 32, 8), (64, 64, 32)])
+def test_probe_block_mass_torch_matches_oracle(n, bn, D):
+    from diffusers_attn.kernels import probe_block_mass
+
+    gen = torch.Generator().manual_seed(n + bn)
+    B, H, P = 2, 3, 5
+    q = torch.randn(B, H, P, D, generator=gen) * 2
+    k = torch.randn(B, H, n, D, generator=gen) * 2
+    kpm = torch.rand(B, n, generator=gen) > 0.3
+    kpm[1] = False  # no valid key at all: zeros, never NaN
+    tw = (torch.rand(n, generator=gen) > 0.5).float()
+    mass, tmass = probe_block_mass(q, k, block_n=bn, key_padding_mask=kpm, scale=0.3, token_weights=tw,
+                                   backend="torch")
+    ref_mass, ref_t = _probe_oracle(q, k, bn, kpm, 0.3, tw)
+    assert rel_err(mass[0], ref_mass[0]) < 1e-5 and rel_err(tmass[0], ref_t[0]) < 1e-5
+    assert torch.allclose(mass[0].sum(-1), torch.ones(H, P), atol=1e-5)
+    assert (mass[1] == 0).all() and (tmass[1] == 0).all()
+    # strided (BSHD storage) inputs and no optional arguments
+    kt = k.transpose(1, 2).contiguous().transpose(1, 2)
+    m2, t2 = probe_block_mass(q, kt, block_n=bn)
+    assert t2 is None and rel_err(m2, _probe_oracle(q, k, bn, None, D**-0.5, tw)[0]) < 1e-5
+    with pytest.raises(ValueError, match="token_weights"):
+        probe_block_mass(q, k, block_n=bn, token_weights=tw[:-1])
+    with pytest.raises(ValueError, match="probe backend"):
+        probe_block_mass(q, k, block_n=bn, backend="cuda")

@@ -102,7 +102,13 @@ def test_compact_table_path_matches_expanded_lists():
 
 
 def test_dispatch_rules():
+    from diffusers_attn.kernels import fast_kernel_unavailable
+
     q = torch.randn(1, 1, 32, 16)
+    assert fast_kernel_unavailable(q, q, q, 16, 16) is None  # interpreter: the kernel could run this
+    big = torch.randn(1, 1, 32, 320)
+    assert "head_dim 320" in fast_kernel_unavailable(big, big, big, 16, 16)
+    assert "multiples of 16" in fast_kernel_unavailable(q, q, q, 16, 24)
     # automatic selection never takes the kernel for CPU tensors, even under the interpreter
     assert select_backend(q, q, q, 16, 16) == "torch"
     idx, cnt = block_mask_to_lists(torch.ones(1, 1, 2, 2, dtype=torch.bool))
@@ -111,3 +117,22 @@ def test_dispatch_rules():
     with pytest.raises(ValueError, match="dtype"):
         block_sparse_attention(q.double(), q.double(), q.double(), idx, cnt, block_m=16, block_n=16,
                                backend="triton")
+
+
+@pytest.mark.parametrize("n,bn,D,dtype", [(150, 16, 64, torch.float32), (97, 32, 128, torch.float16),
+                                          (80, 16, 72, torch.float16)])
+def test_probe_kernel_matches_reference(n, bn, D, dtype):
+    """The ARM probe kernel (two passes, block masses + token mass) equals the PyTorch path."""
+    from diffusers_attn.kernels import probe_block_mass
+
+    B, H, P = 2, 2, 21  # P not a multiple of the probe tile
+    q, k, _, g = make(B, H, P, n, D, dtype, seed=n + D, strided=True)
+    kpm = (torch.rand(B, n, generator=g) > 0.3).to(DEV)
+    kpm[1, :bn] = False  # a fully padded first key block
+    tw = (torch.rand(n, generator=g) > 0.5).float().to(DEV)
+    got, got_t = probe_block_mass(q, k, block_n=bn, key_padding_mask=kpm, token_weights=tw, backend="triton")
+    ref, ref_t = probe_block_mass(q, k, block_n=bn, key_padding_mask=kpm, token_weights=tw, backend="torch")
+    assert not torch.isnan(got).any() and got.shape == ref.shape
+    assert rel_err(got.cpu(), ref.cpu()) < TOL[dtype] and rel_err(got_t.cpu(), ref_t.cpu()) < TOL[dtype]
+    got2, none = probe_block_mass(q, k, block_n=bn, backend="triton")
+    assert none is None and rel_err(got2.cpu(), probe_block_mass(q, k, block_n=bn, backend="torch")[0].cpu()) < TOL[dtype]

@@ -59,6 +59,8 @@ def test_sparse_runs_and_reports_density(tiny_cogvideox, tiny_hunyuan):
         assert stats.density < 1.0 and stats.video_density < 1.0
         assert stats.pattern_histogram.get("fallback", 0) == 0
         assert "arm" in stats.timings_ms and "attention" in stats.timings_ms
+        assert stats.kernel_backends == {"torch": stats.calls} and not stats.slow_path  # CPU: the exact torch path
+        assert "sparse kernels: torch=" in str(stats)
         assert len(stats.layers) == len(model.attn_processors) - (1 if model is tiny_hunyuan else 0)
 
 

@@ -32,14 +32,16 @@ from .block_format import (
     lists_to_token_mask,
     num_blocks,
 )
-from .reference import block_sparse_attention_torch, masked_attention_reference
+from .reference import block_sparse_attention_torch, masked_attention_reference, probe_block_mass_torch
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "block_sparse_attention",
     "block_sparse_attention_table",
+    "probe_block_mass",
     "select_backend",
+    "fast_kernel_unavailable",
     "available_backends",
     "register_backend",
     "block_mask_to_lists",
@@ -49,6 +51,7 @@ __all__ = [
     "num_blocks",
     "block_sparse_attention_torch",
     "masked_attention_reference",
+    "probe_block_mass_torch",
 ]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -80,16 +83,18 @@ def available_backends() -> list[str]:
 
 
 _optional_loaded = False
+_optional_error: str | None = None
 
 
 def _load_optional_backends() -> None:
-    global _optional_loaded
+    global _optional_loaded, _optional_error
     if _optional_loaded:
         return
     _optional_loaded = True
     try:
         from . import block_sparse_triton as bst
     except ImportError as e:  # Triton missing: the torch path remains
+        _optional_error = f"triton is not importable ({e}); install the 'triton' extra"
         logger.debug("triton block-sparse backend unavailable: %s", e)
         return
     # Automatic selection takes the kernel on CUDA only; on CPU it runs when asked for (interpreter tests).
@@ -224,6 +229,17 @@ def _select_backend(q, k, v, block_m, block_n, backend: str | None) -> str:
     return "torch"
 
 
+def fast_kernel_unavailable(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m: int, block_n: int
+) -> str | None:
+    """Why the GPU kernel cannot run these inputs (None when it can): the reason a CUDA call takes the slow
+    PyTorch path, for logs and stats."""
+    _load_optional_backends()
+    if "triton" not in _BACKENDS:
+        return _optional_error or "the triton backend is not registered"
+    return _BACKENDS["triton"][1](q, k, v, block_m, block_n)
+
+
 def select_backend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m: int, block_n: int, backend: str | None = None
 ) -> str:
@@ -282,3 +298,63 @@ def block_sparse_attention_table(
         q, k, v, table_indices[ht], table_counts[ht], block_m=block_m, block_n=block_n,
         key_padding_mask=key_padding_mask, scale=scale, return_lse=return_lse,
     )
+
+
+def probe_block_mass(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    block_n: int,
+    key_padding_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    token_weights: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Softmax mass of probe query rows per key block: the primitive behind sparse-mask predictors.
+
+    ``q`` (B, H, P, D) holds P probe rows (already gathered), ``k`` (B, H, N, D) all keys (strided views fine),
+    ``key_padding_mask`` bool (B, N) (True = valid). For each row, the exact softmax of ``q k^T * scale`` over the
+    valid keys (fp32 accumulation) is summed per key block of ``block_n`` tokens: ``block_mass`` (B, H, P,
+    ceil(N / block_n)) fp32, each row summing to 1 (0 for a row with no valid key). With ``token_weights`` (N,)
+    also ``token_mass`` (B, H, P) = sum_j p_j * token_weights[j] (e.g. a 0/1 token mask), else None.
+
+    Backends: ``"triton"`` (CUDA, automatic) streams the keys twice and writes only the block masses; ``"torch"``
+    materialises the scores in head chunks (CPU path and oracle). ``backend``/``DIFFUSERS_ATTN_KERNEL`` override.
+    """
+    _check(q.dim() == 4 and k.dim() == 4, f"q, k must be 4-D (B, H, N, D); got {tuple(q.shape)}, {tuple(k.shape)}")
+    B, H, P, D = q.shape
+    _check(k.shape[:2] == (B, H) and k.shape[3] == D, f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree")
+    _check(P > 0 and k.shape[2] > 0, "empty probe or key set")
+    _check(q.dtype in _FLOAT_DTYPES and q.dtype == k.dtype, f"q, k must share a float dtype; got {q.dtype}, {k.dtype}")
+    _check(q.device == k.device, "q and k must be on the same device")
+    _check(isinstance(block_n, int) and block_n > 0, f"block_n must be a positive int, got {block_n!r}")
+    N = k.shape[2]
+    if key_padding_mask is not None:
+        _check(
+            key_padding_mask.dtype == torch.bool and tuple(key_padding_mask.shape) == (B, N)
+            and key_padding_mask.device == q.device,
+            f"key_padding_mask must be bool (B, N) = ({B}, {N}) on q's device; got {key_padding_mask.dtype} "
+            f"{tuple(key_padding_mask.shape)}",
+        )
+    if token_weights is not None:
+        _check(
+            token_weights.dim() == 1 and token_weights.shape[0] == N and token_weights.device == q.device,
+            f"token_weights must be (N,) = ({N},) on q's device; got {tuple(token_weights.shape)}",
+        )
+    requested = backend or os.environ.get("DIFFUSERS_ATTN_KERNEL", "auto")
+    if requested not in ("auto", "torch", "triton"):
+        raise ValueError(f"unknown probe backend {requested!r}; available: 'auto', 'torch', 'triton'")
+    use_triton = False
+    if requested != "torch":
+        try:
+            from . import probe_triton
+        except ImportError as e:
+            if requested == "triton":
+                raise ValueError(f"backend 'triton' is unavailable: {e}") from None
+        else:
+            reason = probe_triton.supports(q, k, block_n)
+            if requested == "triton" and reason is not None:
+                raise ValueError(f"backend 'triton' cannot run this probe: {reason}")
+            use_triton = reason is None and (requested == "triton" or q.is_cuda)
+    fn = probe_triton.probe_block_mass_triton if use_triton else probe_block_mass_torch
+    return fn(q, k, block_n=block_n, key_padding_mask=key_padding_mask, scale=scale, token_weights=token_weights)

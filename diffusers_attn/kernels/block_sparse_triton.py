@@ -141,6 +141,9 @@ def tile_config(head_dim: int, block_m: int, block_n: int, device: torch.device)
         bm_t, bn_t, warps, stages = 128, 64, 8, 3
     else:
         bm_t, bn_t, warps, stages = 64, 32, 8, 2
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
+        # pre-Ampere parts have far less shared memory per SM: halve the query tile, no deep pipelining
+        bm_t, stages = min(bm_t, 64), min(stages, 2)
     return _pow2_divisor(bm_t, block_m), _pow2_divisor(bn_t, block_n), warps, stages
 
 

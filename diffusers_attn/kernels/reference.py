@@ -217,3 +217,45 @@ def masked_attention_reference(
     p = torch.softmax(torch.where(empty, torch.zeros_like(s), s), dim=-1)
     p = torch.where(empty, torch.zeros_like(p), p)
     return torch.matmul(p, v.double())
+
+
+def probe_block_mass_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    block_n: int,
+    key_padding_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    token_weights: torch.Tensor | None = None,
+    chunk_bytes: int = _CHUNK_BYTES,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Softmax mass of a few probe query rows per key block (PyTorch path of ``probe_block_mass``).
+
+    Exact fp32 softmax of ``q @ k^T * scale`` over all valid keys, chunked over heads so the (heads, P, N) score
+    tensor stays under ``chunk_bytes``. Returns ``block_mass`` (B, H, P, ceil(N / block_n)) and, with
+    ``token_weights`` (N,), ``token_mass`` (B, H, P) = sum_j p_j * token_weights[j]. Rows with no valid key get 0.
+    """
+    B, H, P, D = q.shape
+    N = k.shape[2]
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    K = (N + block_n - 1) // block_n
+    mass = torch.empty(B, H, P, K, dtype=torch.float32, device=q.device)
+    tmass = torch.empty(B, H, P, dtype=torch.float32, device=q.device) if token_weights is not None else None
+    tw = token_weights.float() if token_weights is not None else None
+    hc = max(1, min(H, chunk_bytes // max(1, 3 * P * K * block_n * 4)))
+    for b in range(B):
+        for h0 in range(0, H, hc):
+            h1 = min(H, h0 + hc)
+            s = torch.matmul(q[b, h0:h1].float(), k[b, h0:h1].float().transpose(-1, -2)) * scale
+            if key_padding_mask is not None:
+                s = s.masked_fill(~key_padding_mask[b][None, None, :], float("-inf"))
+            row_max = s.amax(-1, keepdim=True)
+            empty = torch.isneginf(row_max)
+            p = torch.exp(s - torch.where(empty, torch.zeros_like(row_max), row_max))
+            denom = p.sum(-1, keepdim=True)
+            p = p / torch.where(empty, torch.ones_like(denom), denom)  # (hc, P, N); empty rows stay 0
+            mass[b, h0:h1] = F.pad(p, (0, K * block_n - N)).view(h1 - h0, P, K, block_n).sum(-1)
+            if tw is not None:
+                tmass[b, h0:h1] = p @ tw
+    return mass, tmass

@@ -30,7 +30,9 @@ from ..kernels import (
     block_sparse_attention,
     block_sparse_attention_table,
     expand_block_mask,
+    fast_kernel_unavailable,
     num_blocks,
+    probe_block_mass,
     select_backend,
 )
 from ..layout import TokenLayout
@@ -44,8 +46,6 @@ logger = logging.getLogger(__name__)
 
 DENSE, SPATIAL, TEMPORAL, TEXTURAL = 0, 1, 2, 3
 _SPARSE_PATTERNS = {"spatial": SPATIAL, "temporal": TEMPORAL, "textural": TEXTURAL}
-# ARM working-set budget (fp32 probe scores per head chunk); does not affect results.
-_ARM_CHUNK_BYTES = 256 * 1024 * 1024
 
 
 def _round_half_up(x: float) -> int:
@@ -303,7 +303,9 @@ class RainFusionPlan:
                 "tables": {p: (i.to(device), c.to(device)) for p, (i, c) in self.tables.items()},
                 "gather_index": self.gather_index.to(device),
                 "probe_rows": self.probe_rows.to(device),
-                "probe_member": {p: m.to(device=device, dtype=torch.float32) for p, m in self.probe_member.items()},
+                "probe_member_stack": torch.stack(
+                    [self.probe_member[SPATIAL], self.probe_member[TEMPORAL]]
+                ).to(device=device, dtype=torch.float32),
                 "textural_keys": self.textural_keys.to(device=device, dtype=torch.float32),
             }
             if device.type == "cuda":
@@ -368,6 +370,7 @@ class RainFusionMethod:
         self.config = config or RainFusionConfig()
         self._plans: dict[tuple, RainFusionPlan] = {}
         self._arm_cache: dict[tuple[int, int], _ArmCacheEntry] = {}
+        self._warned: set[str] = set()
 
     # ----------------------------------------------------------------- schedule
     def fallback_reason(self, layout: TokenLayout, layer_index: int, context: "AttentionContext") -> str | None:
@@ -455,7 +458,7 @@ class RainFusionMethod:
             with timers.time("attention", dev):
                 return dense_fn()
         with timers.time("attention", dev):
-            return self._execute(q, k, v, patterns, plan, dplan, key_padding_mask, scale, timers)
+            return self._execute(q, k, v, patterns, plan, dplan, key_padding_mask, scale, context)
 
     # ----------------------------------------------------------------- ARM
     def _decide(self, q, k, plan, dplan, kpm, scale, layer_index, context):
@@ -476,7 +479,7 @@ class RainFusionMethod:
                 return hit.patterns, hit.recalls, valid
 
         with context.stats.timers.time("arm", q.device):
-            recalls = arm_recalls(q, k, plan, dplan, kpm, scale)  # (B, H, 3) on device
+            recalls = arm_recalls(q, k, plan, dplan, kpm, scale, backend=cfg.kernel_backend)  # (B, H, 3)
             candidates = [_SPARSE_PATTERNS[p] for p in cfg.patterns]
             patterns = choose_patterns(recalls, plan, candidates, cfg.arm_threshold)
             packed = torch.cat([patterns.float().unsqueeze(-1), recalls], dim=-1).cpu().numpy()
@@ -487,9 +490,19 @@ class RainFusionMethod:
         return patterns_np, recalls_np, valid
 
     # ----------------------------------------------------------------- execution
-    def _execute(self, q, k, v, patterns, plan, dplan, kpm, scale, timers):
-        cfg = self.config
-        if select_backend(q, k, v, cfg.block_m, cfg.block_n, cfg.kernel_backend) == "triton":
+    def _execute(self, q, k, v, patterns, plan, dplan, kpm, scale, context):
+        cfg, timers = self.config, context.stats.timers
+        backend = select_backend(q, k, v, cfg.block_m, cfg.block_n, cfg.kernel_backend)
+        context.stats.kernel_calls[backend] += 1
+        if q.is_cuda and backend != "triton":
+            # Exact but slow on a GPU: say so once, and count it in stats.
+            reason = fast_kernel_unavailable(q, k, v, cfg.block_m, cfg.block_n) or f"kernel_backend={backend!r}"
+            context.stats.slow_path[reason] += 1
+            if reason not in self._warned:
+                self._warned.add(reason)
+                logger.warning("diffusers-attn: RainFusion runs its sparse calls on the PyTorch path on %s: %s",
+                               q.device, reason)
+        if backend == "triton":
             return self._execute_tables(q, k, v, patterns, plan, dplan, kpm, scale, timers)
         return self._execute_grouped(q, k, v, patterns, plan, dplan, kpm, scale, timers)
 
@@ -518,7 +531,11 @@ class RainFusionMethod:
                     vc = v[b].index_select(0, hs).index_select(1, gi).unsqueeze(0)
                     kpm_c = kpm[b : b + 1].index_select(1, gi) if kpm is not None else None
                 qs = q[b].index_select(0, hs)[:, s0:s1].unsqueeze(0)
-                out[b, hs, s0:s1] = _sdpa(qs, kc, vc, kpm_c, scale)[0]
+                if kpm_c is None:
+                    o = _sdpa(qs, kc, vc, None, scale)
+                else:  # a boolean mask would push SDPA off its flash backend; the kernel masks for free
+                    o = _dense_triton(qs, kc, vc, kpm_c, scale, cfg.block_m, cfg.block_n)
+                out[b, hs, s0:s1] = o[0]
         return out
 
     def _execute_grouped(self, q, k, v, patterns, plan, dplan, kpm, scale, timers):
@@ -596,6 +613,15 @@ class RainFusionMethod:
         )
 
 
+def _dense_triton(q, k, v, kpm, scale, block_m, block_n):
+    """Dense attention with a key padding mask through the block-sparse kernel (every key block listed)."""
+    M, K = num_blocks(q.shape[2], block_m), num_blocks(k.shape[2], block_n)
+    idx = torch.arange(K, dtype=torch.int32, device=q.device).expand(q.shape[0], q.shape[1], M, K)
+    cnt = torch.full((1, 1, 1), K, dtype=torch.int32, device=q.device).expand(q.shape[0], q.shape[1], M)
+    return block_sparse_attention(q, k, v, idx, cnt, block_m=block_m, block_n=block_n, key_padding_mask=kpm,
+                                  scale=scale, backend="triton")
+
+
 def _sdpa(q, k, v, kpm, scale):
     mask = kpm[:, None, None, :] if kpm is not None else None
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
@@ -608,36 +634,23 @@ def arm_recalls(
     dplan: dict[str, Any],
     key_padding_mask: torch.Tensor | None,
     scale: float | None,
-    chunk_bytes: int = _ARM_CHUNK_BYTES,
+    backend: str | None = None,
 ) -> torch.Tensor:
     """ARM recall of each pattern per (batch, head): (B, H, 3) for (spatial, temporal, textural), fp32.
 
-    For each probe row, an exact fp32 softmax over all valid keys; the recall of a pattern is the mean probability
-    mass inside the mask that pattern will execute (block-expanded for spatial/temporal, token-exact textural).
+    For each probe row, an exact softmax (fp32 accumulation) over all valid keys; the recall of a pattern is the
+    mean probability mass inside the mask that pattern will execute (block-expanded for spatial/temporal,
+    token-exact textural). The masses come from :func:`diffusers_attn.kernels.probe_block_mass` (a Triton kernel
+    on CUDA that never materialises the (H, P, N) scores).
     """
-    B, H, N, D = q.shape
-    if scale is None:
-        scale = 1.0 / math.sqrt(D)
     rows = dplan["probe_rows"]
-    n_probe = rows.numel()
-    K, BN = plan.num_k, plan.block_n
-    m_sp, m_tp = dplan["probe_member"][SPATIAL], dplan["probe_member"][TEMPORAL]
-    tex = dplan["textural_keys"]
-    out = torch.empty(B, H, 3, dtype=torch.float32, device=q.device)
-    hc = max(1, min(H, chunk_bytes // max(1, 3 * n_probe * K * BN * 4)))
-    for b in range(B):
-        qp = q[b].index_select(1, rows)  # (H, n_probe, D)
-        for h0 in range(0, H, hc):
-            h1 = min(H, h0 + hc)
-            s = torch.matmul(qp[h0:h1].float(), k[b, h0:h1].float().transpose(-1, -2)) * scale
-            if key_padding_mask is not None:
-                s = s.masked_fill(~key_padding_mask[b][None, None, :], float("-inf"))
-            p = torch.softmax(s, dim=-1)  # (hc, n_probe, N)
-            block_mass = F.pad(p, (0, K * BN - N)).view(h1 - h0, n_probe, K, BN).sum(-1)
-            out[b, h0:h1, 0] = (block_mass * m_sp).sum(-1).mean(-1)
-            out[b, h0:h1, 1] = (block_mass * m_tp).sum(-1).mean(-1)
-            out[b, h0:h1, 2] = (p @ tex).mean(-1)
-    return out
+    mass, tex = probe_block_mass(
+        q.index_select(2, rows), k, block_n=plan.block_n, key_padding_mask=key_padding_mask, scale=scale,
+        token_weights=dplan["textural_keys"], backend=backend,
+    )  # (B, H, P, K), (B, H, P)
+    members = dplan["probe_member_stack"]  # (2, P, K): spatial, temporal
+    block_rec = torch.einsum("bhpk,cpk->bhc", mass, members) / rows.numel()
+    return torch.cat([block_rec, tex.mean(-1, keepdim=True)], dim=-1)
 
 
 def choose_patterns(
