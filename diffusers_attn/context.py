@@ -109,6 +109,12 @@ class AttentionContext:
         self.last_decisions: dict[int, Decision] = {}
         self.forward_calls = 0
         self.parallel_config: Any = None  # diffusers ParallelConfig when context parallelism is enabled
+        # torch.compile of the whole transformer: the hook's bookkeeping runs as a custom op (diffusers_attn.ops)
+        # found by this handle; its output token orders the attention ops after it.
+        from .ops import register_processor
+
+        self.op_handle = register_processor(self)
+        self.compile_token: torch.Tensor | None = None
 
     @property
     def pipeline(self) -> Any:
@@ -140,6 +146,7 @@ class AttentionContext:
             logger.debug("diffusers-attn: new generation %d", self.tracker.generation)
         if self.tracker.call_in_step == 0:
             self.stats.steps_seen = self.tracker.step + 1
+        self.stats.forwards += 1
         self.forward_calls += 1
 
     def _timestep_value(self, timestep: Any) -> float:
@@ -181,7 +188,20 @@ class ContextHook(ModelHook):
     def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple[Any], dict[str, Any]]:
         bound = self._signature.bind(module, *args, **kwargs).arguments
         grid = self.context.adapter.latent_grid(module, bound)
-        self.context.begin_forward(grid, bound.get("timestep"))
+        timestep = bound.get("timestep")
+        if torch.compiler.is_compiling():
+            # Step counting reads the timestep value on the host: do it at run time inside an opaque op, not
+            # while tracing (a data-dependent branch would break the graph).
+            from .ops import begin_forward_op
+
+            ctx = self.context
+            ctx.grid = tuple(int(x) for x in grid)  # shapes are static in the trace; processors read the grid
+            if timestep is None:
+                raise ValueError("diffusers-attn: the transformer was called without a timestep")
+            ctx.compile_token = begin_forward_op(torch.as_tensor(timestep), ctx.op_handle, *ctx.grid)
+        else:
+            self.context.compile_token = None
+            self.context.begin_forward(grid, timestep)
         return args, kwargs
 
 

@@ -60,6 +60,7 @@ def install_method(
     context = attach_attention_context(transformer, pipeline=pipe, num_inference_steps=num_inference_steps)
     context.stats.reset()
     context.stats.method = method.name
+    context.stats.layers_per_forward = len(keys)
     procs = dict(originals)
     for i, key in enumerate(keys):
         procs[key] = adapter.make_processor(method, i, context, original=originals[key])

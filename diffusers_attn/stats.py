@@ -69,6 +69,7 @@ class StatsRecorder:
 
     def __init__(self) -> None:
         self.method: str | None = None
+        self.layers_per_forward = 0  # accelerated attention layers, set when a method is installed
         self.reset()
 
     def reset(self) -> None:
@@ -76,7 +77,7 @@ class StatsRecorder:
         self.layers: dict[int, _LayerAccum] = {}
         self.fallbacks: Counter[str] = Counter()
         self.timers = _Timers()
-        self.skipped_calls = 0
+        self.forwards = 0  # transformer forwards of this generation
         self.kernel_calls: Counter[str] = Counter()  # sparse executions per kernel backend
         self.slow_path: Counter[str] = Counter()  # CUDA calls that could not use the GPU kernel, by reason
         self.steps_seen = 0
@@ -163,7 +164,8 @@ class StatsRecorder:
         return AttentionStats(
             method=self.method,
             calls=calls,
-            skipped_calls=self.skipped_calls,
+            # Calls a cache (FirstBlockCache, PAB, ...) skipped never reach a processor: expected minus recorded.
+            skipped_calls=max(0, self.forwards * self.layers_per_forward - calls),
             steps=self.steps_seen,
             density=computed / total if total else 1.0,
             video_density=vcomp / vtot if vtot else 1.0,
@@ -198,6 +200,9 @@ class AttentionStats:
     * ``video_density``: the same restricted to video queries x video keys.
     * ``pattern_histogram``: head-calls per pattern (``fallback`` = whole call ran the stock dense path).
     * ``dense_fallbacks``: reason -> number of layer calls that ran dense.
+    * ``skipped_calls``: layer calls that never reached the processor because a cache hook (FirstBlockCache,
+      PyramidAttentionBroadcast, ...) skipped the block or reused its attention output; they compute nothing and
+      are not in ``density``.
     * ``timings_ms``: ``arm`` (pattern recognition), ``plan`` (block-list building, cached per shape),
       ``gather`` (textural key gather), ``attention`` (sparse execution), summed over the generation.
     * ``kernel_backends``: sparse layer calls per kernel backend (``triton`` on GPU, ``torch`` on CPU).
@@ -228,7 +233,7 @@ class AttentionStats:
     def __str__(self) -> str:
         lines = [
             f"diffusers-attn stats ({self.method or 'no method'}): {self.calls} attention calls over "
-            f"{self.steps} steps",
+            f"{self.steps} steps" + (f" ({self.skipped_calls} more skipped by a cache)" if self.skipped_calls else ""),
             f"  realized density: {self.density:.3f} (all tokens), {self.video_density:.3f} (video x video)",
         ]
         if self.pattern_histogram:

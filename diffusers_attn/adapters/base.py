@@ -127,6 +127,7 @@ class AcceleratedAttnProcessor:
                 layout.text_offset, layout.text_len,
                 exchange.rank * q.shape[1] if exchange is not None else 0,
                 total_heads if exchange is not None else 0,
+                ctx.compile_token,
             )
         kwargs = {}
         if exchange is not None:
