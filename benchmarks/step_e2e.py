@@ -119,6 +119,28 @@ def run(name, args, device, dtype, timing):
             "per_step_breakdown_ms": {k: v / n_calls * len(st.layers) for k, v in st.timings_ms.items()},
         })
         remove_attention_acceleration(model)
+    if args.compile:
+        for label, cfg in (("dense", None), (f"RainFusion sparsity {args.sparsity}, arm_threshold "
+                                              f"{args.arm_threshold}", "rf")):
+            if cfg:
+                apply_rainfusion(model, RainFusionConfig(
+                    sparsity=args.sparsity, dense_steps=0, dense_layers=1, arm_threshold=args.arm_threshold,
+                    min_video_tokens=0 if args.smoke else 4096, block_m=32 if args.smoke else 128,
+                    block_n=32 if args.smoke else 64))
+            torch._dynamo.reset()
+            compiled = torch.compile(model, fullgraph=True)
+
+            def cstep():
+                with torch.no_grad():
+                    return compiled(**kwargs).sample
+
+            tc = timeit(cstep, **{**timing, "warmup": max(timing["warmup"], 1)})  # the first call compiles
+            row = {"path": f"compiled {label}", **tc, "speedup": t["median_ms"] / tc["median_ms"]}
+            if cfg:
+                st = get_attention_stats(model, log=False)
+                row.update(density=st.density, video_density=st.video_density, patterns=st.pattern_histogram)
+                remove_attention_acceleration(model)
+            out["rows"].append(row)
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -133,6 +155,8 @@ def main(argv=None):
     p.add_argument("--arm-threshold", type=float, default=0.9)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--compile", action="store_true",
+                   help="also time torch.compile'd steps (dense and RainFusion at --arm-threshold), fullgraph")
     p.add_argument("--smoke", action="store_true", help="tiny configs on CPU: checks the script, numbers meaningless")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)

@@ -38,17 +38,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32")
-    g = p.add_argument_group("RainFusion")
-    g.add_argument("--sparsity", type=float, default=0.75)
-    g.add_argument("--dense-steps", type=float, default=0.25,
-                   help="dense warm-up: fraction of steps if < 1 or a float, an int count if given as e.g. 3")
-    g.add_argument("--dense-layers", type=int, default=1)
-    g.add_argument("--arm-threshold", type=float, default=0.9)
-    g.add_argument("--min-video-tokens", type=int, default=None,
-                   help="dense below this many video tokens (library default 4096; 0 for the tiny models)")
-    g.add_argument("--block-m", type=int, default=None, help="query block (default 128; 16 for the tiny models)")
-    g.add_argument("--block-n", type=int, default=None, help="key block (default 64; 16 for the tiny models)")
-    g.add_argument("--force-pattern", default=None, choices=["spatial", "temporal", "textural", "dense"])
+    add_rainfusion_args(p)
     p.add_argument("--no-warmup", action="store_true", help="skip the 1-step warm-up runs before timing")
     p.add_argument("--out", default="outputs/compare.mp4", help="side-by-side mp4 path")
     p.add_argument("--json", default=None, help="also write the report as JSON here")
@@ -56,23 +46,28 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_compare)
 
 
-def _dense_steps_value(x: float) -> int | float:
-    # "3" means 3 steps; "0.25" means a quarter of the run.
-    return int(x) if x >= 1 and float(x).is_integer() else float(x)
+def add_rainfusion_args(p: argparse.ArgumentParser) -> None:
+    """The RainFusion knobs shared by ``compare`` and ``python -m diffusers_attn.generate``."""
+    g = p.add_argument_group("RainFusion")
+    g.add_argument("--sparsity", type=float, default=0.75)
+    g.add_argument("--dense-steps", type=_dense_steps_value, default=0.25,
+                   help="dense warm-up: a fraction of the run (0.25) or a number of steps (3)")
+    g.add_argument("--dense-layers", type=int, default=1)
+    g.add_argument("--arm-threshold", type=float, default=0.9)
+    g.add_argument("--min-video-tokens", type=int, default=None,
+                   help="dense below this many video tokens (library default 4096; 0 for the tiny models)")
+    g.add_argument("--block-m", type=int, default=None, help="query block (default 128; 16 for the tiny models)")
+    g.add_argument("--block-n", type=int, default=None, help="key block (default 64; 16 for the tiny models)")
+    g.add_argument("--force-pattern", default=None, choices=["spatial", "temporal", "textural", "dense"])
 
 
-def _cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import load_pipeline, resolve_device_dtype, run_comparison, side_by_side_frames, write_video
-    from .processors.rainfusion import RainFusionConfig, apply_rainfusion
+def rainfusion_config_from_args(args: argparse.Namespace, tiny: bool):
+    """``RainFusionConfig`` from :func:`add_rainfusion_args` options (validated before anything loads)."""
+    from .processors.rainfusion import RainFusionConfig
 
-    device, dtype = resolve_device_dtype(args.device, args.dtype)
-    from .pipelines.tiny import TINY_MODELS
-
-    tiny = args.model in TINY_MODELS
-    # Validate the method config before loading anything heavy.
-    config = RainFusionConfig(
+    return RainFusionConfig(
         sparsity=args.sparsity,
-        dense_steps=_dense_steps_value(args.dense_steps),
+        dense_steps=args.dense_steps,
         dense_layers=args.dense_layers,
         arm_threshold=args.arm_threshold,
         min_video_tokens=args.min_video_tokens if args.min_video_tokens is not None else (0 if tiny else 4096),
@@ -80,6 +75,28 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         block_n=args.block_n or (16 if tiny else 64),
         force_pattern=args.force_pattern,
     )
+
+
+def _dense_steps_value(text: str) -> int | float:
+    """"3" means 3 steps; "0.25" (or "1.0") a fraction of the run."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a step count or a fraction, got {text!r}") from None
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import load_pipeline, resolve_device_dtype, run_comparison, side_by_side_frames, write_video
+    from .pipelines.tiny import TINY_MODELS
+    from .processors.rainfusion import apply_rainfusion
+
+    device, dtype = resolve_device_dtype(args.device, args.dtype)
+    tiny = args.model in TINY_MODELS
+    config = rainfusion_config_from_args(args, tiny)  # validated before anything heavy loads
     loaded = load_pipeline(args.model, device, dtype, seed=args.seed)
     call = dict(loaded.defaults)
     for key, val in (("num_inference_steps", args.steps), ("num_frames", args.frames), ("height", args.height),

@@ -25,6 +25,8 @@ import torch.distributed as dist
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .cli import add_rainfusion_args
+
     p = argparse.ArgumentParser(prog="python -m diffusers_attn.generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny-cogvideox")
@@ -37,12 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance-scale", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--sparsity", type=float, default=0.75, help="0 = dense attention")
-    p.add_argument("--dense-steps", type=float, default=0.25)
-    p.add_argument("--dense-layers", type=int, default=1)
-    p.add_argument("--arm-threshold", type=float, default=0.9)
-    p.add_argument("--min-video-tokens", type=int, default=None)
+    add_rainfusion_args(p)  # --sparsity 0 = dense attention through the same processors
     p.add_argument("--ulysses", type=int, default=None, help="Ulysses degree (default: world size)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the transformer (fullgraph; the accelerated attention is one custom op)")
     p.add_argument("--out", default="outputs/generate.mp4")
     p.add_argument("--json", default=None)
     p.add_argument("--fps", type=int, default=8)
@@ -53,7 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .compare import generate, load_pipeline, resolve_device_dtype, write_video
     from .install import get_attention_stats
     from .pipelines.tiny import TINY_MODELS
-    from .processors.rainfusion import RainFusionConfig, apply_rainfusion
+    from .cli import rainfusion_config_from_args
+    from .processors.rainfusion import apply_rainfusion
 
     args = build_parser().parse_args(argv)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -61,15 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     tiny = args.model in TINY_MODELS
     use_cuda = torch.cuda.is_available()
-    config = RainFusionConfig(
-        sparsity=args.sparsity,
-        dense_steps=int(args.dense_steps) if args.dense_steps >= 1 else float(args.dense_steps),
-        dense_layers=args.dense_layers,
-        arm_threshold=args.arm_threshold,
-        min_video_tokens=args.min_video_tokens if args.min_video_tokens is not None else (0 if tiny else 4096),
-        block_m=16 if tiny else 128,
-        block_n=16 if tiny else 64,
-    )
+    config = rainfusion_config_from_args(args, tiny)
     if world > 1:
         dist.init_process_group("nccl" if use_cuda else "gloo")
     try:
@@ -83,6 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .parallel import enable_context_parallel
 
             enable_context_parallel(loaded.pipe, ulysses_degree=args.ulysses or world)
+        if args.compile:
+            loaded.pipe.transformer.compile(fullgraph=True)  # in place: the pipeline keeps the same module
         call = dict(loaded.defaults)
         for key, val in (("num_inference_steps", args.steps), ("num_frames", args.frames), ("height", args.height),
                          ("width", args.width), ("guidance_scale", args.guidance_scale)):
