@@ -29,6 +29,27 @@ _LN2 = 0.6931471805599453
 
 
 @triton.jit
+def _tile_scores(q, k_base, kpm_base, s_kn, s_kd, s_pn, offs_n, offs_d, NK, HEAD_DIM, qk_scale,
+                 EVEN_D: tl.constexpr, HAS_KPM: tl.constexpr, IEEE: tl.constexpr):
+    """Scores of a query tile against the key tile ``offs_n`` times ``qk_scale`` (log2 domain), -inf on tails
+    and padded keys; also the key-validity vector. Shared by the attention and the probe kernels."""
+    n_ok = offs_n < NK
+    if HAS_KPM:
+        pad = tl.load(kpm_base + offs_n * s_pn, mask=n_ok, other=0)
+        n_ok = n_ok & (pad != 0)
+    if EVEN_D:
+        kt_mask = n_ok[None, :]
+    else:
+        kt_mask = n_ok[None, :] & (offs_d[:, None] < HEAD_DIM)
+    kt = tl.load(k_base + offs_n[None, :] * s_kn + offs_d[:, None] * s_kd, mask=kt_mask, other=0.0)
+    if IEEE:
+        qk = tl.dot(q, kt, input_precision="ieee")
+    else:
+        qk = tl.dot(q, kt)
+    return tl.where(n_ok[None, :], qk * qk_scale, float("-inf")), n_ok
+
+
+@triton.jit
 def _bsa_fwd_kernel(
     Q, K, V, O, LSE, IDX, CNT, HEADTAB, KPM,
     s_qb, s_qh, s_qm, s_qd,
@@ -81,22 +102,12 @@ def _bsa_fwd_kernel(
         kb = tl.load(idx_base + j * s_ij).to(tl.int64)
         for s in tl.static_range(SUB):
             offs_n = kb * LIST_BN + s * BLOCK_N + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < NK
-            if HAS_KPM:
-                pad = tl.load(KPM + b * s_pb + offs_n * s_pn, mask=n_ok, other=0)
-                n_ok = n_ok & (pad != 0)
+            qk, n_ok = _tile_scores(q, k_base, KPM + b * s_pb, s_kn, s_kd, s_pn, offs_n, offs_d, NK, HEAD_DIM,
+                                    qk_scale, EVEN_D, HAS_KPM, IEEE)
             if EVEN_D:
-                kt_mask = n_ok[None, :]
                 v_mask = n_ok[:, None]
             else:
-                kt_mask = n_ok[None, :] & (offs_d[:, None] < HEAD_DIM)
                 v_mask = n_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-            kt = tl.load(k_base + offs_n[None, :] * s_kn + offs_d[:, None] * s_kd, mask=kt_mask, other=0.0)
-            if IEEE:
-                qk = tl.dot(q, kt, input_precision="ieee")
-            else:
-                qk = tl.dot(q, kt)
-            qk = tl.where(n_ok[None, :], qk * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp2(m_i - m_safe)

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .block_sparse_triton import _pow2_divisor, interpreter_enabled
+from .block_sparse_triton import _pow2_divisor, _tile_scores, interpreter_enabled
 
 _LOG2E = 1.4426950408889634
 
@@ -60,20 +60,8 @@ def _probe_mass_kernel(
     for kb in range(0, num_kb):
         for s in tl.static_range(SUB):
             offs_n = kb * LIST_BN + s * BLOCK_N + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < NK
-            if HAS_KPM:
-                pad = tl.load(KPM + b * s_pb + offs_n * s_pn, mask=n_ok, other=0)
-                n_ok = n_ok & (pad != 0)
-            if EVEN_D:
-                kt_mask = n_ok[None, :]
-            else:
-                kt_mask = n_ok[None, :] & (offs_d[:, None] < HEAD_DIM)
-            kt = tl.load(k_base + offs_n[None, :] * s_kn + offs_d[:, None] * s_kd, mask=kt_mask, other=0.0)
-            if IEEE:
-                qk = tl.dot(q, kt, input_precision="ieee")
-            else:
-                qk = tl.dot(q, kt)
-            qk = tl.where(n_ok[None, :], qk * qk_scale, float("-inf"))
+            qk, _ = _tile_scores(q, k_base, KPM + b * s_pb, s_kn, s_kd, s_pn, offs_n, offs_d, NK, HEAD_DIM,
+                                 qk_scale, EVEN_D, HAS_KPM, IEEE)
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(qk - m_safe[:, None]), 1)
@@ -88,20 +76,8 @@ def _probe_mass_kernel(
         blk = tl.zeros([BLOCK_P], dtype=tl.float32)
         for s in tl.static_range(SUB):
             offs_n = kb * LIST_BN + s * BLOCK_N + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < NK
-            if HAS_KPM:
-                pad = tl.load(KPM + b * s_pb + offs_n * s_pn, mask=n_ok, other=0)
-                n_ok = n_ok & (pad != 0)
-            if EVEN_D:
-                kt_mask = n_ok[None, :]
-            else:
-                kt_mask = n_ok[None, :] & (offs_d[:, None] < HEAD_DIM)
-            kt = tl.load(k_base + offs_n[None, :] * s_kn + offs_d[:, None] * s_kd, mask=kt_mask, other=0.0)
-            if IEEE:
-                qk = tl.dot(q, kt, input_precision="ieee")
-            else:
-                qk = tl.dot(q, kt)
-            qk = tl.where(n_ok[None, :], qk * qk_scale, float("-inf"))
+            qk, _ = _tile_scores(q, k_base, KPM + b * s_pb, s_kn, s_kd, s_pn, offs_n, offs_d, NK, HEAD_DIM,
+                                 qk_scale, EVEN_D, HAS_KPM, IEEE)
             p = tl.exp2(qk - m_fin[:, None]) * inv_l[:, None]
             blk += tl.sum(p, 1)
             if HAS_TW:
