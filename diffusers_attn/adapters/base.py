@@ -145,6 +145,15 @@ class AcceleratedAttnProcessor:
             layer_index=self.layer_index, context=ctx, dense_fn=dense_fn, **kwargs,
         )
 
+    def _check_video_tokens(self, model: str, layout, n_video_local: int, ranks: int = 1) -> None:
+        """The latent grid from the context hook must account for exactly the video tokens this layer holds."""
+        if layout.num_video != n_video_local * ranks:
+            per_rank = f" per rank over {ranks} ranks" if ranks > 1 else ""
+            raise ValueError(
+                f"diffusers-attn: {model} layer {self.layer_index} holds {n_video_local} video tokens{per_rank}, but "
+                f"the latent grid {layout.grid} has {layout.num_video}"
+            )
+
     def _dense_fallback(self, reason: str, q_bhsd: torch.Tensor, n_video: int, key_padding_mask=None) -> None:
         ctx = self._require_context()
         B, H, N, D = q_bhsd.shape

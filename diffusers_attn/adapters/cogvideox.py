@@ -75,22 +75,14 @@ class CogVideoXAttnProcessor(AcceleratedAttnProcessor):
             hidden_states = dense()
         elif ex is None:
             layout = TokenLayout.text_first(ctx.require_grid(), text_seq_length)
-            if layout.num_video != n_video:
-                raise ValueError(
-                    f"diffusers-attn: CogVideoX layer {self.layer_index} got {n_video} video tokens but the latent "
-                    f"grid {layout.grid} has {layout.num_video}"
-                )
+            self._check_video_tokens("CogVideoX", layout, n_video)
             hidden_states = self._call_method(query, key, value, ctx=ctx, layout=layout, key_padding_mask=None,
                                               dense_fn=dense)
         else:
             from ..parallel import global_to_joint, joint_to_global
 
             layout = TokenLayout.text_first(ctx.require_grid(), text_seq_length)
-            if layout.num_video != n_video * ex.size:
-                raise ValueError(
-                    f"diffusers-attn: CogVideoX layer {self.layer_index} holds {n_video} video tokens per rank, "
-                    f"but the grid {layout.grid} over {ex.size} ranks needs {layout.num_video // ex.size}"
-                )
+            self._check_video_tokens("CogVideoX", layout, n_video, ex.size)
             qg, kg, vg = (joint_to_global(ex, x.transpose(1, 2), text_seq_length, True).transpose(1, 2)
                           for x in (query, key, value))
             out = self._call_method(

@@ -95,11 +95,7 @@ class HunyuanVideoAttnProcessor(AcceleratedAttnProcessor):
             hidden_states = dense_bshd()
         elif ex is None:
             layout = TokenLayout.video_first(ctx.require_grid(), text_len)
-            if layout.num_video != n_video:
-                raise ValueError(
-                    f"diffusers-attn: HunyuanVideo layer {self.layer_index} got {n_video} video tokens but the "
-                    f"latent grid {layout.grid} has {layout.num_video}"
-                )
+            self._check_video_tokens("HunyuanVideo", layout, n_video)
             out = self._call_method(
                 q_bhsd, key.transpose(1, 2), value.transpose(1, 2), ctx=ctx, layout=layout, key_padding_mask=kpm,
                 dense_fn=lambda: dense_bshd().transpose(1, 2),
@@ -109,11 +105,7 @@ class HunyuanVideoAttnProcessor(AcceleratedAttnProcessor):
             from ..parallel import global_to_joint, joint_to_global
 
             layout = TokenLayout.video_first(ctx.require_grid(), text_len)
-            if layout.num_video != n_video * ex.size:
-                raise ValueError(
-                    f"diffusers-attn: HunyuanVideo layer {self.layer_index} holds {n_video} video tokens per rank, "
-                    f"but the grid {layout.grid} over {ex.size} ranks needs {layout.num_video // ex.size}"
-                )
+            self._check_video_tokens("HunyuanVideo", layout, n_video, ex.size)
             if kpm is not None:  # only text is ever padded: rebuild the global mask from the replicated text part
                 kpm = torch.cat([kpm.new_ones(B, layout.num_video), kpm[:, N - text_len :]], dim=1)
             qg, kg, vg = (joint_to_global(ex, x, text_len, False) for x in (query, key, value))
