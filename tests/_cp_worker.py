@@ -20,7 +20,8 @@ def run(rank: int, world: int, init_file: str, model: str, sparsities: tuple, ou
             torch.manual_seed(0)
             if model == "cogvideox":
                 m = make_cogvideox("1.5", heads=4, head_dim=16)
-                inputs = cogvideox_inputs(m, batch=2, frames=6, size=8)
+                # latent 5x8x8: spatial and temporal plans are sparse here, so ARM mixes patterns across heads
+                inputs = cogvideox_inputs(m, batch=2, frames=10, size=16)
             else:
                 m = make_hunyuan(heads=4, head_dim=10, num_layers=1, num_single_layers=1)
                 inputs = hunyuan_inputs(batch=2, frames=4, size=8, text_len=12, valid=(5, 12))
