@@ -11,6 +11,7 @@ from .install import get_attention_stats, remove_attention_acceleration, reset_a
 from .layout import TokenLayout
 from .processors.rainfusion import RainFusionConfig, RainFusionMethod, apply_rainfusion
 from .stats import AttentionStats
+from .pipelines.opensora import OpenSoraPipeline, OpenSoraTransformer3DModel
 
 __version__ = "0.1.0"
 
@@ -30,4 +31,6 @@ __all__ = [
     "remove_attention_acceleration",
     "reset_attention_stats",
     "supported_transformers",
+    "OpenSoraPipeline",
+    "OpenSoraTransformer3DModel",
 ]

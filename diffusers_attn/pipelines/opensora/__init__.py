@@ -17,3 +17,7 @@ __all__ = [
     "convert_opensora_v2_to_diffusers",
     "transformer_from_original",
 ]
+
+from .pipeline import OpenSoraPipeline, OpenSoraPipelineOutput  # noqa: E402
+
+__all__ += ["OpenSoraPipeline", "OpenSoraPipelineOutput"]
