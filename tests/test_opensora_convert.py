@@ -303,3 +303,58 @@ def test_other_layouts_are_named():
     model = _model(original_state_dict())
     with pytest.raises(OpenSoraConversionError, match="already in diffusers layout"):
         _model(model.state_dict())
+
+
+# ----------------------------------------------------------------------------------------- CLI and VAE
+def _tiny_vae_config():
+    return dict(in_channels=3, out_channels=3, latent_channels=C, down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+                up_block_types=("HunyuanVideoUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+                norm_num_groups=4, mid_block_add_attention=True)
+
+
+def test_cli_convert_opensora_then_from_pretrained(tmp_path, capsys):
+    from diffusers import AutoencoderKLHunyuanVideo
+    from safetensors.torch import save_file
+
+    from diffusers_attn import OpenSoraPipeline
+    from diffusers_attn.cli import main
+
+    sd = original_state_dict(seed=5)
+    src = tmp_path / "Open_Sora_v2.safetensors"
+    save_file(sd, str(src))
+    out = tmp_path / "converted"
+    assert main(["convert-opensora", str(src), str(out), "--axes-dims-rope", *map(str, AXES)]) == 0
+    printed = capsys.readouterr().out
+    assert "wrote" in printed and "not included" in printed and "vae" in printed
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["transformer"] == ["diffusers_attn.pipelines.opensora.transformer", "OpenSoraTransformer3DModel"] and index["vae"] == [None, None]
+    torch.manual_seed(0)
+    vae = AutoencoderKLHunyuanVideo(**_tiny_vae_config())
+    pipe = OpenSoraPipeline.from_pretrained(str(out), vae=vae)
+    assert pipe.scheduler.config.use_dynamic_shifting and pipe.scheduler.config.time_shift_type == "linear"
+    inputs = _inputs(seed=6, B=1, T=2, H=4, W=4)
+    assert rel_err(_run(pipe.transformer, inputs), _ref(sd, inputs)) <= 1e-5
+    # a wrong file is one readable error line, exit code 2, and nothing is written
+    assert main(["convert-opensora", str(tmp_path / "missing.safetensors"), str(tmp_path / "x")]) == 2
+    assert "not found" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_hunyuan_vae_strict_load(tmp_path):
+    from diffusers import AutoencoderKLHunyuanVideo
+    from safetensors.torch import save_file
+
+    from diffusers_attn.pipelines.opensora import convert_hunyuan_vae
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLHunyuanVideo(**_tiny_vae_config())
+    path = tmp_path / "hunyuan_vae.safetensors"
+    save_file(vae.state_dict(), str(path))
+    loaded = convert_hunyuan_vae(path, tmp_path / "vae", vae_config=_tiny_vae_config())
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), vae.state_dict().values()))
+    assert (tmp_path / "vae" / "config.json").exists()
+    sd = vae.state_dict()
+    sd["encoder.extra.weight"] = torch.zeros(1)
+    del sd["decoder.conv_out.conv.bias"]
+    save_file(sd, str(path))
+    with pytest.raises(OpenSoraConversionError, match="missing.*decoder.conv_out.conv.bias.*unexpected.*encoder.extra"):
+        convert_hunyuan_vae(path, vae_config=_tiny_vae_config())

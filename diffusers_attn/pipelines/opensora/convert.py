@@ -474,6 +474,8 @@ def convert_opensora_v2_to_diffusers(
     clip: str | os.PathLike | None = None,
     dtype: torch.dtype | None = None,
     max_shard_size: int | str = "5GB",
+    config_overrides: dict[str, Any] | None = None,
+    vae_config: dict[str, Any] | None = None,
 ) -> Path:
     """Write a diffusers pipeline folder for :class:`OpenSoraPipeline`: ``transformer/``, ``scheduler/``, and
     ``vae/`` / ``text_encoder`` + ``tokenizer`` (T5) / ``text_encoder_2`` + ``tokenizer_2`` (CLIP) when given.
@@ -485,13 +487,17 @@ def convert_opensora_v2_to_diffusers(
     import diffusers
 
     out = Path(output_dir)
+    _prepare(checkpoint, config_overrides, ())  # validate the layout before creating anything
     out.mkdir(parents=True, exist_ok=True)
-    convert_opensora_checkpoint(checkpoint, out / "transformer", dtype=dtype, max_shard_size=max_shard_size)
+    convert_opensora_checkpoint(checkpoint, out / "transformer", dtype=dtype, max_shard_size=max_shard_size,
+                                config_overrides=config_overrides)
     scheduler_for_opensora().save_pretrained(str(out / "scheduler"))
     index: dict[str, Any] = {
         "_class_name": "OpenSoraPipeline",
         "_diffusers_version": diffusers.__version__,
-        "transformer": ["diffusers_attn", "OpenSoraTransformer3DModel"],
+        # the defining module (it imports ModelMixin, which diffusers needs to find the loading method), as
+        # save_pretrained writes it
+        "transformer": ["diffusers_attn.pipelines.opensora.transformer", "OpenSoraTransformer3DModel"],
         "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
         "vae": [None, None],
         "text_encoder": [None, None],
@@ -500,7 +506,7 @@ def convert_opensora_v2_to_diffusers(
         "tokenizer_2": [None, None],
     }
     if vae is not None:
-        convert_hunyuan_vae(vae, out / "vae", torch_dtype=dtype)
+        convert_hunyuan_vae(vae, out / "vae", vae_config=vae_config, torch_dtype=dtype)
         index["vae"] = ["diffusers", "AutoencoderKLHunyuanVideo"]
     if t5 is not None:
         from transformers import AutoTokenizer, T5EncoderModel
