@@ -150,7 +150,7 @@ class OpenSoraPipeline(DiffusionPipeline):
 
     def _clip(self, prompts: list[str], device, dtype) -> torch.Tensor:
         ids = self.tokenizer_2(
-            prompts, padding="max_length", max_length=self.tokenizer_2.model_max_length, truncation=True,
+            prompts, padding="max_length", max_length=77, truncation=True,  # CLIP-L context
             return_tensors="pt",
         ).input_ids
         return self.text_encoder_2(ids.to(device), output_hidden_states=False).pooler_output.to(dtype=dtype)
@@ -362,7 +362,7 @@ class OpenSoraPipeline(DiffusionPipeline):
             else:
                 neg = None
             negative_prompt_embeds, negative_pooled_prompt_embeds = self.encode_prompt(
-                neg, device, num_videos_per_prompt if neg is not None else 1, negative_prompt_embeds,
+                neg, device, num_videos_per_prompt, negative_prompt_embeds,
                 negative_pooled_prompt_embeds, dtype)
             if negative_prompt_embeds.shape[0] != batch:
                 raise ValueError(f"negative embeddings batch {negative_prompt_embeds.shape[0]} != prompt batch {batch}")
