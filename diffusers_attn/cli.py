@@ -27,7 +27,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
         "built offline (plumbing only: its outputs say nothing about quality).",
     )
     p.add_argument("--model", default="tiny-cogvideox",
-                   help="tiny-cogvideox | tiny-cogvideox-1.5 | tiny-hunyuan | a diffusers hub id or local folder")
+                   help="tiny-cogvideox | tiny-cogvideox-1.5 | tiny-hunyuan | tiny-opensora | a diffusers hub id or local folder")
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--steps", type=int, default=None, help="denoising steps (tiny default 8, else 50)")
