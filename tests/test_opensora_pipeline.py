@@ -180,6 +180,8 @@ def test_bad_inputs_are_clear_errors(spec):
         pipe(**kw, **SMALL, condition_type="v2v_head", image=_image())
     with pytest.raises(ValueError, match="no T5 text_encoder"):
         pipe(prompt="a fox", **SMALL)
+    with pytest.raises(ValueError, match="needs `pooled_prompt_embeds`"):
+        pipe(prompt_embeds=kw["prompt_embeds"], **SMALL)
     with pytest.raises(ValueError, match="output_type"):
         pipe(**kw, **SMALL, output_type="gif")
 

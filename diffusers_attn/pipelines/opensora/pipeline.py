@@ -215,8 +215,8 @@ class OpenSoraPipeline(DiffusionPipeline):
             raise ValueError("provide `prompt` or `prompt_embeds`")
         if prompt is not None and prompt_embeds is not None:
             raise ValueError("provide `prompt` or `prompt_embeds`, not both")
-        if prompt_embeds is not None and pooled_prompt_embeds is None and self.text_encoder_2 is None:
-            raise ValueError("`prompt_embeds` given without `pooled_prompt_embeds` and there is no CLIP encoder")
+        if prompt_embeds is not None and pooled_prompt_embeds is None:
+            raise ValueError("`prompt_embeds` needs `pooled_prompt_embeds` (the CLIP pooled embedding of the same prompt)")
         if height <= 0 or width <= 0:
             raise ValueError(f"height and width must be positive, got {height}x{width}")
         if num_frames < 1 or (num_frames - 1) % self.vae_scale_factor_temporal:
