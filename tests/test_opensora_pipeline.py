@@ -228,3 +228,14 @@ def test_from_original_checkpoint_and_text_encoders(spec, tmp_path):
     assert emb.shape == (1, 512, TXT_DIM) and pooled.shape == (1, POOLED)  # T5 padded to 512, unmasked
     video = pipe("a red fox in snow", **SMALL, output_type="pt", generator=torch.Generator().manual_seed(0)).frames
     assert video.shape == (1, 9, 3, 32, 48) and torch.isfinite(video).all()
+
+
+def test_batching_num_videos_per_prompt_and_two_prompts(spec):
+    pipe = spec.pipe
+    kw = _kw(spec)
+    lat = pipe(**kw, **SMALL, num_videos_per_prompt=2, output_type="latent",
+               generator=torch.Generator().manual_seed(0)).frames
+    assert lat.shape[0] == 2 and not torch.equal(lat[0], lat[1])  # same prompt, different noise
+    two = {k: torch.cat([v, _kw(spec, "a blue cat")[k]]) for k, v in kw.items()}
+    vid = pipe(**two, **SMALL, image=_image(), output_type="pt", generator=torch.Generator().manual_seed(0)).frames
+    assert vid.shape == (2, 9, 3, 32, 48) and torch.isfinite(vid).all()
