@@ -147,3 +147,59 @@ def test_compiled_fullgraph_equals_eager():
     stats = get_attention_stats(model, log=False)
     assert all(torch.equal(a, b) for a, b in zip(outs, eager))
     assert stats.steps == 3 and stats.calls == eager_stats.calls and stats.density < 1.0
+
+
+def _cp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """One rank of the 2-process Ulysses test (spawned; gloo on CPU)."""
+    import os
+
+    import torch.distributed as dist
+
+    from diffusers_attn import get_attention_context
+    from diffusers_attn.parallel import enable_context_parallel
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        for sparsity in (0.0, 0.75):
+            torch.manual_seed(0)
+            model = OpenSoraTransformer3DModel(
+                in_channels=4, out_channels=4, num_layers=1, num_single_layers=1, num_attention_heads=4,
+                attention_head_dim=16, joint_attention_dim=12, pooled_projection_dim=8, axes_dims_rope=(4, 6, 6),
+            ).eval()
+            kw = inputs(batch=2, frames=4, h=8, w=12, text_len=5)  # grid 4 x 4 x 6 = 96 video tokens
+            kw["condition"] = torch.randn(2, 5, 4, 8, 12, generator=torch.Generator().manual_seed(3))
+            apply_rainfusion(model, RainFusionConfig(sparsity=sparsity, arm_threshold=0.0, block_m=16, block_n=16,
+                                                     **SPARSE))
+            ctx = get_attention_context(model)
+            with torch.no_grad():
+                ref = model(**kw).sample
+                ref_dec = {k: v.patterns.copy() for k, v in ctx.last_decisions.items()}
+                enable_context_parallel(model, ulysses_degree=world)
+                out = model(**kw).sample
+                out_nocond = model(**dict(kw, condition=None)).sample
+            dec = {k: (v.patterns.copy(), v.head_offset) for k, v in ctx.last_decisions.items()}
+            torch.save({"ref": ref, "out": out, "out_nocond": out_nocond, "ref_dec": ref_dec, "dec": dec,
+                        "density": ctx.stats.summary().density}, os.path.join(out_dir, f"{sparsity}-rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ulysses_degree2_equals_single_process(tmp_path):
+    """2 gloo processes, Ulysses degree 2: output and per-head patterns equal the single-process run (sparsity 0
+    and 0.75); only video tokens are sharded (text of odd length 5 stays whole)."""
+    import numpy as np
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_cp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True,
+                       start_method="spawn")
+    for sparsity in (0.0, 0.75):
+        for rank in range(2):
+            r = torch.load(tmp_path / f"{sparsity}-rank{rank}.pt", weights_only=False)
+            assert rel_err(r["out"], r["ref"]) <= 1e-5, (sparsity, rank)
+            assert torch.isfinite(r["out_nocond"]).all() and not torch.equal(r["out_nocond"], r["out"])
+            if sparsity > 0:
+                assert r["density"] < 1.0 and r["ref_dec"]
+                for layer, (pat, off) in r["dec"].items():
+                    h = pat.shape[1]
+                    assert off == rank * h
+                    assert np.array_equal(pat, r["ref_dec"][layer][:, off : off + h])

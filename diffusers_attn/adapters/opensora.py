@@ -5,7 +5,8 @@ get image ``hidden_states`` and text ``encoder_hidden_states`` separately; singl
 concatenated sequence, and the text length is the sequence length minus the video tokens of the grid recorded
 by the context hook. RMS qk-norm, then interleaved RoPE on every token (identity on text, whose ids are zero),
 then attention. Latents are (B, C, T, H, W); the grid is (T, H / p, W / p), any size (the block lists cover
-partial blocks, so grids that are not multiples of the block size work).
+partial blocks, so grids that are not multiples of the block size work). Ulysses context parallelism shards
+the video tokens only (:meth:`OpenSoraAdapter.cp_plan`).
 """
 
 from __future__ import annotations
@@ -67,12 +68,29 @@ class OpenSoraAttnProcessor(AcceleratedAttnProcessor):
 
         grid = ctx.require_grid()
         B, N = query.shape[:2]
-        n_video = grid[0] * grid[1] * grid[2]
+        ex = self._exchange(ctx)
+        ranks = ex.size if ex is not None else 1
+        n_video = grid[0] * grid[1] * grid[2] // ranks  # video tokens this rank holds
         text_len = encoder_hidden_states.shape[1] if dual else N - n_video
         q_bhsd = query.transpose(1, 2)
-        if self._exchange(ctx) is not None:
-            raise ValueError("diffusers-attn: context parallelism is not supported for Open-Sora yet")
-        if attention_mask is not None:
+        if ex is not None:
+            if attention_mask is not None:
+                raise ValueError("diffusers-attn: an attention_mask is not supported under context parallelism")
+            from ..parallel import global_to_joint, joint_to_global
+
+            layout = TokenLayout.text_first(grid, text_len)
+            self._check_video_tokens("Open-Sora", layout, N - text_len, ranks)
+            qg, kg, vg = (joint_to_global(ex, x, text_len, True) for x in (query, key, value))
+
+            def dense_global() -> torch.Tensor:
+                return dispatch_attention_fn(qg, kg, vg, backend=self._attention_backend).transpose(1, 2)
+
+            out = self._call_method(
+                qg.transpose(1, 2), kg.transpose(1, 2), vg.transpose(1, 2), ctx=ctx, layout=layout,
+                key_padding_mask=None, exchange=ex, total_heads=attn.heads, dense_fn=dense_global,
+            )
+            out = global_to_joint(ex, out.transpose(1, 2), text_len, True)
+        elif attention_mask is not None:
             self._dense_fallback("attention_mask given (Open-Sora never passes one)", q_bhsd, N - text_len)
             out = dense_bshd()
         elif text_len < 0:
@@ -112,6 +130,22 @@ class OpenSoraAdapter(ModelAdapter):
         from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
         return (FluxAttnProcessor,)
+
+    def cp_plan(self, transformer: torch.nn.Module) -> dict[str, Any]:
+        from diffusers.models._modeling_parallel import ContextParallelInput as In
+        from diffusers.models._modeling_parallel import ContextParallelOutput as Out
+
+        # Video tokens are split where they are embedded (image and condition projections, summed afterwards) and
+        # the video RoPE tables where they are built; text (and its identity RoPE) is never split.
+        plan = {
+            "x_embedder": {0: In(split_dim=1, expected_dims=3, split_output=True)},
+            "pos_embed": {0: In(split_dim=0, expected_dims=2, split_output=True),
+                          1: In(split_dim=0, expected_dims=2, split_output=True)},
+            "proj_out": Out(gather_dim=1, expected_dims=3),
+        }
+        if transformer.cond_embedder is not None:
+            plan["cond_embedder"] = {0: In(split_dim=1, expected_dims=3, split_output=True)}
+        return plan
 
     def latent_grid(self, transformer: torch.nn.Module, bound: dict[str, Any]) -> tuple[int, int, int]:
         return transformer.packed_grid(bound["hidden_states"])

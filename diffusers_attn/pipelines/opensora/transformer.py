@@ -147,7 +147,8 @@ class OpenSoraTransformer3DModel(ModelMixin, ConfigMixin, AttentionMixin, PeftAd
         x = self.x_embedder(pack_latents(hidden_states, p))
         if self.cond_embedder is not None:
             if condition is None:
-                cond_packed = x.new_zeros(B, x.shape[1], self.cond_embedder.in_features)
+                # full token count, not x.shape[1]: under context parallelism x is already this rank's shard
+                cond_packed = x.new_zeros(B, grid[0] * grid[1] * grid[2], self.cond_embedder.in_features)
             else:
                 expected = (B, self.config.in_channels + 1, *hidden_states.shape[2:])
                 if tuple(condition.shape) != expected:
@@ -161,9 +162,15 @@ class OpenSoraTransformer3DModel(ModelMixin, ConfigMixin, AttentionMixin, PeftAd
         temb = self.time_text_embed(timestep, pooled_projections.to(x.dtype))
         encoder_hidden_states = self.context_embedder(encoder_hidden_states.to(x.dtype))
 
-        txt_ids = torch.zeros(encoder_hidden_states.shape[1], 3, device=x.device)
-        ids = torch.cat([txt_ids, video_ids(grid, x.device)], dim=0)
-        image_rotary_emb = self.pos_embed(ids)
+        # Text ids are all zero, so RoPE is the identity there (cos 1, sin 0, exactly what FluxPosEmbed gives for
+        # id 0). Building the text part directly keeps pos_embed video-only, so a context-parallel plan can shard
+        # its output together with the video tokens.
+        vid_cos, vid_sin = self.pos_embed(video_ids(grid, x.device))
+        n_txt = encoder_hidden_states.shape[1]
+        image_rotary_emb = (
+            torch.cat([vid_cos.new_ones(n_txt, vid_cos.shape[1]), vid_cos], dim=0),
+            torch.cat([vid_sin.new_zeros(n_txt, vid_sin.shape[1]), vid_sin], dim=0),
+        )
 
         for block in self.transformer_blocks:
             if torch.is_grad_enabled() and self.gradient_checkpointing:
