@@ -203,3 +203,12 @@ def test_ulysses_degree2_equals_single_process(tmp_path):
                     h = pat.shape[1]
                     assert off == rank * h
                     assert np.array_equal(pat, r["ref_dec"][layer][:, off : off + h])
+
+
+def test_context_parallel_uneven_video_split_is_a_clear_error():
+    from types import SimpleNamespace
+
+    model = make()
+    model._parallel_config = SimpleNamespace(context_parallel_config=SimpleNamespace(ulysses_degree=2, ring_degree=1))
+    with pytest.raises(ValueError, match=r"grid \(3, 3, 5\) has 45 tokens.*multiple of 2"):
+        run(model, inputs(frames=3, h=6, w=10))

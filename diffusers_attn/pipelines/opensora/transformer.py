@@ -130,6 +130,19 @@ class OpenSoraTransformer3DModel(ModelMixin, ConfigMixin, AttentionMixin, PeftAd
             raise ValueError(f"latent height/width ({h}, {w}) must be multiples of patch_size={p}")
         return (t, h // p, w // p)
 
+    def _check_context_parallel(self, grid: tuple[int, int, int]) -> None:
+        """Under context parallelism the video tokens are split evenly: say so before diffusers asserts."""
+        cp = getattr(getattr(self, "_parallel_config", None), "context_parallel_config", None)
+        if cp is None:
+            return
+        degree = int(cp.ulysses_degree or 1) * int(cp.ring_degree or 1)
+        n = grid[0] * grid[1] * grid[2]
+        if n % degree:
+            raise ValueError(
+                f"context parallelism over {degree} ranks needs the video token count to divide evenly: grid {grid} "
+                f"has {n} tokens; choose frames/height/width so that T * (H/16) * (W/16) is a multiple of {degree}"
+            )
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -143,6 +156,7 @@ class OpenSoraTransformer3DModel(ModelMixin, ConfigMixin, AttentionMixin, PeftAd
         """Velocity for latents ``hidden_states`` at flow time ``timestep`` (sigma in [0, 1], one per sample)."""
         p = self.config.patch_size
         grid = self.packed_grid(hidden_states)
+        self._check_context_parallel(grid)
         B = hidden_states.shape[0]
         x = self.x_embedder(pack_latents(hidden_states, p))
         if self.cond_embedder is not None:
