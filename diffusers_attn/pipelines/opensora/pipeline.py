@@ -210,13 +210,15 @@ class OpenSoraPipeline(DiffusionPipeline):
 
     # ------------------------------------------------------------------ checks
     def check_inputs(self, prompt, prompt_embeds, pooled_prompt_embeds, height, width, num_frames, condition_type,
-                     image, output_type, callback_on_step_end_tensor_inputs) -> None:
+                     image, output_type, callback_on_step_end_tensor_inputs, num_inference_steps=1) -> None:
         if prompt is None and prompt_embeds is None:
             raise ValueError("provide `prompt` or `prompt_embeds`")
         if prompt is not None and prompt_embeds is not None:
             raise ValueError("provide `prompt` or `prompt_embeds`, not both")
         if prompt_embeds is not None and pooled_prompt_embeds is None:
             raise ValueError("`prompt_embeds` needs `pooled_prompt_embeds` (the CLIP pooled embedding of the same prompt)")
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         if height <= 0 or width <= 0:
             raise ValueError(f"height and width must be positive, got {height}x{width}")
         if num_frames < 1 or (num_frames - 1) % self.vae_scale_factor_temporal:
@@ -332,7 +334,7 @@ class OpenSoraPipeline(DiffusionPipeline):
             height, width = height or h_def, width or w_def
         height, width = int(math.ceil(height / 16) * 16), int(math.ceil(width / 16) * 16)
         self.check_inputs(prompt, prompt_embeds, pooled_prompt_embeds, height, width, num_frames, condition_type,
-                          image, output_type, callback_on_step_end_tensor_inputs)
+                          image, output_type, callback_on_step_end_tensor_inputs, num_inference_steps)
         self._guidance_scale = guidance_scale
         self._attention_kwargs = attention_kwargs
         self._interrupt = False
@@ -390,6 +392,12 @@ class OpenSoraPipeline(DiffusionPipeline):
         # 4. schedule: linspace(1, 0, N+1)[:-1] with the linear shift alpha (scheduler appends the final 0)
         p = self.transformer.config.patch_size
         alpha = shift_alpha((h_lat // p) * (w_lat // p), t_lat)
+        sc = self.scheduler.config
+        if not sc.get("use_dynamic_shifting", False) or sc.get("time_shift_type", "exponential") != "linear":
+            logger.warning(
+                "OpenSoraPipeline: the scheduler is not FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, "
+                "time_shift_type='linear'), so the reference shift alpha=%.3f is not applied as in Open-Sora", alpha
+            )
         self.scheduler.set_timesteps(sigmas=np.linspace(1.0, 0.0, num_inference_steps + 1)[:-1], mu=alpha,
                                      device=device)
         timesteps = self.scheduler.timesteps
