@@ -11,7 +11,6 @@ from .install import get_attention_stats, remove_attention_acceleration, reset_a
 from .layout import TokenLayout
 from .processors.rainfusion import RainFusionConfig, RainFusionMethod, apply_rainfusion
 from .stats import AttentionStats
-from .pipelines.opensora import OpenSoraPipeline, OpenSoraTransformer3DModel
 
 __version__ = "0.1.0"
 
@@ -34,3 +33,13 @@ __all__ = [
     "OpenSoraPipeline",
     "OpenSoraTransformer3DModel",
 ]
+
+_LAZY = {"OpenSoraPipeline", "OpenSoraTransformer3DModel"}  # imported on first use: the pipeline stack is slow to load
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        from .pipelines import opensora
+
+        return getattr(opensora, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
