@@ -4,6 +4,8 @@ RainFusion, bf16 on GPU.
     python benchmarks/step_e2e.py                                  # CogVideoX-5B 49x480x720, HunyuanVideo 129x720x1280
     python benchmarks/step_e2e.py --models hunyuan-720p --frames 65  # fewer frames if memory needs it (stated)
     python benchmarks/step_e2e.py --smoke                          # tiny configs on CPU: checks the script only
+    python benchmarks/step_e2e.py --models opensora-256px opensora-768px  # Open-Sora 2.0 (11.9B), 129 frames
+    python benchmarks/step_e2e.py --models opensora-256px --reduced-opensora --frames 33  # CPU: 2 heads, 1+1 layers
 
 Random weights have no attention structure, so ARM at its default threshold keeps most heads dense; the step is
 therefore also timed with ``arm_threshold=0`` (every head takes its best sparse pattern), which is what a step
@@ -35,7 +37,37 @@ COGVIDEOX_5B = dict(  # THUDM/CogVideoX-5b transformer/config.json
 )
 
 
-def build(name, frames, device, dtype, smoke):
+OPENSORA_LATENT = {"opensora-256px": (24, 42), "opensora-768px": (72, 128)}  # 16:9, spec opensora.md 4.3
+
+
+def _build_opensora(name, frames, device, smoke, reduced):
+    """Open-Sora 2.0 (hpcai-tech/Open-Sora-v2 release config, 11.9B) at 256px / 768px 16:9."""
+    from diffusers_attn import OpenSoraTransformer3DModel
+
+    lat_f = (frames - 1) // 4 + 1
+    lat_h, lat_w = OPENSORA_LATENT[name]
+    cfg, text_len = {}, 512
+    if smoke:
+        cfg = dict(num_layers=1, num_single_layers=1, num_attention_heads=2, attention_head_dim=64,
+                   joint_attention_dim=32, pooled_projection_dim=16, axes_dims_rope=(16, 24, 24))
+        lat_f, lat_h, lat_w, text_len = 5, 16, 16, 16
+    elif reduced:  # head_dim 128 and the real 512-token text, but 2 heads, 1+1 layers: what a shared CPU can time
+        cfg = dict(num_layers=1, num_single_layers=1, num_attention_heads=2)
+    model = OpenSoraTransformer3DModel(**cfg).eval()
+    c = model.config
+    kwargs = dict(
+        hidden_states=torch.randn(1, c.in_channels, lat_f, lat_h, lat_w),
+        encoder_hidden_states=torch.randn(1, text_len, c.joint_attention_dim),
+        pooled_projections=torch.randn(1, c.pooled_projection_dim),
+        timestep=torch.tensor([0.5], device=device),
+    )
+    n = lat_f * (lat_h // 2) * (lat_w // 2)
+    layers = f"{c.num_layers}+{c.num_single_layers} layers" if (smoke or reduced) else "19+38 layers"
+    desc = f"{frames} frames -> latent {lat_f}x{lat_h}x{lat_w}, {n + text_len} tokens ({n} video + {text_len} text), {layers}"
+    return model, kwargs, desc
+
+
+def build(name, frames, device, dtype, smoke, reduced=False):
     """(model, forward kwargs, description)."""
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # build directly in the target dtype: a 13B fp32 copy would not fit
@@ -62,6 +94,8 @@ def build(name, frames, device, dtype, smoke):
                     image_rotary_emb=(cos.to(dtype), sin.to(dtype)),
                 )
                 desc = f"{frames} frames -> latent {lat_f}x{lat_h}x{lat_w}, {lat_f * gh * gw + text_len} tokens"
+            elif name.startswith("opensora"):
+                model, kwargs, desc = _build_opensora(name, frames, device, smoke, reduced)
             else:
                 from diffusers import HunyuanVideoTransformer3DModel
 
@@ -92,7 +126,7 @@ def build(name, frames, device, dtype, smoke):
 
 def run(name, args, device, dtype, timing):
     frames = args.frames or (49 if name == "cogvideox-5b" else 129)
-    model, kwargs, desc = build(name, frames, device, dtype, args.smoke)
+    model, kwargs, desc = build(name, frames, device, dtype, args.smoke, getattr(args, "reduced_opensora", False))
     if args.smoke:
         desc = "SMOKE (tiny config, CPU; numbers meaningless): " + desc.split("-> ", 1)[1]
     params = sum(p.numel() for p in model.parameters())
@@ -106,7 +140,7 @@ def run(name, args, device, dtype, timing):
     out["rows"].append({"path": "dense (stock processors)", **t})
     for thr in (args.arm_threshold, 0.0):
         cfg = RainFusionConfig(sparsity=args.sparsity, dense_steps=0, dense_layers=1, arm_threshold=thr,
-                               min_video_tokens=0 if args.smoke else 4096,
+                               min_video_tokens=0 if args.smoke or args.reduced_opensora else 4096,
                                block_m=32 if args.smoke else 128, block_n=32 if args.smoke else 64)
         apply_rainfusion(model, cfg)
         ts = timeit(step, **timing)
@@ -125,7 +159,7 @@ def run(name, args, device, dtype, timing):
             if cfg:
                 apply_rainfusion(model, RainFusionConfig(
                     sparsity=args.sparsity, dense_steps=0, dense_layers=1, arm_threshold=args.arm_threshold,
-                    min_video_tokens=0 if args.smoke else 4096, block_m=32 if args.smoke else 128,
+                    min_video_tokens=0 if args.smoke or args.reduced_opensora else 4096, block_m=32 if args.smoke else 128,
                     block_n=32 if args.smoke else 64))
             torch._dynamo.reset()
             compiled = torch.compile(model, fullgraph=True)
@@ -158,11 +192,16 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true",
                    help="also time torch.compile'd steps (dense and RainFusion at --arm-threshold), fullgraph")
     p.add_argument("--smoke", action="store_true", help="tiny configs on CPU: checks the script, numbers meaningless")
+    p.add_argument("--reduced-opensora", action="store_true",
+                   help="Open-Sora with 2 heads x 128 and 1+1 layers (real latent grid and 512 text tokens), fp32 "
+                        "on CPU (state it when reporting)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.smoke:
         device, dtype = torch.device("cpu"), torch.float32
         args.repeats, args.warmup = 1, 0
+    elif args.reduced_opensora and not torch.cuda.is_available():
+        device, dtype = torch.device("cpu"), torch.float32
     else:
         if not torch.cuda.is_available():
             sys.exit("no CUDA device: use --smoke to check the script on CPU")

@@ -30,4 +30,16 @@ __all__ = [
     "remove_attention_acceleration",
     "reset_attention_stats",
     "supported_transformers",
+    "OpenSoraPipeline",
+    "OpenSoraTransformer3DModel",
 ]
+
+_LAZY = {"OpenSoraPipeline", "OpenSoraTransformer3DModel"}  # imported on first use: the pipeline stack is slow to load
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        from .pipelines import opensora
+
+        return getattr(opensora, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -27,7 +27,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
         "built offline (plumbing only: its outputs say nothing about quality).",
     )
     p.add_argument("--model", default="tiny-cogvideox",
-                   help="tiny-cogvideox | tiny-cogvideox-1.5 | tiny-hunyuan | a diffusers hub id or local folder")
+                   help="tiny-cogvideox | tiny-cogvideox-1.5 | tiny-hunyuan | tiny-opensora | a diffusers hub id or local folder")
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--steps", type=int, default=None, help="denoising steps (tiny default 8, else 50)")
@@ -129,11 +129,54 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_convert_opensora(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "convert-opensora",
+        help="convert Open_Sora_v2.safetensors to a diffusers OpenSoraPipeline folder",
+        description="Convert the official Open-Sora 2.0 MMDiT checkpoint (streamed tensor by tensor) into "
+        "ORIGINAL -> OUTDIR/transformer, plus scheduler/ and model_index.json; --vae, --t5 and --clip add those "
+        "components (e.g. from a local copy of hpcai-tech/Open-Sora-v2). Load with "
+        "OpenSoraPipeline.from_pretrained(OUTDIR, ...), passing any component left out.",
+    )
+    p.add_argument("original", help="path of Open_Sora_v2.safetensors")
+    p.add_argument("outdir", help="output folder (created)")
+    p.add_argument("--vae", default=None, help="hunyuan_vae.safetensors (loaded strictly into AutoencoderKLHunyuanVideo)")
+    p.add_argument("--t5", default=None, help="folder or hub id of google/t5-v1_1-xxl (tokenizer + encoder)")
+    p.add_argument("--clip", default=None, help="folder or hub id of openai/clip-vit-large-patch14")
+    p.add_argument("--dtype", default="keep", choices=["keep", "bf16", "fp16", "fp32"],
+                   help="weight dtype to write (default: as stored, bf16 in the release)")
+    p.add_argument("--max-shard-size", default="5GB")
+    p.add_argument("--axes-dims-rope", type=int, nargs=3, default=None, metavar=("T", "H", "W"),
+                   help="RoPE dims per axis; only for head dims other than the release's 128 (16 56 56)")
+    p.set_defaults(func=_cmd_convert_opensora)
+
+
+def _cmd_convert_opensora(args: argparse.Namespace) -> int:
+    import torch
+
+    from .pipelines.opensora.convert import convert_opensora_v2_to_diffusers
+
+    dtype = {"keep": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    out = convert_opensora_v2_to_diffusers(
+        args.original, args.outdir, vae=args.vae, t5=args.t5, clip=args.clip, dtype=dtype,
+        max_shard_size=args.max_shard_size,
+        config_overrides={"axes_dims_rope": tuple(args.axes_dims_rope)} if args.axes_dims_rope else None,
+    )
+    missing = [name for name, given in (("vae", args.vae), ("text encoder (T5)", args.t5),
+                                        ("text encoder 2 (CLIP)", args.clip)) if not given]
+    print(f"wrote {out}")
+    if missing:
+        print(f"not included (pass them to OpenSoraPipeline.from_pretrained or rerun with the option): "
+              f"{', '.join(missing)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffusers-attn", description="faster attention for diffusers pipelines")
     parser.add_argument("-v", "--verbose", action="store_true", help="INFO logging")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_compare(sub)
+    _add_convert_opensora(sub)
     return parser
 
 

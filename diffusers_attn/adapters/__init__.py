@@ -7,8 +7,9 @@ import torch
 from .base import AcceleratedAttnProcessor, ModelAdapter
 from .cogvideox import CogVideoXAdapter, CogVideoXAttnProcessor
 from .hunyuan_video import HunyuanVideoAdapter, HunyuanVideoAttnProcessor
+from .opensora import OpenSoraAdapter, OpenSoraAttnProcessor
 
-_ADAPTERS: list[ModelAdapter] = [CogVideoXAdapter(), HunyuanVideoAdapter()]
+_ADAPTERS: list[ModelAdapter] = [CogVideoXAdapter(), HunyuanVideoAdapter(), OpenSoraAdapter()]
 
 
 def register_adapter(adapter: ModelAdapter) -> None:
@@ -39,6 +40,8 @@ __all__ = [
     "CogVideoXAttnProcessor",
     "HunyuanVideoAdapter",
     "HunyuanVideoAttnProcessor",
+    "OpenSoraAdapter",
+    "OpenSoraAttnProcessor",
     "get_adapter",
     "register_adapter",
     "supported_transformers",

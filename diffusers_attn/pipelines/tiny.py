@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-TINY_MODELS = ("tiny-cogvideox", "tiny-cogvideox-1.5", "tiny-hunyuan")
+TINY_MODELS = ("tiny-cogvideox", "tiny-cogvideox-1.5", "tiny-hunyuan", "tiny-opensora")
 
 
 @dataclass
@@ -21,7 +21,7 @@ class TinyPipelineSpec:
     """A built tiny pipeline plus what is needed to call it without a text encoder."""
 
     pipe: Any
-    family: str  # "cogvideox" | "hunyuan_video"
+    family: str  # "cogvideox" | "hunyuan_video" | "opensora"
     text_len: int
     text_dim: int
     pooled_dim: int = 0
@@ -34,6 +34,10 @@ class TinyPipelineSpec:
             neg, _ = prompt_embeddings(negative_prompt or "", self.text_len, self.text_dim)
             return {"prompt_embeds": emb, "negative_prompt_embeds": neg}
         pooled = pooled_embedding(prompt, self.pooled_dim)
+        if self.family == "opensora":  # T5 states are attended unmasked; negative defaults to the empty prompt
+            nemb, _ = prompt_embeddings(negative_prompt or "", self.text_len, self.text_dim)
+            return {"prompt_embeds": emb, "pooled_prompt_embeds": pooled, "negative_prompt_embeds": nemb,
+                    "negative_pooled_prompt_embeds": pooled_embedding(negative_prompt or "", self.pooled_dim)}
         kw = {"prompt_embeds": emb, "pooled_prompt_embeds": pooled, "prompt_attention_mask": mask}
         if negative_prompt is not None:
             nemb, nmask = prompt_embeddings(negative_prompt, self.text_len, self.text_dim)
@@ -188,6 +192,35 @@ def build_tiny_hunyuan(seed: int = 0, *, num_layers: int = 1, num_single_layers:
     )
 
 
+def build_tiny_opensora(seed: int = 0, *, num_layers: int = 1, num_single_layers: int = 1) -> TinyPipelineSpec:
+    """An Open-Sora 2.0 pipeline: a 2-head x 16 :class:`OpenSoraTransformer3DModel` (double + single stream,
+    (t, h, w) RoPE) and an 8-channel HunyuanVideo VAE; the real scheduler configuration."""
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    from .opensora import OpenSoraPipeline, OpenSoraTransformer3DModel
+    from .opensora.convert import scheduler_for_opensora
+
+    torch.manual_seed(seed)
+    text_len, text_dim, pooled_dim = 16, 32, 16
+    transformer = OpenSoraTransformer3DModel(
+        in_channels=4, out_channels=4, patch_size=2, num_layers=num_layers, num_single_layers=num_single_layers,
+        num_attention_heads=2, attention_head_dim=16, joint_attention_dim=text_dim, pooled_projection_dim=pooled_dim,
+        axes_dims_rope=(4, 6, 6),
+    )
+    vae = AutoencoderKLHunyuanVideo(
+        in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=("HunyuanVideoDownBlock3D",) * 4, up_block_types=("HunyuanVideoUpBlock3D",) * 4,
+        block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4, spatial_compression_ratio=8,
+        temporal_compression_ratio=4, mid_block_add_attention=True,
+    )
+    pipe = OpenSoraPipeline(transformer=transformer, scheduler=scheduler_for_opensora(), vae=vae)
+    pipe.set_progress_bar_config(disable=True)
+    return TinyPipelineSpec(
+        pipe, "opensora", text_len, text_dim, pooled_dim,
+        defaults={"height": 128, "width": 128, "num_frames": 17, "num_inference_steps": 8, "guidance_scale": 6.0},
+    )
+
+
 def build_tiny_pipeline(name: str, seed: int = 0) -> TinyPipelineSpec:
     """Build one of :data:`TINY_MODELS`."""
     if name == "tiny-cogvideox":
@@ -196,4 +229,6 @@ def build_tiny_pipeline(name: str, seed: int = 0) -> TinyPipelineSpec:
         return build_tiny_cogvideox(seed, "1.5")
     if name == "tiny-hunyuan":
         return build_tiny_hunyuan(seed)
+    if name == "tiny-opensora":
+        return build_tiny_opensora(seed)
     raise ValueError(f"unknown tiny model {name!r}; available: {', '.join(TINY_MODELS)}")

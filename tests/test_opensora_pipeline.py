@@ -1,0 +1,241 @@
+"""OpenSoraPipeline end to end on tiny components (t2v, i2v), its sampler against the reference rules, loading."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import rel_err
+from diffusers_attn import OpenSoraPipeline
+from diffusers_attn.pipelines.opensora.pipeline import add_prompt_suffix, resolution_to_size
+from diffusers_attn.pipelines.tiny import build_tiny_opensora
+
+SMALL = dict(height=32, width=48, num_frames=9, num_inference_steps=3)
+
+
+@pytest.fixture(scope="module")
+def spec():
+    return build_tiny_opensora()
+
+
+def _kw(spec, prompt="a red fox in snow"):
+    return spec.prompt_kwargs(prompt)
+
+
+def _image(seed=0, h=40, w=56):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(1, 3, h, w, generator=g)  # [0, 1] tensor image, resize-cropped by the pipeline
+
+
+def test_t2v_end_to_end_output_types(spec):
+    pipe = spec.pipe
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    pt = pipe(**_kw(spec), **SMALL, output_type="pt", generator=g()).frames
+    assert pt.shape == (1, 9, 3, 32, 48) and torch.isfinite(pt).all()
+    np_out = pipe(**_kw(spec), **SMALL, output_type="np", generator=g()).frames
+    assert np_out.shape == (1, 9, 32, 48, 3)
+    np.testing.assert_allclose(np_out, pt.permute(0, 1, 3, 4, 2).numpy(), atol=1e-6)
+    pil = pipe(**_kw(spec), **SMALL, output_type="pil", generator=g()).frames
+    assert len(pil[0]) == 9 and pil[0][0].size == (48, 32)
+    lat = pipe(**_kw(spec), **SMALL, output_type="latent", generator=g()).frames
+    assert lat.shape == (1, 4, 3, 4, 6)
+    # height/width are rounded up to multiples of 16
+    assert pipe(**_kw(spec), **dict(SMALL, height=30, width=40), output_type="latent", generator=g()).frames.shape == (
+        1, 4, 3, 4, 6)
+
+
+def _reference_sigmas(n, h_lat, w_lat, t_lat, p=2):
+    """Spec 4.4: alpha = (m S + b) sqrt(T_lat), the line through (256, 1) and (4096, 3); sigma <- a s / (1 + (a-1) s)."""
+    s_tok = (h_lat // p) * (w_lat // p)
+    m = (3 - 1) / (4096 - 256)
+    alpha = (m * s_tok + (1 - 256 * m)) * math.sqrt(t_lat)
+    s = np.linspace(1, 0, n + 1)
+    return alpha * s / (1 + (alpha - 1) * s), alpha
+
+
+def test_scheduler_sigmas_equal_reference_formula(spec):
+    pipe = spec.pipe
+    seen = {}
+
+    def cb(p, i, t, kw):
+        seen["sigmas"] = p.scheduler.sigmas.clone()
+        return kw
+
+    pipe(**_kw(spec), **dict(SMALL, num_inference_steps=7), output_type="latent", callback_on_step_end=cb)
+    ref, _ = _reference_sigmas(7, 4, 6, 3)
+    np.testing.assert_allclose(seen["sigmas"].double().numpy(), ref, atol=1e-6)
+    # full-size values quoted in the spec: alpha ~ 5.73 (256px 16:9) and ~ 11.87 (768px), 33 latent frames
+    assert abs(_reference_sigmas(1, 24, 42, 33)[1] - 5.73) < 0.01
+    assert abs(_reference_sigmas(1, 72, 128, 33)[1] - 11.87) < 0.01
+    from diffusers_attn.pipelines.opensora.pipeline import reference_sigmas, shift_alpha
+
+    np.testing.assert_allclose(reference_sigmas(50, shift_alpha(12 * 21, 33)), _reference_sigmas(50, 24, 42, 33)[0])
+
+
+def test_resolution_buckets_and_prompt_suffix():
+    assert resolution_to_size("256px", "16:9") == (192, 336)
+    assert resolution_to_size("768px", "16:9") == (576, 1024)
+    assert resolution_to_size("768px", "1:1") == (768, 768)
+    assert add_prompt_suffix("raining, sea", 24, 4) == "raining, sea. 24 FPS. 4 motion score."
+    assert add_prompt_suffix("a cat.", 24, 4) == "a cat. 24 FPS. 4 motion score."
+    with pytest.raises(ValueError, match="resolution must be one of"):
+        resolution_to_size("512px", "1:1")
+
+
+def _manual_sampler(pipe, kw, latents, n_steps, cond=None, g_txt=7.5, g_img=3.0):
+    """The reference denoise loop (I2VDenoiser rules), written against the transformer directly."""
+    tr = pipe.transformer
+    t_lat = latents.shape[2]
+    s_tok = (latents.shape[3] // 2) * (latents.shape[4] // 2)
+    m = 2 / 3840
+    alpha = (m * s_tok + 1 - 256 * m) * math.sqrt(t_lat)
+    s = torch.linspace(1, 0, n_steps + 1, dtype=torch.float64)
+    sig = (alpha * s / (1 + (alpha - 1) * s)).float()
+    pos, neg = (kw["prompt_embeds"], kw["pooled_prompt_embeds"]), (kw["negative_prompt_embeds"],
+                                                                     kw["negative_pooled_prompt_embeds"])
+    x = latents.clone()
+    for i in range(n_steps):
+        osc = i >= 10 and i % 2 == 1
+        tg = 1.0 if osc else g_txt
+        ig = 1.0 if osc else g_img
+        with torch.no_grad():
+            def f(emb, c):
+                return tr(hidden_states=x, encoder_hidden_states=emb[0], pooled_projections=emb[1],
+                          timestep=sig[i].expand(1), condition=c).sample
+            if cond is None:
+                v_pos, v_neg = f(pos, None), f(neg, None)
+                v = v_neg + tg * (v_pos - v_neg)
+            else:
+                v1, v2, v3 = f(pos, cond), f(neg, cond), f(neg, torch.zeros_like(cond))
+                if ig > 1.0:
+                    upper = torch.linspace(ig, 1.0, n_steps + 1)[i]
+                    ig = torch.linspace(1.0, float(upper), t_lat).view(1, 1, -1, 1, 1)
+                v = v3 + ig * (v2 - v3) + tg * (v1 - v2)
+        x = x + (sig[i + 1] - sig[i]) * v
+    return x
+
+
+def test_t2v_sampler_matches_reference_loop(spec):
+    pipe, kw = spec.pipe, _kw(spec)
+    n = 12  # covers the oscillation (steps >= 10, odd)
+    lat0 = torch.randn(1, 4, 3, 4, 6, generator=torch.Generator().manual_seed(5))
+    out = pipe(**kw, **dict(SMALL, num_inference_steps=n), latents=lat0, output_type="latent").frames
+    ref = _manual_sampler(pipe, kw, lat0, n)
+    assert rel_err(out, ref) <= 1e-4
+
+
+def test_i2v_head_sampler_conditioning_and_frame_overwrite(spec):
+    pipe, kw = spec.pipe, _kw(spec)
+    n = 12
+    img = _image()
+    lat0 = torch.randn(1, 4, 3, 4, 6, generator=torch.Generator().manual_seed(6))
+    out = pipe(**kw, **dict(SMALL, num_inference_steps=n), image=img, latents=lat0, output_type="latent",
+               sample_posterior=False).frames
+    # the reference latent: resize-crop to 32x48, [-1, 1], encode one frame, posterior mode, x scaling factor
+    pix = pipe.video_processor.preprocess(img, height=32, width=48, resize_mode="crop").unsqueeze(2)
+    with torch.no_grad():
+        ref_lat = pipe.vae.encode(pix).latent_dist.mode() * pipe.vae.config.scaling_factor
+    cond = torch.zeros(1, 5, 3, 4, 6)
+    cond[:, 0, 0] = 1.0
+    cond[:, 1:, 0] = ref_lat[:, :, 0]
+    ref = _manual_sampler(pipe, kw, lat0, n, cond=cond)
+    ref[:, :, 0] = ref_lat[:, :, 0]
+    assert torch.equal(out[:, :, 0], ref_lat[:, :, 0])
+    assert rel_err(out, ref) <= 1e-4
+    # tail / loop condition the last / both latent frames
+    tail = pipe(**kw, **SMALL, image=img, condition_type="i2v_tail", latents=lat0, output_type="latent",
+                sample_posterior=False).frames
+    assert torch.equal(tail[:, :, -1], ref_lat[:, :, 0]) and not torch.equal(tail[:, :, 0], ref_lat[:, :, 0])
+    loop = pipe(**kw, **SMALL, image=img, condition_type="i2v_loop", latents=lat0, output_type="latent",
+                sample_posterior=False).frames
+    assert torch.equal(loop[:, :, 0], ref_lat[:, :, 0]) and torch.equal(loop[:, :, -1], ref_lat[:, :, 0])
+    video = pipe(**kw, **SMALL, image=img, output_type="pt", generator=torch.Generator().manual_seed(0)).frames
+    assert video.shape == (1, 9, 3, 32, 48) and torch.isfinite(video).all()
+
+
+def test_callback_can_edit_latents_and_counts_steps(spec):
+    pipe, calls = spec.pipe, []
+
+    def cb(p, i, t, kw):
+        calls.append((i, float(t)))
+        return {"latents": torch.zeros_like(kw["latents"])}
+
+    out = pipe(**_kw(spec), **SMALL, output_type="latent", callback_on_step_end=cb,
+               callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"]).frames
+    assert [c[0] for c in calls] == [0, 1, 2] and calls[0][1] == pytest.approx(1000.0)
+    assert torch.equal(out, torch.zeros_like(out))
+    assert pipe.num_timesteps == 3
+
+
+def test_bad_inputs_are_clear_errors(spec):
+    pipe, kw = spec.pipe, _kw(spec)
+    with pytest.raises(ValueError, match="num_frames must be 4k\\+1"):
+        pipe(**kw, **dict(SMALL, num_frames=10))
+    with pytest.raises(ValueError, match="needs an `image`"):
+        pipe(**kw, **SMALL, condition_type="i2v_tail")
+    with pytest.raises(ValueError, match="condition_type must be one of"):
+        pipe(**kw, **SMALL, condition_type="v2v_head", image=_image())
+    with pytest.raises(ValueError, match="no T5 text_encoder"):
+        pipe(prompt="a fox", **SMALL)
+    with pytest.raises(ValueError, match="needs `pooled_prompt_embeds`"):
+        pipe(prompt_embeds=kw["prompt_embeds"], **SMALL)
+    with pytest.raises(ValueError, match="output_type"):
+        pipe(**kw, **SMALL, output_type="gif")
+
+
+def test_save_and_from_pretrained_roundtrip(spec, tmp_path):
+    spec.pipe.save_pretrained(str(tmp_path / "pipe"))
+    loaded = OpenSoraPipeline.from_pretrained(str(tmp_path / "pipe"))
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.text_encoder is None and type(loaded.transformer).__name__ == "OpenSoraTransformer3DModel"
+    g = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    a = spec.pipe(**_kw(spec), **SMALL, output_type="pt", generator=g()).frames
+    b = loaded(**_kw(spec), **SMALL, output_type="pt", generator=g()).frames
+    assert torch.equal(a, b)
+
+
+def test_from_original_checkpoint_and_text_encoders(spec, tmp_path):
+    """Original checkpoint -> pipeline in memory; real (tiny) T5 + CLIP encoders exercise the text path."""
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
+
+    from diffusers_attn.pipelines.tiny import tiny_t5
+    from test_opensora_convert import AXES, POOLED, TXT_DIM, original_state_dict
+
+    path = tmp_path / "Open_Sora_v2.safetensors"
+    save_file(original_state_dict(seed=2), str(path))
+    t5, t5_tok = tiny_t5(TXT_DIM)
+    words = "a red fox in snow motion score fps . 24 4".split()
+    vocab = {"<|pad|>": 0, "<|unk|>": 1, "<|endoftext|>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<|unk|>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    clip_tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<|pad|>", unk_token="<|unk|>",
+                                       eos_token="<|endoftext|>", model_max_length=77)
+    torch.manual_seed(0)
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=POOLED, intermediate_size=2 * POOLED,
+                                        num_hidden_layers=1, num_attention_heads=2, projection_dim=POOLED,
+                                        max_position_embeddings=77, eos_token_id=2)).eval()
+    pipe = OpenSoraPipeline.from_original_checkpoint(
+        path, vae=spec.pipe.vae, text_encoder=t5, tokenizer=t5_tok, text_encoder_2=clip, tokenizer_2=clip_tok,
+        config_overrides={"axes_dims_rope": AXES},
+    )
+    pipe.set_progress_bar_config(disable=True)
+    emb, pooled = pipe.encode_prompt(["a red fox in snow"])
+    assert emb.shape == (1, 512, TXT_DIM) and pooled.shape == (1, POOLED)  # T5 padded to 512, unmasked
+    video = pipe("a red fox in snow", **SMALL, output_type="pt", generator=torch.Generator().manual_seed(0)).frames
+    assert video.shape == (1, 9, 3, 32, 48) and torch.isfinite(video).all()
+
+
+def test_batching_num_videos_per_prompt_and_two_prompts(spec):
+    pipe = spec.pipe
+    kw = _kw(spec)
+    lat = pipe(**kw, **SMALL, num_videos_per_prompt=2, output_type="latent",
+               generator=torch.Generator().manual_seed(0)).frames
+    assert lat.shape[0] == 2 and not torch.equal(lat[0], lat[1])  # same prompt, different noise
+    two = {k: torch.cat([v, _kw(spec, "a blue cat")[k]]) for k, v in kw.items()}
+    vid = pipe(**two, **SMALL, image=_image(), output_type="pt", generator=torch.Generator().manual_seed(0)).frames
+    assert vid.shape == (2, 9, 3, 32, 48) and torch.isfinite(vid).all()
