@@ -91,6 +91,8 @@ class DemoMethod:
         models: Model choices offered first for this method (any hub id / path can still be typed).
         load: ``(model, device, dtype) -> LoadedPipeline``; default :func:`~diffusers_attn.compare.load_pipeline`.
         description: Shown under the dropdown.
+        describe: ``(knob values, loaded pipeline) -> dict``: the full method config, recorded in evaluation
+            manifests (``diffusers-attn eval sample``).
     """
 
     key: str
@@ -102,6 +104,7 @@ class DemoMethod:
     load: Callable[[str, torch.device, torch.dtype], LoadedPipeline] | None = None
     description: str = ""
     defaults: dict[str, Any] = field(default_factory=dict)
+    describe: Callable[[dict[str, Any], LoadedPipeline], dict[str, Any]] | None = None
 
     def validate_knobs(self, values: dict[str, Any]) -> dict[str, Any]:
         return {k.name: k.validate(values.get(k.name, k.default)) for k in self.knobs}
@@ -125,12 +128,12 @@ def get_method(key: str) -> DemoMethod:
         raise DemoInputError(f"unknown method {key!r}; available: {', '.join(METHODS)}") from None
 
 
-def _rainfusion_apply(knobs: dict[str, Any], loaded: LoadedPipeline) -> Callable[[Any], None]:
-    from ..processors.rainfusion import RainFusionConfig, apply_rainfusion
+def _rainfusion_config(knobs: dict[str, Any], loaded: LoadedPipeline):
+    from ..processors.rainfusion import RainFusionConfig
 
     # Same rule as `diffusers-attn compare`: the tiny models need small blocks and no token floor for the sparse
     # path to run at all.
-    config = RainFusionConfig(
+    return RainFusionConfig(
         sparsity=knobs["sparsity"],
         dense_steps=knobs["dense_steps"],
         dense_layers=knobs["dense_layers"],
@@ -139,7 +142,19 @@ def _rainfusion_apply(knobs: dict[str, Any], loaded: LoadedPipeline) -> Callable
         block_m=16 if loaded.tiny else 128,
         block_n=16 if loaded.tiny else 64,
     )
+
+
+def _rainfusion_apply(knobs: dict[str, Any], loaded: LoadedPipeline) -> Callable[[Any], None]:
+    from ..processors.rainfusion import apply_rainfusion
+
+    config = _rainfusion_config(knobs, loaded)
     return lambda pipe: apply_rainfusion(pipe, config)
+
+
+def _rainfusion_describe(knobs: dict[str, Any], loaded: LoadedPipeline) -> dict[str, Any]:
+    import dataclasses
+
+    return dataclasses.asdict(_rainfusion_config(knobs, loaded))
 
 
 def _register_builtin() -> None:
@@ -157,6 +172,7 @@ def _register_builtin() -> None:
                  info="a head keeps its best pattern only if it keeps this share of the sampled mass; else dense"),
         ),
         make_apply=_rainfusion_apply,
+        describe=_rainfusion_describe,
         models=tuple(TINY_MODELS),
         description="Per-head Spatial / Temporal / Textural block-sparse patterns chosen online (ARM).",
     ))
