@@ -104,7 +104,7 @@ def test_pattern_plot_colors_each_head():
                            layers=[layer])
     img = pattern_plot(stats, cell_w=30, cell_h=18)
     img = img[::2, ::2]  # drawn at 2x
-    row = img[34 + 8]  # middle of the first layer row
+    row = img[40 + 8]  # middle of the first layer row
     h0 = row[70:70 + 28]
     assert (h0 == (66, 133, 244)).all(axis=-1).all()  # head 0: all spatial
     h1 = row[100:100 + 28]

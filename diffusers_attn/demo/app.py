@@ -83,7 +83,7 @@ def build_demo(runner: DemoRunner | None = None, *, default_method: str = "rainf
                 prompt = gr.Textbox(label="Prompt", value=DEFAULT_PROMPT, lines=2, elem_id="prompt")
                 negative = gr.Textbox(label="Negative prompt", value="", elem_id="negative_prompt")
                 embeddings = gr.File(label="Prompt embeddings (.pt dict of pipeline kwargs, optional)",
-                                     file_types=[".pt", ".pth"], type="filepath", height=90)
+                                     file_types=[".pt", ".pth"], type="filepath", height=110)
             with gr.Column(scale=1):
                 method = gr.Dropdown(label="Method", choices=[(m.label, m.key) for m in METHODS.values()],
                                      value=default_method, elem_id="method")
@@ -131,7 +131,8 @@ def build_demo(runner: DemoRunner | None = None, *, default_method: str = "rainf
                 accel_caption = gr.Markdown(elem_id="accel-latency")
         summary = gr.Markdown(elem_id="summary")
         with gr.Row():
-            plot = gr.Image(label="Pattern per layer / head", type="numpy", elem_id="pattern-plot")
+            plot = gr.Image(label="Pattern per layer (rows) and head (columns)", type="numpy",
+                            elem_id="pattern-plot")
             metrics = gr.JSON(label="All figures")
         seed_used = gr.Number(label="Seed used", precision=0, interactive=False)
 

@@ -296,12 +296,12 @@ def pattern_plot(stats: AttentionStats, cell_w: int = 30, cell_h: int = 18) -> n
     if not layers:
         return None
     heads = max(len(layer.head_patterns) for layer in layers)
-    left, top, legend_h = 70, 34, 22 * len(PATTERN_COLORS) + 8
+    left, top, legend_h = 70, 40, 22 * len(PATTERN_COLORS) + 8
     width = max(left + heads * cell_w + 10, 360)
     height = top + len(layers) * cell_h + legend_h + 10
     img = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(img)
-    draw.text((4, 4), "attention pattern per layer (rows) and head (columns), share of calls", fill=(0, 0, 0))
+    draw.text((left, 12), "share of calls per pattern", fill=(0, 0, 0))
     for h in range(heads):
         draw.text((left + h * cell_w + 2, top - 13), f"h{h}", fill=(80, 80, 80))
     for r, layer in enumerate(layers):
