@@ -87,7 +87,8 @@ def _fake_weights(tmp_path, seed=0):
     net = AlexLPIPS()
     backbone = {f"features.{k}": torch.randn(v.shape, generator=g) * 0.05 for k, v in net.features.state_dict().items()}
     backbone["classifier.1.weight"] = torch.zeros(2, 2)  # extra torchvision keys are ignored
-    heads = {f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1, generator=g) for i, c in enumerate((64, 192, 384, 256, 256))}
+    heads = {f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1, generator=g)
+             for i, c in enumerate((64, 192, 384, 256, 256))}
     bp, hp = tmp_path / "alexnet-owt-7be5be79.pth", tmp_path / "alex.pth"
     torch.save(backbone, bp)
     torch.save(heads, hp)

@@ -30,7 +30,8 @@ FAKE = textwrap.dedent("""\
     dense = "/dense/" in a.videos_path
     score = (0.5 if dense else 0.45) if a.dimension == "dynamic_degree" else (0.90 if dense else 0.88)
     vids = sorted(os.listdir(a.videos_path))
-    out = {{a.dimension: [score, [{{"video_path": os.path.join(a.videos_path, v), "video_results": score}} for v in vids]]}}
+    per_video = [{{"video_path": os.path.join(a.videos_path, v), "video_results": score}} for v in vids]
+    out = {{a.dimension: [score, per_video]}}
     pathlib.Path(a.output_path, "results_2026-12-02-00:00:00_eval_results.json").write_text(json.dumps(out))
     print("Evaluation results saved")
 """)

@@ -181,7 +181,8 @@ class DemoRunner:
                 logger.exception("demo run failed")
                 raise DemoInputError(f"the run failed: {e.__class__.__name__}: {e}") from None
 
-    def _run(self, req: DemoRequest, method: Any, v: dict[str, Any], report: Callable[[float, str], None]) -> DemoResult:
+    def _run(self, req: DemoRequest, method: Any, v: dict[str, Any],
+             report: Callable[[float, str], None]) -> DemoResult:
         report(0.0, f"loading {req.model}")
         loaded = self._load(method, req.model)
         if req.embeddings_path:

@@ -44,7 +44,8 @@ def _package_file(package: str, *parts: str) -> Path | None:
     return Path(list(spec.submodule_search_locations)[0], *parts)
 
 
-def find_weights(backbone: str | os.PathLike | None = None, heads: str | os.PathLike | None = None) -> tuple[Path, Path]:
+def find_weights(backbone: str | os.PathLike | None = None,
+                 heads: str | os.PathLike | None = None) -> tuple[Path, Path]:
     """Paths of the backbone and heads files; :class:`LPIPSUnavailable` lists what was tried."""
     torch_home = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch"))
     b_cands = [Path(p) for p in (backbone, os.environ.get("DIFFUSERS_ATTN_LPIPS_BACKBONE")) if p]
@@ -86,7 +87,8 @@ class AlexLPIPS(nn.Module):
         self.taps = (1, 4, 7, 9, 11)  # ReLU outputs
 
     @classmethod
-    def from_files(cls, backbone: str | os.PathLike | None = None, heads: str | os.PathLike | None = None) -> "AlexLPIPS":
+    def from_files(cls, backbone: str | os.PathLike | None = None,
+                   heads: str | os.PathLike | None = None) -> "AlexLPIPS":
         b, h = find_weights(backbone, heads)
         net = cls()
         sd = torch.load(b, map_location="cpu", weights_only=True)
