@@ -91,6 +91,16 @@ def test_runner_calls_vbench_per_arm_and_dimension_and_resumes(fake_vbench, samp
     assert "| subject_consistency | 0.9000 | 0.8800 | -0.0200 |" in text
 
 
+def test_standard_mode_on_a_partial_suite_warns(fake_vbench, samples):
+    venv, _ = fake_vbench
+    (samples / "manifest.json").write_text(json.dumps({"arms": ["dense", "rainfusion"], "suite": "quick",
+                                                       "videos_per_prompt": 1}))
+    logs = []
+    vb.run_vbench(samples, ["temporal_flickering"], venv=venv, log=logs.append)
+    assert logs[0].startswith("warning: standard mode expects the full VBench suite with 5 videos per prompt")
+    assert any("--mode vbench_standard" in line for line in logs)
+
+
 def test_custom_mode_rejects_unsupported_dimensions_and_missing_exe(samples, tmp_path):
     with pytest.raises(ValueError, match="custom-input mode supports subject_consistency"):
         vb.run_vbench(samples, ["object_class"], mode="custom", exe=tmp_path / "nope")

@@ -176,6 +176,12 @@ def run_vbench(samples: str | Path, dims: list[str], *, mode: str = "standard", 
         if not manifest.is_file():
             raise FileNotFoundError(f"{samples} has no manifest.json; pass --arms or run `eval sample` first")
         arms = json.loads(manifest.read_text())["arms"]
+    if mode == "standard" and manifest.is_file():
+        m = json.loads(manifest.read_text())
+        if m.get("suite") not in (None, "all") or int(m.get("videos_per_prompt", 5)) < 5:
+            log(f"warning: standard mode expects the full VBench suite with 5 videos per prompt; this run sampled "
+                f"suite {m.get('suite')!r} with {m.get('videos_per_prompt')} per prompt, so VBench will warn about "
+                "missing videos and its scores cover only what was sampled (custom mode avoids this)")
     exe_path = find_vbench(venv, exe)
     out_dir = Path(out) if out else samples / "vbench"
     env = dict(os.environ)
