@@ -228,7 +228,7 @@ def sample(cfg: SampleConfig, *, loader: Callable[..., Any] | None = None,
             record = {
                 "name": name, "prompt": prompt.text, "index": index, "seed": seed, "arm": arm,
                 "dimensions": list(prompt.dimensions), "total_s": res.total_s, "denoise_s": res.denoise_s,
-                "frames_shape": list(u8.shape),
+                "frames_shape": list(u8.shape), "device": str(device),
                 "density": stats.density if stats else 1.0,
                 "video_density": stats.video_density if stats else 1.0,
                 "pattern_histogram": stats.pattern_histogram if stats else {},
