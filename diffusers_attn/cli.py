@@ -171,12 +171,48 @@ def _cmd_convert_opensora(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="Gradio side-by-side page: dense vs accelerated, same seed (needs the [demo] extra)",
+        description="Launch the Gradio side-by-side demo. It binds to 127.0.0.1 unless --host says otherwise; "
+        "--share (a public Gradio link) is an explicit opt-in.",
+    )
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default loopback only)")
+    p.add_argument("--share", action="store_true", help="also open a public share link (off by default)")
+    p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32")
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise RuntimeError('the demo needs Gradio: pip install "diffusers-attn[demo]"') from None
+    from .demo import DemoRunner, launch_demo
+
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    launch_demo(host=args.host, port=args.port, share=args.share, runner=DemoRunner(args.device, args.dtype))
+    return 0
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    from .eval.cli import add_eval_parser
+
+    add_eval_parser(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffusers-attn", description="faster attention for diffusers pipelines")
     parser.add_argument("-v", "--verbose", action="store_true", help="INFO logging")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_compare(sub)
     _add_convert_opensora(sub)
+    _add_demo(sub)
+    _add_eval(sub)
     return parser
 
 

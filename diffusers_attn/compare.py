@@ -141,14 +141,27 @@ def load_pipeline(model: str, device: torch.device, dtype: torch.dtype, seed: in
     return LoadedPipeline(pipe, model, prompt_kwargs, {}, tiny=False)
 
 
-def generate(pipe: Any, kwargs: dict[str, Any], seed: int, device: torch.device) -> RunResult:
-    """One timed generation; ``denoise_s`` ends at the last step's callback (before VAE decode)."""
+def generate(
+    pipe: Any,
+    kwargs: dict[str, Any],
+    seed: int,
+    device: torch.device,
+    on_step: Callable[[int, int], None] | None = None,
+) -> RunResult:
+    """One timed generation; ``denoise_s`` ends at the last step's callback (before VAE decode).
+
+    ``on_step(done, total)`` is called after each denoising step (progress bars; outside the timed region's
+    synchronisation point but inside the run, so keep it cheap).
+    """
     marks: list[float] = []
+    total_steps = int(kwargs.get("num_inference_steps", 0) or 0)
 
     def on_step_end(_pipe, _i, _t, cb_kwargs):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         marks.append(time.perf_counter())
+        if on_step is not None:
+            on_step(len(marks), total_steps)
         return cb_kwargs
 
     gen = torch.Generator(device=device if device.type == "cuda" else "cpu").manual_seed(seed)
@@ -178,21 +191,29 @@ def run_comparison(
     device: torch.device,
     warmup: bool = True,
     note: str | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> ComparisonResult:
-    """Run dense then accelerated with the same seed; the accelerated attention is removed afterwards."""
+    """Run dense then accelerated with the same seed; the accelerated attention is removed afterwards.
+
+    ``progress(phase, done, total)`` reports steps of each phase (``warm-up``, ``dense``, the method name).
+    """
     from .install import get_attention_stats, remove_attention_acceleration
 
     pipe = loaded.pipe
     kwargs = {**loaded.prompt_kwargs(prompt, negative_prompt), **call_kwargs}
     warm_kwargs = {**kwargs, "num_inference_steps": 1}
+
+    def tick(phase: str) -> Callable[[int, int], None] | None:
+        return None if progress is None else (lambda done, total: progress(phase, done, total))
+
     if warmup:
-        generate(pipe, warm_kwargs, seed, device)
-    dense = generate(pipe, kwargs, seed, device)
+        generate(pipe, warm_kwargs, seed, device, on_step=tick("warm-up (dense)"))
+    dense = generate(pipe, kwargs, seed, device, on_step=tick("dense"))
     apply_fn(pipe)
     try:
         if warmup:
-            generate(pipe, warm_kwargs, seed, device)
-        accel = generate(pipe, kwargs, seed, device)
+            generate(pipe, warm_kwargs, seed, device, on_step=tick(f"warm-up ({method_name})"))
+        accel = generate(pipe, kwargs, seed, device, on_step=tick(method_name))
         stats = get_attention_stats(pipe, log=False)
     finally:
         remove_attention_acceleration(pipe)

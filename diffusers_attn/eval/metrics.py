@@ -8,7 +8,9 @@ Conventions (state them with every number):
 * **PSNR**: ``global`` = one MSE over all frames, pixels and channels (default); ``per_frame`` = mean of the
   per-frame PSNRs (higher when error varies over frames). Identical inputs give ``inf``.
 * **SSIM** (Wang et al. 2004): Gaussian 11x11 window, sigma 1.5, K1 = 0.01, K2 = 0.03, valid-region mean
-  (no padding), computed per RGB channel and averaged, then averaged over frames.
+  (no padding), computed per RGB channel and averaged (``color="rgb"``, default) or on BT.601 luma
+  ``Y = 0.299 R + 0.587 G + 0.114 B`` (``color="luma"``), then averaged over frames.
+* **LPIPS** (AlexNet, v0.1 heads, local weights only): :func:`diffusers_attn.eval.lpips.lpips`.
 """
 
 from __future__ import annotations
@@ -65,9 +67,22 @@ def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
     return g / g.sum()
 
 
-def ssim(a: Any, b: Any, *, data_range: float = 1.0, win_size: int = 11, sigma: float = 1.5) -> float:
-    """Mean SSIM (Gaussian window, per channel, averaged over channels and frames)."""
+def to_luma(t: torch.Tensor) -> torch.Tensor:
+    """(F, 1, H, W) BT.601 luma of (F, 3, H, W) RGB frames."""
+    w = torch.tensor([0.299, 0.587, 0.114], dtype=t.dtype, device=t.device).view(1, 3, 1, 1)
+    return (t * w).sum(1, keepdim=True)
+
+
+def ssim(a: Any, b: Any, *, data_range: float = 1.0, win_size: int = 11, sigma: float = 1.5,
+         color: str = "rgb") -> float:
+    """Mean SSIM (Gaussian window; per RGB channel and averaged, or on luma), averaged over frames."""
     ta, tb = _pair(a, b)
+    if color == "luma":
+        if ta.shape[1] != 3:
+            raise ValueError(f"color='luma' needs RGB frames, got {ta.shape[1]} channel(s)")
+        ta, tb = to_luma(ta), to_luma(tb)
+    elif color != "rgb":
+        raise ValueError(f"color must be 'rgb' or 'luma', got {color!r}")
     Fr, C, H, W = ta.shape
     if H < win_size or W < win_size:
         raise ValueError(f"SSIM needs frames of at least {win_size}x{win_size}, got {H}x{W}")

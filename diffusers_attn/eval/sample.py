@@ -1,0 +1,241 @@
+"""Resumable paired sampling of a prompt suite, dense and accelerated with the same seeds.
+
+Layout under the output root (one folder per arm, ``dense`` and the method key)::
+
+    manifest.json                      model, method, config, dense warm-up, seed rule, call settings, versions
+    <arm>/videos/{prompt}-{i}.mp4      VBench's naming scheme (prompt verbatim), for VBench and viewing
+    <arm>/frames/{prompt}-{i}.npz      lossless uint8 frames (F, H, W, 3), key "frames": fidelity is measured here
+    <arm>/records/{prompt}-{i}.json    seed, timings (denoise / total), realized density: written last
+
+A video is finished when its record exists; finished videos are never regenerated and no existing file is ever
+overwritten (each file is written to a temporary name and renamed into place only where no file is). A crash
+therefore loses at most the video in progress. Resuming with a different model, method, config, seeds or call
+settings is refused (use a new output folder); the prompt suite and videos per prompt may grow.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .prompts import Prompt, load_suite, video_name
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+FINGERPRINT_KEYS = ("model", "method", "knobs", "method_config", "base_seed", "call_kwargs", "dtype", "timing_warmup")
+
+
+@dataclass
+class SampleConfig:
+    """What ``diffusers-attn eval sample`` runs.
+
+    Args:
+        model: Built-in tiny model name, diffusers hub id or local folder.
+        out: Output root (see the module docstring).
+        suite: Prompt suite (:func:`~diffusers_attn.eval.prompts.load_suite`): ``quick``, ``all``,
+            ``dimension:NAME``, ``file:PATH``.
+        method: Method key from the method registry (:data:`diffusers_attn.demo.METHODS`).
+        knobs: Method settings (validated by the registry entry).
+        videos_per_prompt: Videos per prompt (VBench uses 5, 25 for temporal_flickering).
+        seed: Base seed; video ``i`` of every prompt uses ``seed + i`` (recorded per video).
+        call: Pipeline call overrides (``num_inference_steps``, ``num_frames``, ``height``, ``width``,
+            ``guidance_scale``).
+        limit: Only the first N prompts of the suite.
+        warmup: One 1-step run per arm before the first timed video (Triton autotune, compile, allocator).
+    """
+
+    model: str
+    out: Path
+    suite: str = "quick"
+    method: str = "rainfusion"
+    knobs: dict[str, Any] = field(default_factory=dict)
+    videos_per_prompt: int = 1
+    seed: int = 0
+    call: dict[str, Any] = field(default_factory=dict)
+    limit: int | None = None
+    warmup: bool = True
+    device: str | None = None
+    dtype: str | None = "auto"
+    fps: int = 8
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> bool:
+    """Write via a temporary file in the same folder and rename into place unless ``path`` exists."""
+    if path.exists():
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        write(tmp_path)
+        if path.exists():  # appeared meanwhile: never overwrite
+            return False
+        os.replace(tmp_path, path)
+        return True
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def _to_uint8(frames: np.ndarray) -> np.ndarray:
+    return (np.clip(frames, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+def _write_mp4(frames_u8: np.ndarray, fps: int) -> Callable[[Path], None]:
+    def write(p: Path) -> None:
+        import imageio
+
+        imageio.mimwrite(p, list(frames_u8), fps=fps, macro_block_size=16, format="FFMPEG")
+
+    return write
+
+
+def _versions() -> dict[str, str]:
+    import diffusers
+
+    from .. import __version__
+
+    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "diffusers_attn": __version__}
+
+
+@dataclass
+class SampleSummary:
+    root: Path
+    generated: int
+    skipped: int
+    arms: tuple[str, str]
+    prompts: int
+
+
+def sample(cfg: SampleConfig, *, loader: Callable[..., Any] | None = None,
+           log: Callable[[str], None] = print) -> SampleSummary:
+    """Generate the missing videos of ``cfg`` (see the module docstring)."""
+    from ..compare import generate, load_pipeline, resolve_device_dtype
+    from ..demo.methods import get_method
+    from ..install import get_attention_stats, remove_attention_acceleration
+    from ..pipelines.tiny import TINY_MODELS
+
+    method = get_method(cfg.method)
+    if method.conditioning != "prompt":
+        raise ValueError(f"method {cfg.method!r} is class-conditioned; eval sample runs text prompt suites")
+    knobs = method.validate_knobs(cfg.knobs)
+    if cfg.videos_per_prompt < 1:
+        raise ValueError(f"videos_per_prompt must be >= 1, got {cfg.videos_per_prompt}")
+    prompts: list[Prompt] = load_suite(cfg.suite)[: cfg.limit] if cfg.limit else load_suite(cfg.suite)
+    prompts = list({p.text: p for p in prompts}.values())  # VBench's list repeats two prompts; one video set each
+    names = [(p, i, video_name(p.text, i)) for p in prompts for i in range(cfg.videos_per_prompt)]  # check first
+    root = Path(cfg.out)
+    arms = ("dense", method.key)
+    device, dtype = resolve_device_dtype(cfg.device, cfg.dtype)
+
+    todo = [(p, i, n) for p, i, n in names if not all((root / a / "records" / f"{n}.json").exists() for a in arms)]
+    skipped = len(names) - len(todo)
+    loaded = None
+
+    def get_loaded():
+        nonlocal loaded
+        if loaded is None:
+            loaded = (loader or (lambda m, d, t: load_pipeline(m, d, t, seed=0)))(cfg.model, device, dtype)
+        return loaded
+
+    # The manifest needs the loaded model's defaults (call settings); a fully finished run never loads it.
+    manifest_path = root / MANIFEST
+    if manifest_path.exists():
+        existing = json.loads(manifest_path.read_text())
+    else:
+        existing = None
+    if not todo:
+        if existing is None:
+            raise ValueError(f"{root}: nothing to do but no {MANIFEST}; is this a sample folder?")
+        log(f"{root}: all {len(names)} videos x {len(arms)} arms already finished")
+        return SampleSummary(root, 0, skipped, arms, len(prompts))
+
+    lp = get_loaded()
+    call = {**lp.defaults, **{k: v for k, v in cfg.call.items() if v is not None}}
+    call.setdefault("num_inference_steps", 50)
+    method_config = method.describe(knobs, lp) if method.describe else knobs
+    manifest = {
+        "format": 1,
+        "model": cfg.model,
+        "tiny_random_weights": cfg.model in TINY_MODELS,
+        "transformer": type(lp.pipe.transformer).__name__,
+        "method": method.key,
+        "knobs": knobs,
+        "method_config": method_config,
+        "dense_warmup": {k: method_config[k] for k in ("dense_steps", "dense_tail_steps", "dense_layers",
+                                                      "skip_layers") if k in method_config},
+        "base_seed": cfg.seed,
+        "seed_rule": "video i of every prompt uses base_seed + i; dense and accelerated share it",
+        "call_kwargs": {k: v for k, v in call.items() if isinstance(v, (int, float, str, bool))},
+        "dtype": str(dtype).replace("torch.", ""),
+        "device": str(device),
+        "timing_warmup": cfg.warmup,
+        "timing": "denoise_s ends at the last step callback, total_s includes VAE decode; "
+                  "a 1-step warm-up per arm and process is excluded" if cfg.warmup else "no warm-up run",
+        "frames": "lossless uint8 npz (F, H, W, 3), key 'frames'; mp4 for VBench/viewing only",
+        "naming": "VBench: {prompt}-{index}.mp4",
+        "suite": cfg.suite,
+        "videos_per_prompt": cfg.videos_per_prompt,
+        "arms": list(arms),
+        "versions": _versions(),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if existing is not None:
+        diff = [k for k in FINGERPRINT_KEYS if json.dumps(existing.get(k), sort_keys=True, default=str)
+                != json.dumps(manifest.get(k), sort_keys=True, default=str)]
+        if diff:
+            raise ValueError(f"{root} was sampled with different settings ({', '.join(diff)}); "
+                             "use a new --out folder (finished videos are never overwritten)")
+    else:
+        root.mkdir(parents=True, exist_ok=True)
+        _atomic_write(manifest_path, lambda p: p.write_text(json.dumps(manifest, indent=2, default=str)))
+
+    apply_fn = method.make_apply(knobs, lp)
+    warmed: set[str] = set()
+    generated = 0
+    for k, (prompt, index, name) in enumerate(todo):
+        seed = cfg.seed + index
+        kwargs = {**lp.prompt_kwargs(prompt.text, None), **call}
+        for arm in arms:
+            rec_path = root / arm / "records" / f"{name}.json"
+            if rec_path.exists():
+                continue
+            accelerated = arm != "dense"
+            if accelerated:
+                apply_fn(lp.pipe)
+            try:
+                if cfg.warmup and arm not in warmed:
+                    generate(lp.pipe, {**kwargs, "num_inference_steps": 1}, seed, device)
+                    warmed.add(arm)
+                res = generate(lp.pipe, kwargs, seed, device)
+                stats = get_attention_stats(lp.pipe, log=False) if accelerated else None
+            finally:
+                if accelerated:
+                    remove_attention_acceleration(lp.pipe)
+            u8 = _to_uint8(res.frames)
+            _atomic_write(root / arm / "frames" / f"{name}.npz", lambda p: np.savez_compressed(p, frames=u8))
+            _atomic_write(root / arm / "videos" / f"{name}.mp4", _write_mp4(u8, cfg.fps))
+            record = {
+                "name": name, "prompt": prompt.text, "index": index, "seed": seed, "arm": arm,
+                "dimensions": list(prompt.dimensions), "total_s": res.total_s, "denoise_s": res.denoise_s,
+                "frames_shape": list(u8.shape), "device": str(device),
+                "density": stats.density if stats else 1.0,
+                "video_density": stats.video_density if stats else 1.0,
+                "pattern_histogram": stats.pattern_histogram if stats else {},
+                "dense_fallbacks": stats.dense_fallbacks if stats else {},
+                "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            }
+            _atomic_write(rec_path, lambda p: p.write_text(json.dumps(record, indent=2)))
+            generated += 1
+        log(f"[{skipped + k + 1}/{len(names)}] {name}")
+    return SampleSummary(root, generated, skipped, arms, len(prompts))
