@@ -5,7 +5,8 @@ and bouncing off the borders, on a zero background. Training is DDPM epsilon pre
 FEAT; the learned-sigma channels are left untrained here). Every ``--ckpt-every`` steps the script saves a
 checkpoint (``save_pretrained``), samples a few clips with DDIM (x0 clipped to the data range [-3, 3]) and
 reports their distance to the data: the mean over samples of the MSE to the nearest of 512 fresh real clips
-(lower is better; pure noise scores ~1).
+(lower is better; pure noise scores ~1; ``zeros_nn_mse`` in the log is the score of an all-background clip,
+the bar samples must beat to show any squares).
 
 This shows the loss falling and the sample distance shrinking; it is not a reproduction of the paper's FVD.
 
@@ -139,6 +140,8 @@ def main(argv=None) -> dict:
             model.train()
     noise_nn = nn_mse(torch.randn(8, args.frames, args.channels, args.size, args.size), real)
     log["noise_nn_mse"] = noise_nn
+    # an all-background clip: the score of a model that learned only "mostly zeros" (compare samples to it)
+    log["zeros_nn_mse"] = nn_mse(torch.zeros(1, args.frames, args.channels, args.size, args.size), real)
     with open(os.path.join(args.out, "log.json"), "w") as f:
         json.dump(log, f, indent=2)
     return log
