@@ -108,19 +108,19 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.mark.parametrize(
-    "T,C,delta,decay,normalise,dtype,tol",
+    "T,C,delta,decay,normalise,dtype,tol,chunk",
     [
-        (7, 5, 0, 5.0, True, torch.float32, 1e-5),
-        (20, 20, 1, -3.0, True, torch.float32, 1e-5),
-        (40, 70, 0, 2.0, False, torch.float32, 2e-5),  # unnormalised: |w| T ~ 80, two channel blocks
-        (16, 8, 1, 1.0, True, torch.float16, 2e-3),
+        (7, 5, 0, 5.0, True, torch.float32, 1e-5, None),  # one chunk
+        (37, 20, 1, -3.0, True, torch.float32, 1e-5, 8),  # 5 chunks, the last one partial
+        (30, 70, 0, 2.0, False, torch.float32, 2e-5, 7),  # unnormalised (|w| T ~ 60), two channel blocks
+        (16, 8, 1, 1.0, True, torch.float16, 2e-3, 4),
     ],
 )
-def test_triton_forward_backward_match_reference(T, C, delta, decay, normalise, dtype, tol):
+def test_triton_forward_backward_match_reference(T, C, delta, decay, normalise, dtype, tol, chunk):
     k, v, w, u = make(2, T, C, decay, seed=T + C, dtype=torch.float32, normalise=normalise)
     g = torch.randn(2, T, C, generator=torch.Generator().manual_seed(1))
     ours = [x.to(DEV, dtype).clone().requires_grad_() for x in (k, v, w, u)]
-    y = biwkv(*ours, delta=delta, backend="triton")
+    y = biwkv(*ours, delta=delta, backend="triton", chunk=chunk)
     assert y.dtype == dtype and y.shape == (2, T, C)
     (y.float() * g.to(DEV)).sum().backward()
     ref = [x.to(dtype).double().detach().clone().requires_grad_() for x in (k, v, w, u)]

@@ -151,3 +151,15 @@ def test_bad_inputs():
         m(torch.randn(1, 2, 4, 7, 8), torch.tensor([1]))
     with pytest.raises(ValueError, match="latent channels"):
         m(torch.randn(1, 2, 3, 8, 8), torch.tensor([1]))
+
+
+def test_triton_wkv_backend_matches_cumsum():
+    pytest.importorskip("triton")
+    m = tiny()
+    randomize_zero_inits(m)
+    x = torch.randn(1, 3, 4, 4, 4)
+    ref = m(x, torch.tensor([7])).sample
+    for mod in m.modules():
+        if hasattr(mod, "backend") and hasattr(mod, "recurrence"):
+            mod.backend = "triton"
+    assert rel_err(m(x, torch.tensor([7])).sample, ref) < 1e-5

@@ -207,3 +207,19 @@ def test_remove_feat_lora_restores_stock():
     assert not torch.equal(run(model, kw), ref)
     assert remove_feat_lora(model) == 6
     assert torch.equal(run(model, kw), ref)
+
+
+def test_triton_backend_matches_torch_in_processor():
+    pytest.importorskip("triton")
+    model = make_cogvideox("1.5")
+    kw = cogvideox_inputs(model, batch=1, frames=6)
+    apply_feat(model, FEATConfig(backend="chunked"))
+    method = get_feat_method(model)
+    with torch.no_grad():
+        for p in method.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    ref = run(model, kw)
+    state = method.state_dict()
+    apply_feat(model, FEATConfig(backend="triton"))
+    get_feat_method(model).load_state_dict(state)
+    assert rel_err(run(model, kw), ref) < 1e-5

@@ -220,17 +220,20 @@ def biwkv(
     *,
     delta: int = 0,
     backend: str | None = None,
-    chunk: int = 64,
+    chunk: int | None = None,
 ) -> torch.Tensor:
-    """Bi-WKV of ``k, v`` (B, T, C) with decay ``w`` and bonus ``u`` (C,): see the module docstring."""
+    """Bi-WKV of ``k, v`` (B, T, C) with decay ``w`` and bonus ``u`` (C,): see the module docstring.
+
+    ``chunk``: tokens per chunk of the chunked PyTorch form (default 64) or per program of the Triton kernel
+    (default 256)."""
     _validate(k, v, w, u, delta)
     name = select_biwkv_backend(k, w, backend)
     if name == "triton":
-        from .biwkv_triton import biwkv_triton
+        from .biwkv_triton import DEFAULT_CHUNK, biwkv_triton
 
-        return biwkv_triton(k, v, w, u, delta=delta)
+        return biwkv_triton(k, v, w, u, delta=delta, chunk=chunk or DEFAULT_CHUNK)
     if name == "reference":
         return biwkv_reference(k, v, w, u, delta)
     if name == "cumsum":
         return biwkv_cumsum(k, v, w, u, delta)
-    return biwkv_chunked(k, v, w, u, delta, chunk=chunk)
+    return biwkv_chunked(k, v, w, u, delta, chunk=chunk or 64)

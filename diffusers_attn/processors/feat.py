@@ -83,7 +83,7 @@ class FEATConfig:
         channel_attention: Add the MDTA-style channel-attention term (zero-initialised mix).
         conv_shift: Depthwise 3x3x3 conv shift of v before the scans (zero-initialised residual).
         delta: Bi-WKV distance offset (0 or 1).
-        chunk: Chunk length of the chunked PyTorch Bi-WKV.
+        chunk: Chunk length of the Bi-WKV (PyTorch chunked form / Triton program); ``None``: the defaults.
         backend: Bi-WKV backend (``None``: Triton on CUDA, else PyTorch).
     """
 
@@ -93,7 +93,7 @@ class FEATConfig:
     channel_attention: bool = True
     conv_shift: bool = True
     delta: int = 0
-    chunk: int = 64
+    chunk: int | None = None
     backend: str | None = None
 
     def __post_init__(self) -> None:
@@ -106,7 +106,7 @@ class FEATConfig:
             raise ValueError(f"scans must be distinct axes from {_SCAN_AXES}, got {self.scans}")
         if self.delta not in (0, 1):
             raise ValueError(f"delta must be 0 or 1, got {self.delta}")
-        if self.chunk < 1:
+        if self.chunk is not None and self.chunk < 1:
             raise ValueError(f"chunk must be positive, got {self.chunk}")
 
 
