@@ -142,6 +142,8 @@ def bench_step(args, device, dtype, timing):
     for name in args.models:
         frames = args.frames or (49 if name == "cogvideox-5b" else 129)
         model, kwargs, desc = build(name, frames, device, dtype, args.smoke)
+        if args.smoke:
+            desc = "SMOKE (tiny config, CPU; numbers meaningless): " + desc.split("-> ", 1)[1]
         n_layers = len([k for k in model.attn_processors if not k.startswith("context_embedder")])
 
         def step():

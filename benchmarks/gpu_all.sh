@@ -14,3 +14,6 @@ python benchmarks/gpu_check.py 2>&1 | tee "$out/gpu_check.txt"
 python benchmarks/attention_kernels.py --json "$out/attention_kernels.json" 2>&1 | tee "$out/attention_kernels.txt"
 python benchmarks/rainfusion_attention.py --json "$out/rainfusion_attention.json" 2>&1 | tee "$out/rainfusion_attention.txt"
 python benchmarks/step_e2e.py --json "$out/step_e2e.json" 2>&1 | tee "$out/step_e2e.txt"
+# FEAT (issue 8): Bi-WKV kernel correctness, then kernel / attention-call / step timings
+python benchmarks/feat_gpu_check.py 2>&1 | tee "$out/feat_gpu_check.txt"
+python benchmarks/feat.py --json "$out/feat.json" 2>&1 | tee "$out/feat.txt"
