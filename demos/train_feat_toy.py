@@ -3,7 +3,7 @@
 Each clip is a latent-space video (C x H x W per frame): one or two coloured squares moving at constant velocity
 and bouncing off the borders, on a zero background. Training is DDPM epsilon prediction (1000 linear steps, as in
 FEAT; the learned-sigma channels are left untrained here). Every ``--ckpt-every`` steps the script saves a
-checkpoint (``save_pretrained``), samples a few clips with DDIM (x0 clipped to the data range [-3, 3]) and
+checkpoint of the EMA weights (``save_pretrained``), samples a few clips with DDIM (x0 clipped to the data range [-3, 3]) and
 reports their distance to the data: the mean over samples of the MSE to the nearest of 512 fresh real clips
 (lower is better; pure noise scores ~1; ``zeros_nn_mse`` in the log is the score of an all-background clip,
 the bar samples must beat to show any squares).
@@ -17,6 +17,7 @@ This shows the loss falling and the sample distance shrinking; it is not a repro
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import time
@@ -90,6 +91,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--ckpt-every", type=int, default=100)
     ap.add_argument("--sample-steps", type=int, default=25)
+    ap.add_argument("--ema", type=float, default=0.995, help="weight EMA decay used for sampling and checkpoints (0: off)")
     ap.add_argument("--out", default="runs/feat_toy")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -103,6 +105,9 @@ def main(argv=None) -> dict:
         model = FEATTransformer3DModel(in_channels=args.channels, hidden_size=args.hidden, num_heads=args.heads,
                                        num_groups=args.groups)
     model.to(dev).train()
+    ema_model = copy.deepcopy(model).eval() if args.ema > 0 else model
+    for p in ema_model.parameters():
+        p.requires_grad_(ema_model is model)
     n_params = sum(p.numel() for p in model.parameters())
     sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
@@ -122,6 +127,10 @@ def main(argv=None) -> dict:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if ema_model is not model:
+            with torch.no_grad():
+                for pe, pm in zip(ema_model.parameters(), model.parameters()):
+                    pe.lerp_(pm, 1 - args.ema)
         lv = loss.item()
         ema = lv if ema is None else 0.95 * ema + 0.05 * lv
         bar.set_postfix(loss=f"{ema:.4f}")
@@ -130,8 +139,8 @@ def main(argv=None) -> dict:
         if step % args.ckpt_every == 0 or step == args.steps:
             model.eval()
             ck = os.path.join(args.out, f"checkpoint-{step}")
-            model.save_pretrained(ck)
-            s = sample(model, DDIMScheduler, 8, args.frames, args.channels, args.size, args.sample_steps,
+            ema_model.save_pretrained(ck)
+            s = sample(ema_model, DDIMScheduler, 8, args.frames, args.channels, args.size, args.sample_steps,
                        torch.Generator().manual_seed(1), dev)
             save_png(s, os.path.join(ck, "samples.png"))
             entry = {"step": step, "loss_ema": ema, "sample_nn_mse": nn_mse(s, real), "seconds": time.time() - t0}
