@@ -62,6 +62,10 @@ def test_install_shapes_stats_and_bad_config():
     assert sum(stats.kernel_backends.values()) == 2
     method = get_feat_method(model)
     assert len(method.layers) == 2 and method.layer_shapes == [(2, 16), (2, 16)]
+    from diffusers_attn.adapters import CogVideoXAttnProcessor
+
+    proc = FEATAttnProcessor.for_transformer(model, method, 1)
+    assert isinstance(proc, CogVideoXAttnProcessor) and proc.feat_layer is method.layers[1]
     with pytest.raises(ValueError, match="out of range"):
         apply_feat(model, FEATConfig(softmax_layers=(5,)))
     with pytest.raises(ValueError, match="scans"):
