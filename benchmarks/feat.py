@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -122,10 +121,11 @@ def bench_call(args, device, dtype, timing):
         method = FEATMethod(FEATConfig(), [(H, d)]).to(device)
         row = {"layout": name, "grid": grid, "tokens": N, "heads": H, "head_dim": d}
         with torch.no_grad():
-            row["sdpa_ms"] = timeit(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask), **timing)["median_ms"]
+            sdpa = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # noqa: E731
+            row["sdpa_ms"] = timeit(sdpa, **timing)["median_ms"]
             row["feat_ms"] = timeit(lambda: method.feat_attention(q, k, v, layout, kpm, 0), **timing)["median_ms"]
             row["feat_mem_mb"] = peak_mb(lambda: method.feat_attention(q, k, v, layout, kpm, 0), device)
-            row["sdpa_mem_mb"] = peak_mb(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask), device)
+            row["sdpa_mem_mb"] = peak_mb(sdpa, device)
         row["speedup"] = row["sdpa_ms"] / row["feat_ms"]
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -154,15 +154,15 @@ def bench_step(args, device, dtype, timing):
         dense = timeit(step, **timing)["median_ms"]
         r["rows"].append({"path": "dense", "median_ms": dense})
         hybrid = tuple(range(0, n_layers, args.hybrid_every))
-        for label, cfg in (("FEAT all layers", FEATConfig()),
-                           (f"FEAT hybrid ({len(hybrid)}/{n_layers} layers softmax)", FEATConfig(softmax_layers=hybrid))):
+        hybrid_label = f"FEAT hybrid ({len(hybrid)}/{n_layers} layers softmax)"
+        for label, cfg in (("FEAT all layers", FEATConfig()), (hybrid_label, FEATConfig(softmax_layers=hybrid))):
             apply_feat(model, cfg)
             t = timeit(step, **timing)["median_ms"]
             r["rows"].append({"path": label, "median_ms": t, "speedup": dense / t})
             remove_attention_acceleration(model)
         print(json.dumps(r), flush=True)
         out.append(r)
-        del model
+        model = kwargs = None  # free the weights before the next model
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return out
@@ -170,7 +170,8 @@ def bench_step(args, device, dtype, timing):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parts", nargs="*", default=None, help="kernel, call, step (default: all on GPU, kernel+call on CPU)")
+    p.add_argument("--parts", nargs="*", default=None,
+                   help="kernel, call, step (default: all on GPU, kernel+call on CPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tokens", type=int, nargs="*", default=None)
     p.add_argument("--head-dims", type=int, nargs="*", default=[64, 128])

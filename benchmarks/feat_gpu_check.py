@@ -38,7 +38,8 @@ def case(B, T, C, decay, normalise, dtype, device, chunk):
            [x.to(device).clone().requires_grad_() for x in (w, u)]
     y = biwkv_triton(*ours, chunk=chunk)
     (y.float() * gy.to(device)).sum().backward()
-    ref = [x.to(dtype).double().clone().requires_grad_() for x in (k, v)] + [x.double().clone().requires_grad_() for x in (w, u)]
+    ref = [x.to(dtype).double().clone().requires_grad_() for x in (k, v)]
+    ref += [x.double().clone().requires_grad_() for x in (w, u)]
     yr = biwkv_chunked(*ref, chunk=64)
     (yr * gy.double()).sum().backward()
     errs = {"y": rel(y.cpu(), yr.detach())}
@@ -67,7 +68,8 @@ def main(argv=None):
             errs = case(B, T, C, decay, normalise, dtype, device, chunk)
             ok = all(e <= TOL[dtype] * (5 if n != "y" else 1) for n, e in errs.items())
             failed += not ok
-            print(f"{'ok  ' if ok else 'FAIL'} B={B} T={T} C={C} decay={decay}{'/T' if normalise else ''} chunk={chunk} "
+            tag = f"B={B} T={T} C={C} decay={decay}{'/T' if normalise else ''} chunk={chunk}"
+            print(f"{'ok  ' if ok else 'FAIL'} {tag} "
                   f"{str(dtype)[6:]}: " + ", ".join(f"{n} {e:.2e}" for n, e in errs.items()), flush=True)
     print(f"{failed} failed")
     sys.exit(1 if failed else 0)

@@ -3,10 +3,10 @@
 Each clip is a latent-space video (C x H x W per frame): one or two coloured squares moving at constant velocity
 and bouncing off the borders, on a zero background. Training is DDPM epsilon prediction (1000 linear steps, as in
 FEAT; the learned-sigma channels are left untrained here). Every ``--ckpt-every`` steps the script saves a
-checkpoint of the EMA weights (``save_pretrained``), samples a few clips with DDIM (x0 clipped to the data range [-3, 3]) and
-reports their distance to the data: the mean over samples of the MSE to the nearest of 512 fresh real clips
-(lower is better; pure noise scores ~1; ``zeros_nn_mse`` in the log is the score of an all-background clip,
-the bar samples must beat to show any squares).
+checkpoint of the EMA weights (``save_pretrained``), samples a few clips with DDIM (x0 clipped to the data
+range [-3, 3]) and reports their distance to the data: the mean over samples of the MSE to the nearest of 512
+fresh real clips (lower is better; pure noise scores ~1; ``zeros_nn_mse`` in the log is the score of an
+all-background clip, the bar samples must beat to show any squares).
 
 This shows the loss falling and the sample distance shrinking; it is not a reproduction of the paper's FVD.
 
@@ -32,7 +32,8 @@ def toy_videos(n: int, frames: int, size: int, channels: int, generator: torch.G
     side = max(2, size // 4)
     for i in range(n):
         for _ in range(int(torch.randint(1, 3, (1,), generator=generator))):
-            color = torch.randn(channels, generator=generator).sign() * (0.5 + torch.rand(channels, generator=generator))
+            sign = torch.randn(channels, generator=generator).sign()
+            color = sign * (0.5 + torch.rand(channels, generator=generator))
             pos = torch.randint(0, size - side + 1, (2,), generator=generator)
             vel = torch.randint(-1, 2, (2,), generator=generator)
             for f in range(frames):
@@ -91,7 +92,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--ckpt-every", type=int, default=100)
     ap.add_argument("--sample-steps", type=int, default=25)
-    ap.add_argument("--ema", type=float, default=0.995, help="weight EMA decay used for sampling and checkpoints (0: off)")
+    ap.add_argument("--ema", type=float, default=0.995,
+                    help="weight EMA decay used for sampling and checkpoints (0: off)")
     ap.add_argument("--out", default="runs/feat_toy")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

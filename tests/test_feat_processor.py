@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import cogvideox_inputs, hunyuan_inputs, make_cogvideox, make_hunyuan, rel_err
 from diffusers_attn import get_attention_stats, remove_attention_acceleration

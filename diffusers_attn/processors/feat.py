@@ -189,7 +189,9 @@ class FEATMethod(nn.Module):
         B, H, N, D = q.shape
         layer = self.layers[layer_index]
         if (H, D) != (layer.heads, layer.head_dim):
-            raise ValueError(f"FEAT layer {layer_index} was built for {layer.heads}x{layer.head_dim} heads, got {H}x{D}")
+            raise ValueError(
+                f"FEAT layer {layer_index} was built for {layer.heads}x{layer.head_dim} heads, got {H}x{D}"
+            )
         sc = scale if scale is not None else 1.0 / math.sqrt(D)
         v0, v1 = layout.video_offset, layout.video_offset + layout.num_video
         t0, t1 = layout.text_offset, layout.text_offset + layout.text_len
@@ -523,7 +525,8 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, rank: int, alpha: float | None = None):
         super().__init__()
         self.base = base
-        self.lora_a = nn.Parameter(torch.randn(rank, base.in_features, device=base.weight.device) / math.sqrt(base.in_features))
+        dev = base.weight.device
+        self.lora_a = nn.Parameter(torch.randn(rank, base.in_features, device=dev) / math.sqrt(base.in_features))
         self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
         self.scale = (alpha or rank) / rank
         self.enabled = True
