@@ -163,3 +163,23 @@ def test_triton_wkv_backend_matches_cumsum():
         if hasattr(mod, "backend") and hasattr(mod, "recurrence"):
             mod.backend = "triton"
     assert rel_err(m(x, torch.tensor([7])).sample, ref) < 1e-5
+
+
+def test_official_checkpoint_loader(tmp_path):
+    """The official-layout loader on a synthetic checkpoint: wrapper, ``module.`` prefix, Restormer norm names."""
+    src = tiny()
+    randomize_zero_inits(src)
+    sd = {}
+    for k, v in src.state_dict().items():
+        k = k.replace(".norm1.", ".norm1.body.") if k.startswith("restormers.") else k
+        sd["module." + k] = v
+    sd["module.y_embedder.embedding_table.weight"] = torch.zeros(2, 32)  # an extra official key
+    torch.save({"ema": sd}, tmp_path / "feat.pt")
+    m, rep = FEATTransformer3DModel.from_official_checkpoint(str(tmp_path / "feat.pt"), "FEAT-S", hidden_size=32,
+                                                             num_heads=4, num_groups=2)
+    assert rep == {"missing": [], "unexpected": ["y_embedder.embedding_table.weight"], "shape_mismatch": []}
+    x = torch.randn(1, 2, 4, 8, 8)
+    assert torch.equal(m(x, torch.tensor([3])).sample, src(x, torch.tensor([3])).sample)
+    with pytest.raises(ValueError, match="does not match"):
+        FEATTransformer3DModel.from_official_checkpoint(str(tmp_path / "feat.pt"), "FEAT-S", strict=True,
+                                                        hidden_size=32, num_heads=4, num_groups=2)

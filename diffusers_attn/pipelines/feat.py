@@ -16,7 +16,10 @@ This is *not* a drop-in for a pretrained model: it must be trained (see ``demos/
 
 from __future__ import annotations
 
+import logging
 import math
+import os
+import re
 
 import torch
 import torch.nn as nn
@@ -28,6 +31,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from ..kernels.biwkv import CUMSUM_MAX_DECAY, biwkv
 
 __all__ = ["FEATTransformer3DModel", "FEAT_PRESETS", "feat_parameter_count"]
+
+logger = logging.getLogger(__name__)
 
 #: name -> (hidden_size, num_heads); both use 9 groups (18 RWKV blocks, 9 channel blocks), patch 2, mlp_ratio 4
 FEAT_PRESETS: dict[str, dict] = {
@@ -297,6 +302,50 @@ class FEATTransformer3DModel(ModelMixin, ConfigMixin):
         if name not in FEAT_PRESETS:
             raise ValueError(f"unknown FEAT preset {name!r}; available: {', '.join(FEAT_PRESETS)}")
         return cls(**{**FEAT_PRESETS[name], **overrides})
+
+    @classmethod
+    def from_official_checkpoint(
+        cls, checkpoint: str, preset: str = "FEAT-S", *, strict: bool = False, **overrides
+    ) -> tuple["FEATTransformer3DModel", dict[str, list[str]]]:
+        """Build ``preset`` and load an official ``Yaziwel/FEAT`` ``.pt`` state dict into it (approximately).
+
+        ``checkpoint`` is a local path or ``"repo_id:filename"`` on the Hub (e.g. ``"WTHH031230/FEAT:FEAT_S_col.pt"``,
+        needs internet). The ``.pt`` layout is unverified: ``"ema"``/``"model"``/``"state_dict"`` wrappers and a
+        ``module.`` prefix are unwrapped and Restormer ``norm*.body.`` names mapped; every key that still does not
+        match is returned (and raises with ``strict=True``). Outputs also differ from the official code on the
+        spatial path, whose CUDA kernel does not compute the exact Bi-WKV (see the spec, A.5).
+        Returns ``(model, {"missing": [...], "unexpected": [...], "shape_mismatch": [...]})``.
+        """
+        if ":" in checkpoint and not os.path.exists(checkpoint):
+            from huggingface_hub import hf_hub_download
+
+            repo_id, filename = checkpoint.split(":", 1)
+            checkpoint = hf_hub_download(repo_id, filename)
+        sd = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        for key in ("ema", "model", "state_dict"):
+            if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+                sd = sd[key]
+                break
+        model = cls.from_preset(preset, **overrides)
+        own = model.state_dict()
+        mapped: dict[str, torch.Tensor] = {}
+        for k, v in sd.items():
+            k = k[len("module."):] if k.startswith("module.") else k
+            k = re.sub(r"\.(norm1|norm2)\.body\.", r".\1.", k)
+            mapped[k] = v
+        report = {
+            "missing": sorted(set(own) - set(mapped)),
+            "unexpected": sorted(set(mapped) - set(own)),
+            "shape_mismatch": sorted(k for k in set(own) & set(mapped) if own[k].shape != mapped[k].shape),
+        }
+        if strict and any(report.values()):
+            raise ValueError(f"official FEAT checkpoint does not match {preset}: {report}")
+        load = {k: v for k, v in mapped.items() if k in own and own[k].shape == v.shape}
+        model.load_state_dict(load, strict=False)
+        if any(report.values()):
+            logger.warning("FEAT checkpoint: %d missing, %d unexpected, %d shape-mismatched keys", len(report["missing"]),
+                           len(report["unexpected"]), len(report["shape_mismatch"]))
+        return model, report
 
     def initialize_weights(self) -> None:
         def xavier(m):

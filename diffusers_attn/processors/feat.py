@@ -234,6 +234,9 @@ class FEATMethod(nn.Module):
             raise ValueError(f"FEAT: sequence length {N} does not match the layout {layout}")
         if layer_index >= len(self.layers):
             raise ValueError(f"FEAT: layer {layer_index} has no parameters ({len(self.layers)} layers were built)")
+        if self.layers[layer_index].decay.device != q.device:  # the pipeline was moved after apply_feat
+            logger.info("FEAT: moving the adapter parameters to %s", q.device)
+            self.to(q.device)
         n_valid = float(key_padding_mask.sum()) if key_padding_mask is not None else float(N) * B
         if layer_index in self.config.softmax_layers:
             record_dense_fallback(context, layer_index, "softmax layer (FEATConfig.softmax_layers)", batch=B,
