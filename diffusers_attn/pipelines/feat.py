@@ -343,8 +343,8 @@ class FEATTransformer3DModel(ModelMixin, ConfigMixin):
         load = {k: v for k, v in mapped.items() if k in own and own[k].shape == v.shape}
         model.load_state_dict(load, strict=False)
         if any(report.values()):
-            logger.warning("FEAT checkpoint: %d missing, %d unexpected, %d shape-mismatched keys", len(report["missing"]),
-                           len(report["unexpected"]), len(report["shape_mismatch"]))
+            logger.warning("FEAT checkpoint: %d missing, %d unexpected, %d shape-mismatched keys",
+                           len(report["missing"]), len(report["unexpected"]), len(report["shape_mismatch"]))
         return model, report
 
     def initialize_weights(self) -> None:
