@@ -30,8 +30,10 @@ import triton.language as tl
 
 __all__ = ["biwkv_triton", "supports"]
 
-_NEG = -1.0e30  # log-scale of an empty state: exp(_NEG - anything finite) == 0
-_BIG = 1.0e30  # log D of an absent token: x = -log D is "empty"
+# Globals read inside @triton.jit must be constexpr (compiled Triton rejects plain Python globals).
+_NEG_F = -1.0e30  # log-scale of an empty state: exp(_NEG - anything finite) == 0
+_NEG = tl.constexpr(_NEG_F)
+_BIG = tl.constexpr(1.0e30)  # log D of an absent token: x = -log D is "empty"
 
 
 @triton.jit
@@ -195,7 +197,7 @@ def _bwd_summary_kernel(K, V, W, Y, LOGD, GY, SUM, T, C, NC, L, stride_b, stride
     base = b.to(tl.int64) * stride_b + offs
     w = tl.load(W + offs, mask=cm, other=0.0).to(tl.float32)
     o = SUM + row.to(tl.int64) * C + offs
-    for direction in range(2):
+    for direction in tl.static_range(2):
         p = tl.full([BLOCK_C], _NEG, tl.float32)
         n = tl.zeros([BLOCK_C], tl.float32)
         d = tl.zeros([BLOCK_C], tl.float32)
@@ -234,7 +236,7 @@ def _bwd_carry_kernel(SUM, INIT, W, C, NC, L, fstride, BLOCK_C: tl.constexpr):
     offs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = offs < C
     w = tl.load(W + offs, mask=cm, other=0.0).to(tl.float32)
-    for direction in range(2):
+    for direction in tl.static_range(2):
         f = direction * 8 * fstride
         p = tl.full([BLOCK_C], _NEG, tl.float32)
         n = tl.zeros([BLOCK_C], tl.float32)
@@ -386,7 +388,7 @@ def _block_c(C: int) -> int:
 
 def _empty_init(nf: int, rows: int, C: int, p_fields: tuple[int, ...], device) -> torch.Tensor:
     init = torch.zeros(nf, rows, C, device=device, dtype=torch.float32)
-    init[list(p_fields)] = _NEG
+    init[list(p_fields)] = _NEG_F
     return init
 
 
