@@ -22,7 +22,7 @@ for name in ["_fwd_summary_kernel", "_fwd_carry_kernel", "_biwkv_fwd_kernel", "_
             sig[p] = "i32"
     try:
         src = ASTSource(fn=fn, signature=sig, constexprs=consts)
-        k = triton.compile(src, target=target)
+        k = triton.compile(src, target=target, options={"num_warps": bt._WARPS})
         print(name, "ok", len(k.asm.get("ptx", "")), "ptx chars; regs:", getattr(k, "n_regs", "?"))
     except Exception as e:
         ok = False

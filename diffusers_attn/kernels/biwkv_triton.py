@@ -364,6 +364,9 @@ def _biwkv_bwd_kernel(
 
 
 _IO_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# One program holds <= 64 channels and walks its tokens serially (latency-bound): few warps per program let more
+# programs share an SM. Untuned (no GPU has run this yet).
+_WARPS = 2
 DEFAULT_CHUNK = 256
 
 
@@ -413,11 +416,12 @@ class _BiWKV(torch.autograd.Function):
             init = _empty_init(6, rows, C, (0, 3), k.device)
         else:
             summ = torch.empty(6, rows, C, device=k.device, dtype=torch.float32)
-            _fwd_summary_kernel[(rows, nblk)](k, v, w32, summ, T, C, NC, L, T * C, C, fs, BLOCK_C=bc)
+            _fwd_summary_kernel[(rows, nblk)](k, v, w32, summ, T, C, NC, L, T * C, C, fs, BLOCK_C=bc,
+                                              num_warps=_WARPS)
             init = torch.empty_like(summ)
-            _fwd_carry_kernel[(B, nblk)](summ, init, w32, C, NC, L, fs, BLOCK_C=bc)
+            _fwd_carry_kernel[(B, nblk)](summ, init, w32, C, NC, L, fs, BLOCK_C=bc, num_warps=_WARPS)
         _biwkv_fwd_kernel[(rows, nblk)](k, v, w32, u32, y, logd, pp, pn, pd, init, T, C, NC, L, T * C, C, fs,
-                                        DELTA=delta, BLOCK_C=bc)
+                                        DELTA=delta, BLOCK_C=bc, num_warps=_WARPS)
         ctx.save_for_backward(k, v, w32, u32, y, logd)
         ctx.delta, ctx.chunk = delta, chunk
         ctx.dtypes = (k.dtype, v.dtype, w.dtype, u.dtype)
@@ -443,11 +447,12 @@ class _BiWKV(torch.autograd.Function):
             init = _empty_init(16, rows, C, (0, 5, 8, 13), k.device)
         else:
             summ = torch.empty(16, rows, C, device=k.device, dtype=torch.float32)
-            _bwd_summary_kernel[(rows, nblk)](k, v, w32, y, logd, gy, summ, T, C, NC, L, T * C, C, fs, BLOCK_C=bc)
+            _bwd_summary_kernel[(rows, nblk)](k, v, w32, y, logd, gy, summ, T, C, NC, L, T * C, C, fs, BLOCK_C=bc,
+                                              num_warps=_WARPS)
             init = torch.empty_like(summ)
-            _bwd_carry_kernel[(B, nblk)](summ, init, w32, C, NC, L, fs, BLOCK_C=bc)
+            _bwd_carry_kernel[(B, nblk)](summ, init, w32, C, NC, L, fs, BLOCK_C=bc, num_warps=_WARPS)
         _biwkv_bwd_kernel[(rows, nblk)](k, v, w32, u32, y, logd, gy, dk, dv, dw, du, gr, ga, gb, init,
-                                        T, C, NC, L, T * C, C, fs, DELTA=ctx.delta, BLOCK_C=bc)
+                                        T, C, NC, L, T * C, C, fs, DELTA=ctx.delta, BLOCK_C=bc, num_warps=_WARPS)
         kd, vd, wd, ud = ctx.dtypes
         return dk.to(kd), dv.to(vd), dw.sum(0).to(wd), du.sum(0).to(ud), None, None
 
