@@ -226,3 +226,22 @@ def test_triton_backend_matches_torch_in_processor():
     apply_feat(model, FEATConfig(backend="triton"))
     get_feat_method(model).load_state_dict(state)
     assert rel_err(run(model, kw), ref) < 1e-5
+
+
+def test_processor_class_for_a_later_adapter():
+    """An adapter registered later (e.g. Open-Sora) gets a FEAT subclass of its own method processor."""
+    from types import SimpleNamespace
+
+    from diffusers_attn.adapters import CogVideoXAttnProcessor
+    from diffusers_attn.processors.feat import _PROCESSORS, _processor_cls
+
+    adapter = SimpleNamespace(name="later-model", processor_cls=CogVideoXAttnProcessor,
+                              transformer_class_name="LaterModel")
+    try:
+        cls = _processor_cls(adapter)
+        assert issubclass(cls, FEATAttnProcessor) and issubclass(cls, CogVideoXAttnProcessor)
+        assert _processor_cls(adapter) is cls
+    finally:
+        _PROCESSORS.pop("later-model", None)
+    with pytest.raises(ValueError, match="no method processor"):
+        _processor_cls(SimpleNamespace(name="bad", processor_cls=object, transformer_class_name="Bad"))

@@ -288,11 +288,7 @@ class FEATAttnProcessor:
                         context: "AttentionContext | None" = None) -> "FEATAttnProcessor":
         from ..adapters import get_adapter
 
-        adapter = get_adapter(transformer)
-        cls = _PROCESSORS.get(adapter.name)
-        if cls is None:
-            raise ValueError(f"FEAT supports {sorted(_PROCESSORS)}; got {adapter.transformer_class_name}")
-        return cls(method, layer_index=layer_index, context=context)
+        return _processor_cls(get_adapter(transformer))(method, layer_index=layer_index, context=context)
 
     @property
     def feat_layer(self) -> FEATLayer:
@@ -307,14 +303,26 @@ class FEATHunyuanVideoAttnProcessor(FEATAttnProcessor, HunyuanVideoAttnProcessor
     """FEAT on ``HunyuanVideoTransformer3DModel`` ([video, text]; padded text masked)."""
 
 
-_PROCESSORS = {"cogvideox": FEATCogVideoXAttnProcessor, "hunyuan_video": FEATHunyuanVideoAttnProcessor}
+_PROCESSORS: dict[str, type] = {"cogvideox": FEATCogVideoXAttnProcessor,
+                                 "hunyuan_video": FEATHunyuanVideoAttnProcessor}
+
+
+def _processor_cls(adapter) -> type:
+    """The FEAT processor class of an adapter. Families registered later (e.g. Open-Sora) get a FEAT subclass of
+    their own adapter processor: every adapter hands methods the same (q, k, v, layout, dense_fn) contract."""
+    cls = _PROCESSORS.get(adapter.name)
+    if cls is None:
+        base = adapter.processor_cls
+        from ..adapters.base import AcceleratedAttnProcessor
+
+        if not (isinstance(base, type) and issubclass(base, AcceleratedAttnProcessor)):
+            raise ValueError(f"FEAT cannot wrap {adapter.transformer_class_name}: its adapter has no method processor")
+        cls = _PROCESSORS[adapter.name] = type(f"FEAT{base.__name__}", (FEATAttnProcessor, base), {})
+    return cls
 
 
 def _processor_factory(adapter, method, layer_index, context, original):
-    cls = _PROCESSORS.get(adapter.name)
-    if cls is None:
-        raise ValueError(f"FEAT supports {sorted(_PROCESSORS)}; got {adapter.transformer_class_name}")
-    proc = cls(method, layer_index=layer_index, context=context)
+    proc = _processor_cls(adapter)(method, layer_index=layer_index, context=context)
     for attr in ("_attention_backend", "_parallel_config"):
         if getattr(original, attr, None) is not None:
             setattr(proc, attr, getattr(original, attr))
@@ -346,8 +354,7 @@ def apply_feat(pipe_or_model: Any, config: FEATConfig | None = None) -> "Attenti
         raise TypeError(f"config must be a FEATConfig, got {type(config).__name__}")
     transformer, _ = resolve_transformer(pipe_or_model)
     adapter = get_adapter(transformer)
-    if adapter.name not in _PROCESSORS:
-        raise ValueError(f"FEAT supports {sorted(_PROCESSORS)}; got {adapter.transformer_class_name}")
+    _processor_cls(adapter)  # an adapter without a method processor: say so before building anything
     from ..adapters.base import AcceleratedAttnProcessor
 
     keys = adapter.attention_layer_keys(dict(transformer.attn_processors), allow_replacing=(AcceleratedAttnProcessor,))
