@@ -10,6 +10,8 @@ from .context import AttentionContext, attach_attention_context, detach_attentio
 from .install import get_attention_stats, remove_attention_acceleration, reset_attention_stats
 from .layout import TokenLayout
 from .processors.rainfusion import RainFusionConfig, RainFusionMethod, apply_rainfusion
+from .processors.feat import FEATAttnProcessor, FEATConfig, apply_feat, distill_feat
+from .pipelines.feat import FEATTransformer3DModel
 from .stats import AttentionStats
 
 __version__ = "0.1.0"
@@ -17,14 +19,19 @@ __version__ = "0.1.0"
 __all__ = [
     "AttentionContext",
     "AttentionStats",
+    "FEATAttnProcessor",
+    "FEATConfig",
+    "FEATTransformer3DModel",
     "CogVideoXAttnProcessor",
     "HunyuanVideoAttnProcessor",
     "RainFusionConfig",
     "RainFusionMethod",
     "TokenLayout",
+    "apply_feat",
     "apply_rainfusion",
     "attach_attention_context",
     "detach_attention_context",
+    "distill_feat",
     "get_attention_context",
     "get_attention_stats",
     "remove_attention_acceleration",

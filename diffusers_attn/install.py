@@ -48,8 +48,12 @@ def install_method(
     method: AttentionMethod,
     *,
     num_inference_steps: int | None = None,
+    processor_factory: Any = None,
 ) -> AttentionContext:
-    """Install ``method`` on every attention layer of the transformer. Re-installing replaces the previous one."""
+    """Install ``method`` on every attention layer of the transformer. Re-installing replaces the previous one.
+
+    ``processor_factory(adapter, method, layer_index, context, original)``, when given, builds each processor
+    instead of ``adapter.make_processor`` (a method that ships its own processor subclasses, e.g. FEAT)."""
     transformer, pipe = resolve_transformer(pipe_or_model)
     adapter = get_adapter(transformer)
     if getattr(transformer, _STATE_ATTR, None) is not None:
@@ -63,7 +67,10 @@ def install_method(
     context.stats.layers_per_forward = len(keys)
     procs = dict(originals)
     for i, key in enumerate(keys):
-        procs[key] = adapter.make_processor(method, i, context, original=originals[key])
+        if processor_factory is not None:
+            procs[key] = processor_factory(adapter, method, i, context, originals[key])
+        else:
+            procs[key] = adapter.make_processor(method, i, context, original=originals[key])
     transformer.set_attn_processor(dict(procs))  # set_attn_processor consumes the dict it is given
     setattr(transformer, _STATE_ATTR, InstalledState(originals, method, context, keys))
     logger.info(

@@ -358,3 +358,9 @@ def probe_block_mass(
             use_triton = reason is None and (requested == "triton" or q.is_cuda)
     fn = probe_triton.probe_block_mass_triton if use_triton else probe_block_mass_torch
     return fn(q, k, block_n=block_n, key_padding_mask=key_padding_mask, scale=scale, token_weights=token_weights)
+
+
+# Bi-WKV (FEAT's linear-time mixer): dispatch CUDA -> Triton, else the stable PyTorch form; see kernels/biwkv.py.
+from .biwkv import biwkv, biwkv_chunked, biwkv_cumsum, biwkv_reference, select_biwkv_backend  # noqa: E402
+
+__all__ += ["biwkv", "biwkv_chunked", "biwkv_cumsum", "biwkv_reference", "select_biwkv_backend"]
