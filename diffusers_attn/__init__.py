@@ -11,6 +11,8 @@ from .install import get_attention_stats, remove_attention_acceleration, reset_a
 from .layout import TokenLayout
 from .processors.rainfusion import RainFusionConfig, RainFusionMethod, apply_rainfusion
 from .stats import AttentionStats
+from .pipelines.var import VARPipeline, VARTransformer, VQVAE
+from .processors.litevar import LiteVARConfig, LiteVARMaskSet, apply_litevar, calibrate_litevar, remove_litevar
 
 __version__ = "0.1.0"
 
@@ -30,4 +32,12 @@ __all__ = [
     "remove_attention_acceleration",
     "reset_attention_stats",
     "supported_transformers",
+    "VARPipeline",
+    "VARTransformer",
+    "VQVAE",
+    "LiteVARConfig",
+    "LiteVARMaskSet",
+    "apply_litevar",
+    "calibrate_litevar",
+    "remove_litevar",
 ]
