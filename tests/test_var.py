@@ -161,6 +161,21 @@ def test_official_keys_load_strictly(tmp_path):
     for k in ("blocks.1.attn.mat_qkv.weight", "pos_1LC", "head.bias", "blocks.0.attn.scale_mul_1H11"):
         assert torch.equal(sd[k], var_sd[k])
     assert torch.equal(pipe.vqvae.state_dict()["decoder.conv_out.weight"], vq.state_dict()["decoder.conv_out.weight"])
+    # built on the meta device: the derived buffers are rebuilt and the model matches one built normally
+    ref = VARTransformer(depth=2, **TINY_CFG)
+    ref.load_state_dict({k: v for k, v in var_sd.items() if k.rsplit(".", 1)[-1] not in
+                         ("lvl_1L", "attn_bias_for_masking", "zero_k_bias")})
+    tr = pipe.transformer
+    assert not any(t.is_meta for t in list(tr.parameters()) + list(tr.buffers()))
+    assert torch.equal(tr.attn_bias_for_masking, ref.attn_bias_for_masking) and torch.equal(tr.lvl_1L, ref.lvl_1L)
+    pipe.set_progress_bar_config(disable=True)
+    labels = torch.tensor([1, 2])
+    ids = [torch.randint(0, 64, (2, pn * pn)) for pn in (1, 2, 3)]
+    teacher = pipe.vqvae.quantize.idx_to_var_input(ids)
+    with torch.no_grad():
+        assert torch.equal(tr(labels, teacher), ref(labels, teacher))
+    img = pipe([1, 2], generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert img.shape == (2, 3, 6, 6) and torch.isfinite(img).all()
 
 
 def test_corrupted_checkpoint_errors_clearly(tmp_path):

@@ -81,7 +81,10 @@ def load_official_state_dict(model: torch.nn.Module, src: str | os.PathLike | Ma
             + fmt("missing keys", missing) + fmt("unexpected keys", unexpected) + fmt("shape mismatches", shapes)
             + "\n(check the depth argument and that the file is a VAR/VQVAE checkpoint)"
         )
-    model.load_state_dict(sd, strict=True)
+    model.load_state_dict(sd, strict=True, assign=True)
+    leftover = [n for n, p in model.named_parameters() if p.is_meta]
+    if leftover:  # cannot happen after a strict load; guards the meta-device construction
+        raise CheckpointMismatchError(f"{what}: parameters left unloaded: {leftover[:10]}")
 
 
 def _as_pil(images: np.ndarray) -> list[PIL.Image.Image]:
@@ -105,7 +108,8 @@ class VARPipeline(DiffusionPipeline):
                 f"transformer patch_nums {tuple(transformer.config.patch_nums)} != vqvae patch_nums "
                 f"{tuple(vqvae.config.patch_nums)}"
             )
-        if transformer.config.vocab_size != vqvae.config.vocab_size or transformer.config.z_channels != vqvae.config.z_channels:
+        tc, vc = transformer.config, vqvae.config
+        if tc.vocab_size != vc.vocab_size or tc.z_channels != vc.z_channels:
             raise ValueError("transformer and vqvae disagree on vocab_size / z_channels")
         self.register_modules(transformer=transformer, vqvae=vqvae)
 
@@ -124,13 +128,25 @@ class VARPipeline(DiffusionPipeline):
 
         ``vqvae_config`` / ``transformer_config`` override config entries (tests use tiny synthetic files).
         """
+        from .transformer import VAR_DEPTHS
+
         tcfg = dict(transformer_config or {})
-        transformer = VARTransformer.for_depth(depth, **tcfg) if not tcfg.get("embed_dim") else VARTransformer(depth=depth, **tcfg)
         vcfg = dict(vqvae_config or {})
-        vcfg.setdefault("patch_nums", tuple(transformer.config.patch_nums))
-        vqvae = VQVAE(**vcfg)
-        load_official_state_dict(vqvae, vae_checkpoint, f"VQVAE checkpoint {vae_checkpoint if not isinstance(vae_checkpoint, Mapping) else '<dict>'}")
-        load_official_state_dict(transformer, var_checkpoint, f"VAR checkpoint {var_checkpoint if not isinstance(var_checkpoint, Mapping) else '<dict>'}")
+        # Build on the meta device (no random init, no second copy of the weights), then assign the loaded tensors.
+        with torch.device("meta"):
+            if depth in VAR_DEPTHS or not tcfg:
+                transformer = VARTransformer.for_depth(depth, **tcfg)
+            else:
+                transformer = VARTransformer(depth=depth, **tcfg)
+            vcfg.setdefault("patch_nums", tuple(transformer.config.patch_nums))
+            vqvae = VQVAE(**vcfg)
+
+        def name(src: Any, what: str) -> str:
+            return f"{what} checkpoint {'<dict>' if isinstance(src, Mapping) else src}"
+
+        load_official_state_dict(vqvae, vae_checkpoint, name(vae_checkpoint, "VQVAE"))
+        load_official_state_dict(transformer, var_checkpoint, name(var_checkpoint, "VAR"))
+        transformer.rebuild_derived_buffers()
         pipe = cls(transformer=transformer.eval(), vqvae=vqvae.eval())
         if torch_dtype is not None:
             pipe.to(torch_dtype)

@@ -228,6 +228,17 @@ class VARTransformer(ModelMixin, ConfigMixin, AttentionMixin):
             kwargs.setdefault("patch_nums", (1, 2, 3, 4, 6, 9, 13, 18, 24, 32))
         return cls(depth=depth, **kwargs)
 
+    def rebuild_derived_buffers(self) -> None:
+        """Recompute the config-derived buffers on the parameters' device (after a meta-device construction)."""
+        dev = self.pos_1LC.device
+        lvl = torch.cat([torch.full((pn * pn,), i, device=dev) for i, pn in enumerate(self.patch_nums)]).view(1, -1)
+        self.lvl_1L = lvl
+        self.attn_bias_for_masking = torch.where(
+            lvl.view(-1, 1) >= lvl.view(1, -1), 0.0, -torch.inf
+        ).view(1, 1, self.L, self.L).to(device=dev)
+        for b in self.blocks:
+            b.attn.zero_k_bias = torch.zeros(self.C, device=dev, dtype=b.attn.q_bias.dtype)
+
     # ----- helpers shared by both forwards -----
     def kv_caching(self, enable: bool) -> None:
         for b in self.blocks:
