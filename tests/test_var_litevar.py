@@ -40,6 +40,27 @@ def test_default_layout_matches_litevar():
     assert sum(len(v) for v in lay.values()) == 30 and 0 not in lay
 
 
+def test_litevar_candidate_lists_fit_the_layout():
+    from diffusers_attn.processors.litevar import LITEVAR_CANDIDATE_WIDTHS
+
+    lay = default_maskable((1, 2, 3, 4, 5, 6, 8, 10, 13, 16))
+    for heads in (16, 30):
+        table = LITEVAR_CANDIDATE_WIDTHS[heads]
+        assert sorted(table) == sorted(lay)
+        for k, segs in lay.items():
+            assert len(table[k]) == len(segs) and all(all(c > 0 for c in lst) for lst in table[k])
+    # per-segment candidate lists are honoured
+    n = 16
+    p = torch.zeros(1, 1, n, 30, dtype=torch.float64)
+    p[..., 14:30] = torch.eye(n, dtype=torch.float64)
+    hist, seg_mass, total = segment_statistics(p, 3, (3, 2), PN)
+    w = choose_widths(hist, seg_mass, total, 3, (3, 2), PN, 0.95, None, False, [[2, 5], [3]])
+    assert w[0].tolist() == [2, 3]
+    pipe = tiny_pipe(PN)
+    with pytest.raises(ValueError, match="candidate_widths='litevar' exists only"):
+        calibrate_litevar(pipe, [1], drop_table=None, candidate_widths="litevar")
+
+
 def test_band_materialisation_matches_formula():
     m = random_masks(3)
     ends = [1, 5, 14, 30, 66]

@@ -59,6 +59,52 @@ LITEVAR_DROP_TABLE: dict[int, tuple[float, ...]] = {
 }
 DEFAULT_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 
+# The release's hand-picked candidate band widths (models/ban_mini_token.py of EkaterinaXie/LiteVAR), by number of
+# heads (16 = d16, 30 = d30), query scale and segment (current first). Used with candidate_widths="litevar".
+_R = lambda a, b: list(range(a, b, 2))  # noqa: E731
+LITEVAR_CANDIDATE_WIDTHS: dict[int, dict[int, list[list[int]]]] = {
+    16: {
+        3: [[5, 6, 7, 8, 9, 10, 11, 12, 15], [4, 5, 6, 7, 9]],
+        4: [[6, 7, 8, 9, 10, 11, 13, 15, 17, 20, 25], [6, 7, 8, 9, 10, 11, 13, 15], [4, 5, 6, 7, 9]],
+        5: [[6, 7, 11, 12, 13, 18, 20, 25, 28, 30], [6, 7, 8, 9, 10, 13, 15, 17, 20, 25], [5, 6, 7, 8, 10, 12, 13]],
+        6: [[8, 9, 11, 16, 18, 26, 30, 43, 51, 64], [8, 9, 10, 11, 12, 13, 17, 24, 30, 35], [6, 7, 8, 9, 10, 15, 20, 25],
+            [6, 7, 9, 11, 13, 16]],
+        7: [[11, 20, 21, 22, 25, 30, 50, 64, 75, 85, 90, 100], [9, 10, 13, 18, 20, 31, 46, 51, 64],
+            [7, 9, 10, 12, 20, 25, 30, 36], [7, 8, 9, 10, 11, 15, 18, 20, 25], [6, 7, 9, 11, 13, 16]],
+        8: [[14, 15, 28, 35, 39, 42, 50, 57, 64, 70, 85, 100, 125, 150, 169],
+            [11, 12, 20, 23, 24, 30, 35, 45, 64, 70, 80, 90, 100], [9, 15, 17, 20, 32, 48, 51, 64],
+            [6, 7, 9, 11, 13, 15, 19, 26, 30, 35], [6, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25], _R(5, 16)],
+        9: [[16, 17, 18, 20, 30, 34, 37, 45, 47, 48, 50, 64, 75, 100, 125, 150, 175, 200, 225, 256],
+            [5, 10, 15, 20, 25, 30, 35, 40, 45, 50, 75, 100, 169],
+            [5, 10, 15, 20, 25, 30, 35, 40, 45, 50, 60, 70, 85, 100], [5, 10, 15, 20, 25, 30, 35, 40, 45, 50, 64],
+            _R(5, 36), _R(5, 25), _R(5, 16)],
+    },
+    30: {
+        3: [[5, 6, 7, 8, 9, 10, 11, 12, 13, 16], [5, 6, 7, 8, 9]],
+        4: [[6, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 25], [6, 7, 8, 9, 10, 11, 12, 13, 15, 16],
+            [5, 6, 7, 8, 9]],
+        5: [[6, 8, 10, 12, 13, 16, 18, 22, 24, 26, 28, 30, 35, 36], [6, 8, 10, 11, 12, 13, 14, 16, 17, 18, 20, 25],
+            [6, 7, 8, 9, 10, 11, 12, 13, 15, 16]],
+        6: [[8, 9, 10, 13, 15, 16, 17, 20, 23, 24, 26, 40, 41, 42, 43, 44, 46, 48, 50, 64],
+            [5, 9, 10, 11, 13, 14, 16, 17, 23, 24, 25, 26, 27, 29, 30, 35],
+            [7, 8, 9, 11, 13, 14, 15, 16, 17, 18, 20, 25], [5, 7, 9, 11, 12, 13, 16]],
+        7: [[11, 20, 22, 25, 28, 30, 32, 35, 37, 40, 51, 56, 60, 64, 75, 85, 90, 100],
+            [8, 10, 13, 15, 16, 18, 20, 22, 24, 25, 30, 32, 38, 40, 42, 43, 44, 46, 48, 49, 50, 51, 64],
+            [6, 9, 10, 11, 13, 14, 17, 19, 21, 23, 25, 27, 28, 29, 35], [5, 6, 8, 11, 12, 14, 15, 17, 19, 20, 25],
+            [5, 7, 9, 11, 12, 13, 16]],
+        8: [[16, 19, 24, 27, 29, 31, 37, 39, 40, 41, 50, 52, 54, 58, 63, 70, 85, 100, 125, 150, 169],
+            [13, 19, 21, 23, 25, 27, 29, 31, 32, 33, 35, 36, 40, 42, 44, 54, 56, 57, 59, 60, 64, 70, 80, 90, 100],
+            [8, 10, 13, 15, 17, 19, 21, 22, 23, 24, 26, 28, 31, 35, 38, 40, 42, 44, 46, 48, 50, 51, 60, 64],
+            [6, 8, 10, 11, 13, 14, 16, 19, 21, 23, 25, 26, 27, 28, 29, 30, 35],
+            [6, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25], _R(5, 16)],
+        9: [[16, 17, 32, 33, 34, 37, 48, 49, 50, 52, 54, 60, 64, 75, 100, 125, 150, 175, 200, 225, 256],
+            [5, 10, 15, 20, 25, 30, 35, 40, 45, 50, 75, 100, 169],
+            [5, 10, 15, 20, 25, 30, 35, 40, 45, 50, 60, 70, 85, 100], [5, 10, 15, 20, 25, 30, 35, 40, 45, 50, 64],
+            _R(5, 36), _R(5, 25), _R(5, 16)],
+    },
+}
+del _R
+
 # LiteVAR's calibration set: 20 batches of 8 consecutive classes starting at these (cfg 4, top_k 900, top_p .95).
 LITEVAR_CALIBRATION_STARTS = (10, 50, 88, 100, 150, 187, 272, 380, 429, 480, 522, 597, 630, 680, 750, 790, 850, 880,
                               900, 972)
@@ -595,8 +641,12 @@ def segment_statistics(p: torch.Tensor, k: int, segs: Sequence[int], patch_nums:
 
 def choose_widths(hist: torch.Tensor, seg_mass: torch.Tensor, total: torch.Tensor, k: int, segs: Sequence[int],
                   patch_nums: Sequence[int], threshold: float, drop: Sequence[float] | None, special_last: bool,
-                  candidates: Sequence[int] | None) -> torch.Tensor:
-    """Widths (H, nseg) for one (scale, block) from the recorded statistics (spec B.2 rules 2-4)."""
+                  candidates: Sequence[int] | Sequence[Sequence[int]] | None) -> torch.Tensor:
+    """Widths (H, nseg) for one (scale, block) from the recorded statistics (spec B.2 rules 2-4).
+
+    ``candidates``: None (every width 1 ... n_seg), one list for all segments, or one list per segment.
+    """
+    per_seg = candidates is not None and len(candidates) > 0 and not isinstance(candidates[0], (int, np.integer))
     H, nseg, _ = hist.shape
     out = torch.zeros(H, nseg, dtype=torch.int16)
     share = seg_mass / total.clamp_min(1e-30)[:, None]
@@ -613,7 +663,8 @@ def choose_widths(hist: torch.Tensor, seg_mass: torch.Tensor, total: torch.Tenso
                     continue  # width 0 = DROP
             cum = hist[h, si, : n_seg + 1].cumsum(0)  # cum[w] = mass inside band of width w
             need = threshold * float(seg_mass[h, si])
-            cands = range(1, n_seg + 1) if candidates is None else sorted(c for c in candidates if 0 < c <= n_seg)
+            pool = candidates[si] if per_seg else candidates
+            cands = range(1, n_seg + 1) if pool is None else sorted(int(c) for c in pool if 0 < c <= n_seg)
             w = n_seg  # FULL if no candidate reaches the threshold
             for c in cands:
                 if float(cum[c]) >= need - 1e-12 * max(need, 1.0):
@@ -631,7 +682,7 @@ def calibrate_litevar(
     threshold: float = 0.95,
     prob_floor: float = 0.003,
     drop_table: str | Mapping[int, Sequence[float]] | None = "litevar",
-    candidate_widths: str | Sequence[int] = "all",
+    candidate_widths: str | Sequence[int] = "all",  # "all", "litevar" (d16/d30 lists) or a list
     maskable: Mapping[int, Sequence[int]] | None = None,
     batch_size: int = 8,
     guidance_scale: float = 4.0,
@@ -644,8 +695,8 @@ def calibrate_litevar(
     Per batch (CFG batch of 2 x ``batch_size``), scale, block, head and maskable segment: probabilities below
     ``prob_floor`` are zeroed; the segment is DROPped when its share of the head's mass is below ``drop_table``
     (``"litevar"``: the release's table, 10-scale models only; None: never drop); otherwise it gets the smallest
-    candidate width whose band keeps ``threshold`` of the segment's mass (``candidate_widths="all"``: 1 ... n_seg),
-    FULL if none does. Batches merge by **union** (max width; our documented choice, the release's merge rule is
+    candidate width whose band keeps ``threshold`` of the segment's mass (``candidate_widths="all"``: 1 ... n_seg;
+    ``"litevar"``: the release's hand-picked d16/d30 lists), FULL if none does. Batches merge by **union** (max width; our documented choice, the release's merge rule is
     not published). ``class_labels`` default: LiteVAR's calibration set (160 classes).
     """
     tr, _ = _resolve(pipe)
@@ -671,13 +722,19 @@ def calibrate_litevar(
         for k_, segs in layout.items():
             if k_ in table and len(table[k_]) != len(segs):
                 raise ValueError(f"drop_table[{k_}] has {len(table[k_])} thresholds for {len(segs)} segments")
+    cand_table: dict[int, Any] | None = None
     if candidate_widths == "all":
         cands = None
+    elif candidate_widths == "litevar":
+        if tr.num_heads not in LITEVAR_CANDIDATE_WIDTHS or patch_nums != DEFAULT_PATCH_NUMS or layout != default_maskable(patch_nums):
+            raise ValueError(
+                "candidate_widths='litevar' exists only for the release's 16- and 30-head models (d16, d30) with "
+                f"patch_nums {DEFAULT_PATCH_NUMS}; this model has {tr.num_heads} heads: use 'all' or a list of ints"
+            )
+        cands = None
+        cand_table = LITEVAR_CANDIDATE_WIDTHS[tr.num_heads]
     elif isinstance(candidate_widths, str):
-        raise ValueError(
-            f"candidate_widths {candidate_widths!r}: use 'all' or a list of ints (the release's hand-picked d16/d30 "
-            "lists are not shipped here)"
-        )
+        raise ValueError(f"candidate_widths {candidate_widths!r}: use 'all', 'litevar' or a list of ints")
     else:
         cands = [int(c) for c in candidate_widths]
     if getattr(tr, _STATE, None) is not None:
@@ -700,7 +757,8 @@ def calibrate_litevar(
                     hist, seg_mass, total = rec.data[(k_, b)]
                     w[b] = choose_widths(hist, seg_mass, total, k_, segs, patch_nums, threshold,
                                          None if table is None else table.get(k_),
-                                         drop_table == "litevar" and k_ == len(patch_nums) - 1, cands)
+                                         drop_table == "litevar" and k_ == len(patch_nums) - 1,
+                                         cand_table[k_] if cand_table is not None else cands)
                 widths[k_] = w
             ms = LiteVARMaskSet(patch_nums, depth, H, widths, layout)
             merged = ms if merged is None else merged.union(ms)
