@@ -67,8 +67,8 @@ LITEVAR_CANDIDATE_WIDTHS: dict[int, dict[int, list[list[int]]]] = {
         3: [[5, 6, 7, 8, 9, 10, 11, 12, 15], [4, 5, 6, 7, 9]],
         4: [[6, 7, 8, 9, 10, 11, 13, 15, 17, 20, 25], [6, 7, 8, 9, 10, 11, 13, 15], [4, 5, 6, 7, 9]],
         5: [[6, 7, 11, 12, 13, 18, 20, 25, 28, 30], [6, 7, 8, 9, 10, 13, 15, 17, 20, 25], [5, 6, 7, 8, 10, 12, 13]],
-        6: [[8, 9, 11, 16, 18, 26, 30, 43, 51, 64], [8, 9, 10, 11, 12, 13, 17, 24, 30, 35], [6, 7, 8, 9, 10, 15, 20, 25],
-            [6, 7, 9, 11, 13, 16]],
+        6: [[8, 9, 11, 16, 18, 26, 30, 43, 51, 64], [8, 9, 10, 11, 12, 13, 17, 24, 30, 35],
+            [6, 7, 8, 9, 10, 15, 20, 25], [6, 7, 9, 11, 13, 16]],
         7: [[11, 20, 21, 22, 25, 30, 50, 64, 75, 85, 90, 100], [9, 10, 13, 18, 20, 31, 46, 51, 64],
             [7, 9, 10, 12, 20, 25, 30, 36], [7, 8, 9, 10, 11, 15, 18, 20, 25], [6, 7, 9, 11, 13, 16]],
         8: [[14, 15, 28, 35, 39, 42, 50, 57, 64, 70, 85, 100, 125, 150, 169],
@@ -175,7 +175,9 @@ class LiteVARMaskSet:
                     "always stay visible, so every query keeps at least one key)"
                 )
         if set(self.widths) != set(self.maskable):
-            raise ValueError(f"widths given for scales {sorted(self.widths)}, maskable layout has {sorted(self.maskable)}")
+            raise ValueError(
+                f"widths given for scales {sorted(self.widths)}, maskable layout has {sorted(self.maskable)}"
+            )
         for k, w in self.widths.items():
             want = (self.depth, self.num_heads, len(self.maskable[k]))
             if tuple(w.shape) != want:
@@ -251,7 +253,10 @@ class LiteVARMaskSet:
     # ----- merge / io -----
     def union(self, other: "LiteVARMaskSet") -> "LiteVARMaskSet":
         """Keep what either keeps: max width per entry (FULL wins; DROP only where both drop)."""
-        if (other.patch_nums, other.depth, other.num_heads, other.maskable) != (self.patch_nums, self.depth, self.num_heads, self.maskable):
+        def ident(m: "LiteVARMaskSet") -> tuple:
+            return (m.patch_nums, m.depth, m.num_heads, m.maskable)
+
+        if ident(other) != ident(self):
             raise ValueError("cannot merge mask sets of different models / layouts")
         widths = {k: torch.maximum(self.widths[k], other.widths[k]) for k in self.widths}
         return LiteVARMaskSet(self.patch_nums, self.depth, self.num_heads, widths, self.maskable, self.metadata)
@@ -276,15 +281,22 @@ class LiteVARMaskSet:
             if meta.get("format") != "litevar-masks":
                 raise ValueError(f"{path}: not a LiteVAR mask file (format={meta.get('format')!r})")
             if int(meta.get("version", 0)) > MASK_FORMAT_VERSION:
-                raise ValueError(f"{path}: mask format version {meta['version']} is newer than supported {MASK_FORMAT_VERSION}")
+                raise ValueError(
+                    f"{path}: mask format version {meta['version']} is newer than supported {MASK_FORMAT_VERSION}"
+                )
             widths = {int(k[len("width_scale"):]): f.get_tensor(k) for k in f.keys()}
         maskable = {int(k): tuple(v) for k, v in json.loads(meta["maskable"]).items()}
         return cls(json.loads(meta["patch_nums"]), int(meta["depth"]), int(meta["num_heads"]), widths, maskable,
                    json.loads(meta.get("metadata", "{}")))
 
     def __eq__(self, other: object) -> bool:
-        return (isinstance(other, LiteVARMaskSet) and self.patch_nums == other.patch_nums and self.maskable == other.maskable
-                and self.widths.keys() == other.widths.keys() and all(torch.equal(self.widths[k], other.widths[k]) for k in self.widths))
+        return (
+            isinstance(other, LiteVARMaskSet)
+            and self.patch_nums == other.patch_nums
+            and self.maskable == other.maskable
+            and self.widths.keys() == other.widths.keys()
+            and all(torch.equal(self.widths[k], other.widths[k]) for k in self.widths)
+        )
 
     def summary(self) -> dict[str, Any]:
         out = {}
@@ -327,7 +339,9 @@ class LiteVARConfig:
         if self.quant is not None:
             self.quant = self.quant.lower()
             if self.quant not in QUANT_PRESETS and self.quant not in REAL_QUANT:
-                raise ValueError(f"quant {self.quant!r}: choose None, one of {tuple(QUANT_PRESETS)} (fake-quant) or 'int8'")
+                raise ValueError(
+                    f"quant {self.quant!r}: choose None, one of {tuple(QUANT_PRESETS)} (fake-quant) or 'int8'"
+                )
         if self.attn_bits is not None and not 2 <= self.attn_bits <= 16:
             raise ValueError("attn_bits must be in 2..16")
         if isinstance(self.masks, (str, os.PathLike)):
@@ -466,7 +480,8 @@ class LiteVARAttnProcessor:
             self._record(si, B, H, D, Lq, Lk, mask, share)
         return self._base.out(attn, o)
 
-    def _record(self, si: int, B: int, H: int, D: int, Lq: int, Lk: int, mask: torch.Tensor | None, share: bool) -> None:
+    def _record(self, si: int, B: int, H: int, D: int, Lq: int, Lk: int, mask: torch.Tensor | None,
+                share: bool) -> None:
         ctx = self.context
         dense = float(Lq * Lk * H)
         kept = dense * (self.config.masks.kept_share(si, self.block_idx) if mask is not None else 1.0)
@@ -479,8 +494,9 @@ class LiteVARAttnProcessor:
         acc[0] += kept * B
         acc[1] += dense * B
         acc[2] += kept * score_batches
-        ctx.stats.info["kept_attention_share_per_scale"] = {s: round(a[0] / a[1], 6) for s, a in sorted(ctx.scale_pairs.items())}
-        ctx.stats.info["computed_score_share_per_scale"] = {s: round(a[2] / a[1], 6) for s, a in sorted(ctx.scale_pairs.items())}
+        pairs = sorted(ctx.scale_pairs.items())
+        ctx.stats.info["kept_attention_share_per_scale"] = {s: round(a[0] / a[1], 6) for s, a in pairs}
+        ctx.stats.info["computed_score_share_per_scale"] = {s: round(a[2] / a[1], 6) for s, a in pairs}
         ctx.stats.steps_seen = max(ctx.stats.steps_seen, si + 1)
 
 
@@ -617,7 +633,8 @@ class _Recorder:
         self.data[(k, block)] = list(stats) if cur is None else [a + b for a, b in zip(cur, stats)]
 
 
-def segment_statistics(p: torch.Tensor, k: int, segs: Sequence[int], patch_nums: Sequence[int]) -> tuple[torch.Tensor, ...]:
+def segment_statistics(p: torch.Tensor, k: int, segs: Sequence[int],
+                       patch_nums: Sequence[int]) -> tuple[torch.Tensor, ...]:
     """From probabilities (B, H, n_k, cum_k): per head the mass of each segment by minimal band width
     (H, nseg, n_max + 1), the mass per segment (H, nseg) and the head's total mass (H,), summed over batch and
     queries."""
@@ -696,8 +713,8 @@ def calibrate_litevar(
     ``prob_floor`` are zeroed; the segment is DROPped when its share of the head's mass is below ``drop_table``
     (``"litevar"``: the release's table, 10-scale models only; None: never drop); otherwise it gets the smallest
     candidate width whose band keeps ``threshold`` of the segment's mass (``candidate_widths="all"``: 1 ... n_seg;
-    ``"litevar"``: the release's hand-picked d16/d30 lists), FULL if none does. Batches merge by **union** (max width; our documented choice, the release's merge rule is
-    not published). ``class_labels`` default: LiteVAR's calibration set (160 classes).
+    ``"litevar"``: the release's hand-picked d16/d30 lists), FULL if none does. Batches merge by **union** (max
+    width; our documented choice, the release's merge rule is not published). ``class_labels`` default: LiteVAR's calibration set (160 classes).
     """
     tr, _ = _resolve(pipe)
     if not 0 < threshold <= 1:
@@ -726,7 +743,8 @@ def calibrate_litevar(
     if candidate_widths == "all":
         cands = None
     elif candidate_widths == "litevar":
-        if tr.num_heads not in LITEVAR_CANDIDATE_WIDTHS or patch_nums != DEFAULT_PATCH_NUMS or layout != default_maskable(patch_nums):
+        if (tr.num_heads not in LITEVAR_CANDIDATE_WIDTHS or patch_nums != DEFAULT_PATCH_NUMS
+                or layout != default_maskable(patch_nums)):
             raise ValueError(
                 "candidate_widths='litevar' exists only for the release's 16- and 30-head models (d16, d30) with "
                 f"patch_nums {DEFAULT_PATCH_NUMS}; this model has {tr.num_heads} heads: use 'all' or a list of ints"
@@ -766,7 +784,8 @@ def calibrate_litevar(
         tr.set_attn_processor(dict(originals))
     merged.metadata = {
         "threshold": threshold, "prob_floor": prob_floor,
-        "drop_table": drop_table if isinstance(drop_table, str) or drop_table is None else {str(a): list(b) for a, b in drop_table.items()},
+        "drop_table": (drop_table if isinstance(drop_table, str) or drop_table is None
+                       else {str(a): list(b) for a, b in drop_table.items()}),
         "candidate_widths": candidate_widths if isinstance(candidate_widths, str) else list(cands),
         "class_labels": labels, "batch_size": batch_size, "seed": seed, "guidance_scale": guidance_scale,
         "top_k": top_k, "top_p": top_p, "merge": "union", "version": MASK_FORMAT_VERSION,

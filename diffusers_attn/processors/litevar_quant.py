@@ -82,7 +82,8 @@ def int8_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (w.float() / s[:, None]).round().clamp(-127, 127).to(torch.int8), s
 
 
-def int8_linear(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def int8_linear(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor:
     """``x @ W^T + b`` with per-token int8 activations and ``torch._int_mm`` (M padded to >16 and to x8)."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
@@ -123,7 +124,8 @@ def quantizable_linears(model: nn.Module, exclude: Iterable[str]) -> tuple[list[
     return chosen, kept
 
 
-def apply_fake_quant(model: nn.Module, w_bits: int, a_bits: int, exclude: Iterable[str], parity_divisor: bool) -> tuple[list[str], list[str]]:
+def apply_fake_quant(model: nn.Module, w_bits: int, a_bits: int, exclude: Iterable[str],
+                     parity_divisor: bool) -> tuple[list[str], list[str]]:
     chosen, kept = quantizable_linears(model, exclude)
     for _, mod in chosen:
         mod.__class__ = FakeQuantLinear

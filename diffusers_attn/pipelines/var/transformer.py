@@ -261,7 +261,8 @@ class VARTransformer(ModelMixin, ConfigMixin, AttentionMixin):
 
     def first_input(self, cond: torch.Tensor) -> torch.Tensor:
         B = cond.shape[0]
-        return cond[:, None].expand(B, self.first_l, -1) + self.pos_start.expand(B, -1, -1) + self.lvl_pos()[:, : self.first_l]
+        sos = cond[:, None].expand(B, self.first_l, -1)
+        return sos + self.pos_start.expand(B, -1, -1) + self.lvl_pos()[:, : self.first_l]
 
     def run_blocks(self, x: torch.Tensor, cond: torch.Tensor, attn_bias: torch.Tensor | None = None,
                    **attn_kwargs: Any) -> torch.Tensor:
