@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import environment, timeit  # noqa: E402
 from diffusers_attn import LiteVARConfig, LiteVARMaskSet, VARPipeline, VARTransformer, VQVAE, apply_litevar  # noqa: E402
-from diffusers_attn import get_attention_stats, remove_litevar  # noqa: E402
+from diffusers_attn import get_attention_stats  # noqa: E402
 from diffusers_attn.processors.litevar import default_maskable  # noqa: E402
 
 
@@ -72,66 +72,91 @@ def build(depth: int, device: torch.device, dtype: torch.dtype, reduced: bool, a
     return pipe
 
 
+def _model_bytes(pipe: VARPipeline) -> int:
+    return sum(t.numel() * t.element_size() for m in (pipe.transformer, pipe.vqvae)
+               for t in list(m.parameters()) + list(m.buffers()))
+
+
 def run(args) -> list[dict]:
+    """All variants of one depth are resident at once and timed round-robin (one run of each per repeat), so slow
+    drift of a shared machine hits every variant alike. Peak memory of a variant = its own weights + the peak
+    extra allocation of its call (other variants' resident weights are not counted)."""
     device = torch.device(args.device)
+    cuda = device.type == "cuda"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    reduced = device.type != "cuda" or args.reduced
+    reduced = not cuda or args.reduced
     results = []
     for depth in args.depths:
-        pipe = build(depth, device, dtype, reduced, args)
-        tr = pipe.transformer
+        base = build(depth, device, dtype, reduced, args)
+        tr = base.transformer
         fl = analytic_flops(depth, tr.C, tr.patch_nums)
         masks = synthetic_masks(tr, args.mask_width_frac)
-        variants = {
+        configs = {
             "dense": None,
             "masks": LiteVARConfig(masks=masks),
             "cfg_share": LiteVARConfig(share_cfg_attention=True),
             "w8a8_fake": LiteVARConfig(quant="w8a8"),
         }
-        if device.type == "cuda":
-            variants["int8"] = LiteVARConfig(quant="int8")
-            variants["combined_int8"] = LiteVARConfig(masks=masks, share_cfg_attention=True, quant="int8")
+        if cuda:
+            configs["int8"] = LiteVARConfig(quant="int8")
+            configs["combined_int8"] = LiteVARConfig(masks=masks, share_cfg_attention=True, quant="int8")
         else:
-            variants["combined_fake"] = LiteVARConfig(masks=masks, share_cfg_attention=True, quant="w8a8")
-        for name, cfg in variants.items():
-            if name.endswith("int8"):
-                pipe = build(depth, device, dtype, reduced, args)  # int8 conversion is one-way: fresh model
+            configs["combined_fake"] = LiteVARConfig(masks=masks, share_cfg_attention=True, quant="w8a8")
+        if args.variants:
+            configs = {k: v for k, v in configs.items() if k in args.variants}
+        pipes = {}
+        for name, cfg in configs.items():
+            pipe = base if name == "dense" else build(depth, device, dtype, reduced, args)
             if cfg is not None:
                 apply_litevar(pipe, cfg)
-            for B in args.batches:
-                labels = [(7 * i) % 1000 for i in range(B)]
+            pipes[name] = pipe
+        for B in args.batches:
+            labels = [(7 * i) % 1000 for i in range(B)]
 
-                def sample(output_type: str):
-                    g = torch.Generator(device).manual_seed(0)
-                    return pipe(labels, guidance_scale=4.0, top_k=900, top_p=0.95, generator=g, output_type=output_type)
-
-                cuda = device.type == "cuda"
+            def call(pipe: VARPipeline, output_type: str):
+                g = torch.Generator(device).manual_seed(0)
+                out = pipe(labels, guidance_scale=4.0, top_k=900, top_p=0.95, generator=g, output_type=output_type)
                 if cuda:
                     torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats()
-                t_lat = timeit(lambda: sample("latent"), device, warmup=args.warmup, repeats=args.repeats)
-                peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-                if cuda:
-                    torch.cuda.reset_peak_memory_stats()
-                t_img = timeit(lambda: sample("pt"), device, warmup=0, repeats=args.repeats)
-                peak_img = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+                return out
+
+            peaks = {}
+            for name, pipe in pipes.items():  # warm-up + peak memory, one variant at a time
+                for _ in range(args.warmup):
+                    call(pipe, "pt")
+                for ot in ("latent", "pt"):
+                    if cuda:
+                        torch.cuda.synchronize()
+                        before = torch.cuda.memory_allocated()
+                        torch.cuda.reset_peak_memory_stats()
+                    call(pipe, ot)
+                    if cuda:
+                        peaks[(name, ot)] = (torch.cuda.max_memory_allocated() - before + _model_bytes(pipe)) / 2**30
+            times = {(n, ot): [] for n in pipes for ot in ("latent", "pt")}
+            for _ in range(args.repeats):
+                for name, pipe in pipes.items():
+                    for ot in ("latent", "pt"):
+                        times[(name, ot)].append(timeit(lambda: call(pipe, ot), device, warmup=0, repeats=1)["median_ms"])
+            for name, pipe in pipes.items():
+                lat, img = sorted(times[(name, "latent")]), sorted(times[(name, "pt")])
+                med = lambda t: t[len(t) // 2] if len(t) % 2 else (t[len(t) // 2 - 1] + t[len(t) // 2]) / 2  # noqa: E731
                 row = {
                     "depth": depth, "width": tr.C, "batch": B, "variant": name,
-                    "ms_per_image_no_decode": t_lat["median_ms"] / B, "ms_per_image_with_decode": t_img["median_ms"] / B,
-                    "p20_p80_no_decode_ms": [t_lat["p20_ms"] / B, t_lat["p80_ms"] / B],
-                    "peak_mem_GiB_no_decode": peak, "peak_mem_GiB_with_decode": peak_img, "attention_flop_share": fl["attention_share"],
+                    "ms_per_image_no_decode": med(lat) / B, "ms_per_image_with_decode": med(img) / B,
+                    "min_ms_per_image_no_decode": lat[0] / B, "min_ms_per_image_with_decode": img[0] / B,
+                    "peak_mem_GiB_no_decode": peaks.get((name, "latent")),
+                    "peak_mem_GiB_with_decode": peaks.get((name, "pt")),
+                    "weights_GiB": _model_bytes(pipe) / 2**30, "attention_flop_share": fl["attention_share"],
                 }
-                if cfg is not None:
+                if configs[name] is not None:
                     st = get_attention_stats(pipe, log=False)
                     row["kept_attention_share_per_scale"] = st.info.get("kept_attention_share_per_scale")
                     row["computed_score_share_per_scale"] = st.info.get("computed_score_share_per_scale")
                     row["quantized_layers"] = len(st.info.get("quantized_layers") or [])
                 results.append(row)
                 print(json.dumps(row), flush=True)
-            if cfg is not None and not name.endswith("int8"):
-                remove_litevar(pipe)
-        del pipe
-        if device.type == "cuda":
+        del pipes, base, pipe
+        if cuda:
             torch.cuda.empty_cache()
     return results
 
@@ -148,6 +173,7 @@ def main() -> None:
     ap.add_argument("--reduced", action="store_true", help="reduced sizes on GPU too")
     ap.add_argument("--reduced-width", type=int, default=256)
     ap.add_argument("--reduced-vae-ch", type=int, default=32)
+    ap.add_argument("--variants", nargs="+", default=None, help="subset of variants (default: all)")
     ap.add_argument("--out", default=None, help="write results JSON here")
     args = ap.parse_args()
     cuda = args.device.startswith("cuda")
