@@ -291,6 +291,25 @@ def test_int8_path_cpu_error_and_math():
     assert out.shape == ref.shape and float((out - ref).norm() / ref.norm()) < 2e-2
     with pytest.raises(ValueError, match="quant 'int4'"):
         LiteVARConfig(quant="int4")
+    # the whole int8 conversion on the tiny model (kernel through torch._int_mm on CPU): logits stay close
+    from diffusers_attn.processors.litevar_quant import Int8Linear, quantizable_linears, to_int8_linear
+
+    pipe = tiny_pipe(PN)
+    tr = pipe.transformer
+    labels = torch.tensor([3, 9])
+    _, teacher = random_teacher_inputs(pipe, 2, seed=2)
+    with torch.no_grad():
+        ref = tr(labels, teacher)
+    chosen, kept = quantizable_linears(tr, ("ffn.fc2",))
+    for _, mod in chosen:
+        to_int8_linear(mod)
+    assert type(tr.blocks[0].attn.mat_qkv) is Int8Linear and "blocks.0.ffn.fc2" in kept
+    assert not hasattr(tr.blocks[0].attn.mat_qkv, "weight") or tr.blocks[0].attn.mat_qkv.weight is None
+    with torch.no_grad():
+        out = tr(labels, teacher)
+    assert float((out - ref).norm() / ref.norm()) < 0.05
+    f_hat = pipe([1, 2], top_k=20, generator=torch.Generator().manual_seed(0), output_type="latent").images
+    assert f_hat.shape == (2, 8, 6, 6) and torch.isfinite(f_hat).all()  # the sampler runs on int8 linears
 
 
 def test_stats_report_kept_share_and_quantized_layers():

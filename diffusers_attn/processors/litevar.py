@@ -576,7 +576,8 @@ def remove_litevar(pipe_or_model: Any) -> bool:
         return False
     originals, _, _ = state
     tr.set_attn_processor(dict(originals))
-    remove_fake_quant(tr)
+    if remove_fake_quant(tr):
+        logger.warning("diffusers-attn: the int8 linears stay int8 (the conversion is one-way); reload the model")
     registry = getattr(tr, "_diffusers_hook", None)
     if registry is not None and registry.get_hook(CONTEXT_HOOK_NAME) is not None:
         registry.remove_hook(CONTEXT_HOOK_NAME, recurse=False)

@@ -93,7 +93,11 @@ def int8_linear(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor,
     Mp = max(24, (M + 7) // 8 * 8)  # _int_mm on CUDA needs M > 16 and multiples of 8
     if Mp != M:
         xq = F.pad(xq, (0, 0, 0, Mp - M))
-    acc = torch._int_mm(xq, w_int8.t())[:M]
+    wt = w_int8.t()
+    try:
+        acc = torch._int_mm(xq, wt)[:M]
+    except RuntimeError:  # a backend that wants a row-major second operand
+        acc = torch._int_mm(xq, wt.contiguous())[:M]
     out = acc.float() * sx[:, None] * w_scale[None, :]
     if bias is not None:
         out = out + bias.float()
@@ -110,12 +114,26 @@ class Int8Linear(nn.Linear):
         return self.forward_with_bias(x, self.bias)
 
 
+def to_int8_linear(mod: nn.Linear) -> Int8Linear:
+    """Convert ``mod`` in place to :class:`Int8Linear` (no device check: ``torch._int_mm`` also runs on CPU, which
+    the tests use; ``apply_int8`` is the CUDA-only public route)."""
+    wq, ws = int8_weight(mod.weight.detach())
+    del mod.weight
+    mod.__class__ = Int8Linear
+    mod.register_buffer("w_int8", wq, persistent=False)
+    mod.register_buffer("w_scale", ws, persistent=False)
+    return mod  # type: ignore[return-value]
+
+
 def quantizable_linears(model: nn.Module, exclude: Iterable[str]) -> tuple[list[tuple[str, nn.Linear]], list[str]]:
     """(name, module) of the plain ``nn.Linear`` layers to quantize, and the names left in 16 bit."""
     exclude = tuple(exclude)
     chosen, kept = [], []
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.Linear):
+            continue
+        if type(mod) is Int8Linear:
+            chosen.append((name, mod))  # already converted (int8 is one-way)
             continue
         if type(mod) not in (nn.Linear, FakeQuantLinear) or any(e in name for e in exclude):
             kept.append(name)  # excluded by name, or a Linear subclass with its own forward (SharedAdaLin)
@@ -127,6 +145,8 @@ def quantizable_linears(model: nn.Module, exclude: Iterable[str]) -> tuple[list[
 def apply_fake_quant(model: nn.Module, w_bits: int, a_bits: int, exclude: Iterable[str],
                      parity_divisor: bool) -> tuple[list[str], list[str]]:
     chosen, kept = quantizable_linears(model, exclude)
+    if any(type(m) is Int8Linear for _, m in chosen):
+        raise RuntimeError("this model was converted to real int8 (one-way): reload it before fake-quantizing")
     for _, mod in chosen:
         mod.__class__ = FakeQuantLinear
         mod.w_bits, mod.a_bits, mod.parity_divisor = w_bits, a_bits, parity_divisor
@@ -143,22 +163,23 @@ def apply_int8(model: nn.Module, exclude: Iterable[str]) -> tuple[list[str], lis
         )
     chosen, kept = quantizable_linears(model, exclude)
     for name, mod in chosen:
+        if type(mod) is Int8Linear:
+            continue
         if mod.in_features % 8 or mod.out_features % 8:
             kept.append(name)  # _int_mm needs K and N multiples of 8
             continue
-        wq, ws = int8_weight(mod.weight.detach())
-        del mod.weight
-        mod.__class__ = Int8Linear
-        mod.register_buffer("w_int8", wq, persistent=False)
-        mod.register_buffer("w_scale", ws, persistent=False)
+        to_int8_linear(mod)
     return [n for n, m in chosen if isinstance(m, Int8Linear)], kept
 
 
-def remove_fake_quant(model: nn.Module) -> None:
+def remove_fake_quant(model: nn.Module) -> int:
+    """Un-wrap fake-quant linears; returns how many real int8 layers remain (that conversion is one-way)."""
+    int8 = 0
     for mod in model.modules():
         if type(mod) is FakeQuantLinear:
             mod.__class__ = nn.Linear
             for a in ("w_bits", "a_bits", "parity_divisor", "_wq_key", "_wq_cache"):
                 mod.__dict__.pop(a, None)
         elif type(mod) is Int8Linear:
-            raise RuntimeError("the real int8 conversion is one-way (fp weights were freed): reload the model")
+            int8 += 1
+    return int8

@@ -253,7 +253,7 @@ class VARTransformer(ModelMixin, ConfigMixin, AttentionMixin):
     def get_logits(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """Head in fp32 when the model is fp32; in low precision the head runs in the model dtype and the logits
         are returned in fp32 (like the reference under autocast)."""
-        dt = self.head.weight.dtype
+        dt = self.pos_1LC.dtype  # the model dtype (head.weight may be int8-converted away)
         return self.head(self.head_nm(x.float().to(dt), cond.to(dt))).float()
 
     def class_cond(self, labels: torch.Tensor) -> torch.Tensor:
