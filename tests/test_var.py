@@ -333,3 +333,40 @@ def test_low_precision_runs(dtype):
     pipe = tiny_pipe().to(dtype)
     out = pipe([1, 2], generator=torch.Generator().manual_seed(0), output_type="pt").images
     assert out.shape == (2, 3, 6, 6) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("shared_aln,litevar", [(False, False), (True, False), (False, True)])
+def test_pipeline_sampling_matches_teacher_forced_on_its_own_tokens(shared_aln, litevar):
+    """The sampler's per-scale logits (both CFG halves) equal one teacher-forced forward fed its sampled tokens
+    (dense, and with LiteVAR masks installed)."""
+    pipe = tiny_pipe(patch_nums=(1, 2, 3, 4, 6), shared_aln=shared_aln)
+    tr = pipe.transformer
+    if litevar:
+        from diffusers_attn import LiteVARConfig, LiteVARMaskSet, apply_litevar
+        from diffusers_attn.processors.litevar import default_maskable
+
+        lay = default_maskable((1, 2, 3, 4, 6))
+        widths = {k: torch.tensor([2, 3, 1][: len(segs)]).expand(2, 2, -1).clone() for k, segs in lay.items()}
+        apply_litevar(pipe, LiteVARConfig(masks=LiteVARMaskSet((1, 2, 3, 4, 6), 2, 2, widths, lay)))
+    seen = []
+    orig = tr.get_logits
+    tr.get_logits = lambda x, cond: seen.append(orig(x, cond)) or seen[-1]
+    try:
+        out = pipe([5, 17], guidance_scale=3.0, top_k=30, top_p=0.9, generator=torch.Generator().manual_seed(2),
+                   output_type="latent", return_token_ids=True)
+    finally:
+        del tr.get_logits
+    teacher = pipe.vqvae.quantize.idx_to_var_input(out.token_ids)
+    with torch.no_grad():
+        cond = tr(torch.tensor([5, 17]), teacher)
+        uncond = tr(torch.tensor([1000, 1000]), teacher)
+    for si, (bg, ed) in enumerate(tr.begin_ends):
+        torch.testing.assert_close(seen[si][:2], cond[:, bg:ed], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(seen[si][2:], uncond[:, bg:ed], rtol=1e-5, atol=1e-5)
+    # and the returned f_hat is the multi-scale sum of its tokens
+    SN = len(tr.patch_nums)
+    f_hat = torch.zeros(2, 8, 6, 6)
+    for si, pn in enumerate(tr.patch_nums):
+        h = pipe.vqvae.quantize.embedding(out.token_ids[si]).transpose(1, 2).reshape(2, 8, pn, pn)
+        f_hat, _ = pipe.vqvae.quantize.get_next_autoregressive_input(si, SN, f_hat, h)
+    torch.testing.assert_close(out.images, f_hat, rtol=1e-5, atol=1e-5)
