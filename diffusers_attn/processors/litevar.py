@@ -682,13 +682,12 @@ def choose_widths(hist: torch.Tensor, seg_mass: torch.Tensor, total: torch.Tenso
             cum = hist[h, si, : n_seg + 1].cumsum(0)  # cum[w] = mass inside band of width w
             need = threshold * float(seg_mass[h, si])
             pool = candidates[si] if per_seg else candidates
-            cands = range(1, n_seg + 1) if pool is None else sorted(int(c) for c in pool if 0 < c <= n_seg)
-            w = n_seg  # FULL if no candidate reaches the threshold
-            for c in cands:
-                if float(cum[c]) >= need - 1e-12 * max(need, 1.0):
-                    w = c
-                    break
-            out[h, si] = w
+            if pool is None:
+                cands = torch.arange(1, n_seg + 1)
+            else:
+                cands = torch.tensor(sorted({int(c) for c in pool if 0 < c <= n_seg}), dtype=torch.long)
+            ok = (cum[cands] >= need - 1e-12 * max(need, 1.0)).nonzero()
+            out[h, si] = int(cands[ok[0, 0]]) if len(ok) else n_seg  # FULL if no candidate reaches the threshold
     return out
 
 
