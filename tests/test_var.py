@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -370,3 +372,28 @@ def test_pipeline_sampling_matches_teacher_forced_on_its_own_tokens(shared_aln, 
         h = pipe.vqvae.quantize.embedding(out.token_ids[si]).transpose(1, 2).reshape(2, 8, pn, pn)
         f_hat, _ = pipe.vqvae.quantize.get_next_autoregressive_input(si, SN, f_hat, h)
     torch.testing.assert_close(out.images, f_hat, rtol=1e-5, atol=1e-5)
+
+
+REAL_DIR = os.environ.get("DIFFUSERS_ATTN_VAR_CHECKPOINTS")
+
+
+@pytest.mark.skipif(not REAL_DIR, reason="set DIFFUSERS_ATTN_VAR_CHECKPOINTS to a folder with the released .pth files")
+def test_real_checkpoints_load_strictly():
+    """With the released files present (vae_ch160v4096z32.pth, var_d16.pth, ...): strict load + a short forward."""
+    depths = [d for d in (16, 20, 24, 30) if os.path.exists(os.path.join(REAL_DIR, f"var_d{d}.pth"))]
+    if not depths:
+        pytest.skip("no var_d*.pth in DIFFUSERS_ATTN_VAR_CHECKPOINTS")
+    d = depths[0]
+    pipe = VARPipeline.from_var_checkpoint(os.path.join(REAL_DIR, "vae_ch160v4096z32.pth"),
+                                           os.path.join(REAL_DIR, f"var_d{d}.pth"), depth=d)
+    tr = pipe.transformer
+    ids = [torch.randint(0, 4096, (1, pn * pn)) for pn in tr.patch_nums[:3]]
+    f = torch.zeros(1, 32, 16, 16)
+    nxt = []
+    for si, pn in enumerate(tr.patch_nums[:2]):
+        h = pipe.vqvae.quantize.embedding(ids[si]).transpose(1, 2).reshape(1, 32, pn, pn)
+        f, x = pipe.vqvae.quantize.get_next_autoregressive_input(si, 10, f, h)
+        nxt.append(x.flatten(2).transpose(1, 2))
+    with torch.no_grad():
+        logits = tr(torch.tensor([207]), torch.cat(nxt, 1))
+    assert logits.shape == (1, 14, 4096) and torch.isfinite(logits).all()
