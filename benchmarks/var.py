@@ -161,6 +161,65 @@ def run(args) -> list[dict]:
     return results
 
 
+@torch.no_grad()
+def correctness_checks(args) -> bool:
+    """Before timing: at the benchmark's sizes and dtype, (a) the KV-cached incremental forward matches the
+    teacher-forced one, dense and with masks (bf16 tolerance), (b) real int8 (CUDA) and W8A8 fake-quant logits stay
+    close to the model's own logits. Prints relative errors; returns False on a failure."""
+    device = torch.device(args.device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    reduced = device.type != "cuda" or args.reduced
+    depth = args.depths[0]
+    ok = True
+
+    def rel(a, b):
+        return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
+
+    def incremental(tr, labels, teacher):
+        cond = tr.class_cond(labels)
+        x = tr.first_input(cond)
+        lvl = tr.lvl_pos()
+        out = []
+        tr.kv_caching(True)
+        for si, (bg, ed) in enumerate(tr.begin_ends):
+            out.append(tr.get_logits(tr.run_blocks(x, cond, None, scale_idx=si, cfg_batch=False), cond))
+            if si + 1 < len(tr.begin_ends):
+                nb, ne = tr.begin_ends[si + 1]
+                x = tr.word_embed(teacher[:, nb - 1 : ne - 1]) + lvl[:, nb:ne]
+        tr.kv_caching(False)
+        return torch.cat(out, 1)
+
+    pipe = build(depth, device, dtype, reduced, args)
+    tr = pipe.transformer
+    g = torch.Generator(device).manual_seed(0)
+    ids = [torch.randint(0, tr.vocab_size, (2, pn * pn), generator=g, device=device) for pn in tr.patch_nums]
+    teacher = pipe.vqvae.quantize.idx_to_var_input(ids).to(dtype)
+    labels = torch.tensor([207, 360], device=device)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    ref = tr(labels, teacher)
+    for name, cfg in (("dense", None), ("masks", LiteVARConfig(masks=synthetic_masks(tr, args.mask_width_frac)))):
+        if cfg is not None:
+            apply_litevar(pipe, cfg)
+        e = rel(incremental(tr, labels, teacher), tr(labels, teacher))
+        good = e <= tol and math.isfinite(e)
+        ok &= good
+        print(json.dumps({"check": f"kv_cache_vs_teacher_forced[{name}]", "rel_err": e, "tol": tol, "ok": good}))
+    from diffusers_attn import remove_litevar
+
+    remove_litevar(pipe)
+    quants = ["w8a8"] + (["int8"] if device.type == "cuda" else [])
+    for q in quants:
+        apply_litevar(pipe, LiteVARConfig(quant=q))
+        e = rel(tr(labels, teacher), ref)
+        good = e <= 0.1 and math.isfinite(e)  # random weights: a sanity bound, not a quality claim
+        ok &= good
+        print(json.dumps({"check": f"logits_vs_unquantized[{q}]", "rel_err": e, "ok": good}))
+        if q != "int8":
+            remove_litevar(pipe)
+    del pipe
+    return ok
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -174,6 +233,7 @@ def main() -> None:
     ap.add_argument("--reduced-width", type=int, default=256)
     ap.add_argument("--reduced-vae-ch", type=int, default=32)
     ap.add_argument("--variants", nargs="+", default=None, help="subset of variants (default: all)")
+    ap.add_argument("--skip-checks", action="store_true", help="skip the correctness checks run before timing")
     ap.add_argument("--out", default=None, help="write results JSON here")
     args = ap.parse_args()
     cuda = args.device.startswith("cuda")
@@ -186,6 +246,9 @@ def main() -> None:
     print(json.dumps({"env": env, "args": vars(args)}), flush=True)
     for d in (16, 20, 24, 30):  # the released 256-px models, whatever is timed below
         print(json.dumps({"analytic_flops_full_size": {"depth": d, **analytic_flops(d, 64 * d, DEFAULT_PN)}}))
+    if not args.skip_checks and not correctness_checks(args):
+        print("correctness checks FAILED: timings would be meaningless", file=sys.stderr)
+        sys.exit(1)
     res = run(args)
     if args.out:
         Path(args.out).write_text(json.dumps({"env": env, "args": vars(args), "results": res}, indent=1))
