@@ -85,6 +85,24 @@ def test_band_materialisation_matches_formula():
     assert torch.equal(band_mask(5, 5, 2), (torch.arange(5)[:, None] - torch.arange(5)).abs() < 2)
 
 
+def test_mask_set_validation():
+    lay = default_maskable(PN)
+    ok = {k: torch.ones(2, 2, len(v), dtype=torch.int16) for k, v in lay.items()}
+    with pytest.raises(ValueError, match="scale 0 keys"):
+        LiteVARMaskSet(PN, 2, 2, {3: torch.ones(2, 2, 2)}, {3: (3, 0)})
+    with pytest.raises(ValueError, match="expected"):
+        LiteVARMaskSet(PN, 2, 2, {**ok, 3: torch.ones(2, 2, 5)}, lay)
+    with pytest.raises(ValueError, match="negative"):
+        LiteVARMaskSet(PN, 2, 2, {**ok, 4: -torch.ones(2, 2, 3)}, lay)
+    with pytest.raises(ValueError, match="mask_mode"):
+        LiteVARConfig(mask_mode="sparse")
+    # every query keeps its scale-0 key even when every maskable segment is dropped
+    dropped = LiteVARMaskSet(PN, 2, 2, {k: torch.zeros(2, 2, len(v)) for k, v in lay.items()}, lay)
+    for k in lay:
+        m = dropped.scale_mask(k, 0)
+        assert m[:, :, 0].all() and m.any(-1).all()
+
+
 def test_mask_modes_row_sums():
     torch.manual_seed(0)
     q, k = torch.randn(1, 2, 16, 8), torch.randn(1, 2, 30, 8)

@@ -99,7 +99,8 @@ class VARPipeline(DiffusionPipeline):
         pipe = VARPipeline.from_var_checkpoint("vae_ch160v4096z32.pth", "var_d30.pth", depth=30).to("cuda")
     """
 
-    model_cpu_offload_seq = "transformer->vqvae"
+    # No model_cpu_offload_seq: the sampler calls the transformer's blocks directly (not ``forward``), which
+    # accelerate's offload hooks would not see; diffusers then refuses enable_model_cpu_offload with a clear error.
 
     def __init__(self, transformer: VARTransformer, vqvae: VQVAE) -> None:
         super().__init__()
