@@ -716,7 +716,9 @@ def calibrate_litevar(
     ``"litevar"``: the release's hand-picked d16/d30 lists), FULL if none does. Batches merge by **union** (max
     width; our documented choice, the release's merge rule is not published). ``class_labels`` default: LiteVAR's calibration set (160 classes).
     """
-    tr, _ = _resolve(pipe)
+    tr, owner = _resolve(pipe)
+    if owner is None:
+        raise TypeError("calibrate_litevar samples images: pass the VARPipeline, not its transformer")
     if not 0 < threshold <= 1:
         raise ValueError("threshold must be in (0, 1]")
     labels = list(class_labels) if class_labels is not None else litevar_calibration_labels()
