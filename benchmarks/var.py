@@ -84,7 +84,7 @@ def run(args) -> list[dict]:
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    reduced = not cuda or args.reduced
+    reduced = args.reduced or (not cuda and not args.full)
     results = []
     for depth in args.depths:
         base = build(depth, device, dtype, reduced, args)
@@ -168,7 +168,7 @@ def correctness_checks(args) -> bool:
     close to the model's own logits. Prints relative errors; returns False on a failure."""
     device = torch.device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    reduced = device.type != "cuda" or args.reduced
+    reduced = args.reduced or (device.type != "cuda" and not args.full)
     depth = args.depths[0]
     ok = True
 
@@ -230,6 +230,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--mask-width-frac", type=float, default=0.25)
     ap.add_argument("--reduced", action="store_true", help="reduced sizes on GPU too")
+    ap.add_argument("--full", action="store_true", help="full sizes on CPU too (slow)")
     ap.add_argument("--reduced-width", type=int, default=256)
     ap.add_argument("--reduced-vae-ch", type=int, default=32)
     ap.add_argument("--variants", nargs="+", default=None, help="subset of variants (default: all)")
@@ -237,7 +238,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write results JSON here")
     args = ap.parse_args()
     cuda = args.device.startswith("cuda")
-    args.depths = args.depths or ([16, 30] if cuda else [4])
+    args.depths = args.depths or ([16, 30] if cuda or args.full else [4])
     args.batches = args.batches or ([1, 16] if cuda else [1, 4])
     args.dtype = args.dtype or ("bf16" if cuda else "fp32")
     if cuda:
