@@ -13,6 +13,8 @@ from .processors.rainfusion import RainFusionConfig, RainFusionMethod, apply_rai
 from .processors.feat import FEATAttnProcessor, FEATConfig, apply_feat, distill_feat
 from .pipelines.feat import FEATTransformer3DModel
 from .stats import AttentionStats
+from .pipelines.var import VARPipeline, VARTransformer, VQVAE
+from .processors.litevar import LiteVARConfig, LiteVARMaskSet, apply_litevar, calibrate_litevar, remove_litevar
 
 __version__ = "0.1.0"
 
@@ -39,6 +41,14 @@ __all__ = [
     "supported_transformers",
     "OpenSoraPipeline",
     "OpenSoraTransformer3DModel",
+    "VARPipeline",
+    "VARTransformer",
+    "VQVAE",
+    "LiteVARConfig",
+    "LiteVARMaskSet",
+    "apply_litevar",
+    "calibrate_litevar",
+    "remove_litevar",
 ]
 
 _LAZY = {"OpenSoraPipeline", "OpenSoraTransformer3DModel"}  # imported on first use: the pipeline stack is slow to load
