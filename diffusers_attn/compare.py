@@ -201,6 +201,7 @@ def load_var_pipeline(model: str, device: torch.device, dtype: torch.dtype, seed
                 f"{', '.join(TINY_VAR_MODELS)}; a folder from VARPipeline.save_pretrained also works (the released "
                 ".pth files: VARPipeline.from_var_checkpoint(vae, var, depth) then save_pretrained)"
             ) from None
+        pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     if dtype != torch.float32:
         pipe.to(dtype)

@@ -276,6 +276,7 @@ def _register() -> None:
         describe=_litevar_describe,
         remove=_remove_litevar,
         plot=scale_plot,
+        plot_label="Kept attention share per block (rows) and scale (columns)",
         wants_call=True,
         load=lambda model, device, dtype: load_var_pipeline(model, device, dtype, seed=0),
         models=tuple(TINY_VAR_MODELS),
@@ -301,6 +302,7 @@ def _register() -> None:
         make_apply=_feat_apply,
         describe=_feat_describe,
         plot=feat_plot,
+        plot_label="FEAT: per-layer error vs softmax, before / after distillation",
         wants_call=True,
         models=tuple(TINY_MODELS),
         description=(

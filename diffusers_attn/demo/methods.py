@@ -102,7 +102,8 @@ class DemoMethod:
         remove: ``remove(pipe)`` undoing ``apply`` (default
             :func:`~diffusers_attn.install.remove_attention_acceleration`).
         plot: ``(AttentionStats, knob values, loaded pipeline) -> RGB array or None``: the figure under the outputs
-            (default: :func:`~diffusers_attn.demo.runner.pattern_plot`, per layer and head).
+            (default: :func:`~diffusers_attn.demo.runner.pattern_plot`, per layer and head); ``plot_label``
+            is its caption.
         wants_call: ``apply`` takes a second argument, a :class:`ApplyCall` (the generation's keyword arguments,
             seed, device, progress): methods that prepare on the same input (FEAT's short distillation).
 
@@ -123,6 +124,7 @@ class DemoMethod:
     remove: Callable[[Any], Any] | None = None
     plot: Callable[[Any, dict[str, Any], LoadedPipeline], Any] | None = None
     wants_call: bool = False
+    plot_label: str = ""
 
     def validate_knobs(self, values: dict[str, Any]) -> dict[str, Any]:
         return {k.name: k.validate(values.get(k.name, k.default)) for k in self.knobs}

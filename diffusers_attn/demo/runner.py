@@ -19,7 +19,7 @@ import torch
 
 from ..compare import ComparisonResult, LoadedPipeline, load_pipeline, resolve_device_dtype, run_comparison, write_video
 from ..stats import AttentionStats
-from .methods import DemoInputError, get_method
+from .methods import METHODS, DemoInputError, get_method
 
 logger = logging.getLogger(__name__)
 
@@ -189,6 +189,10 @@ class DemoRunner:
         if req.embeddings_path:
             embeds = load_embeddings(req.embeddings_path, loaded.pipe)
             loaded = dataclasses.replace(loaded, prompt_kwargs=lambda _p, _n=None: dict(embeds))
+        if loaded.kind == "image" and method.conditioning != "class_labels":
+            var_methods = [m.label for m in METHODS.values() if m.conditioning == "class_labels"]
+            raise DemoInputError(f"{req.model!r} is a class-conditional image model (class labels, no prompt): "
+                                 f"{method.label} does not apply; use {', '.join(var_methods)}")
         if method.conditioning == "class_labels":
             try:  # the class labels against the loaded model's classes, before anything runs
                 loaded.prompt_kwargs(v["prompt"], req.negative_prompt or None)
