@@ -187,12 +187,13 @@ def test_gradio_client_round_trip_var_images(served):
     fixed = ["tiny-var", "litevar", "207, 360", "", None, 0, False, 8, 9, 64, 64, False]
     out = client.predict(*fixed, *api_knobs("litevar"), api_name="/compare")
     dense_v, accel_v, dense_i, accel_i, dense_cap, accel_cap, summary, plot, metrics, seed_used = out
-    assert dense_v is None or dense_v.get("value") is None  # images, not videos
-    assert accel_v is None or accel_v.get("value") is None
+    assert not dense_v["visible"] and dense_v.get("value") is None  # images, not videos
+    assert not accel_v["visible"] and accel_v.get("value") is None
     from PIL import Image
 
-    dense_path = dense_i if isinstance(dense_i, str) else dense_i["path"]
-    accel_path = accel_i if isinstance(accel_i, str) else accel_i["path"]
+    assert dense_i["visible"] and accel_i["visible"]
+    dense_path, accel_path = dense_i["value"], accel_i["value"]
+    assert dense_path.endswith("dense.png") and accel_path.endswith("litevar.png")
     assert Image.open(dense_path).size == Image.open(accel_path).size == (2 * 64 + 4, 64)  # two labels in a row
     assert "sampling latency" in dense_cap and "LiteVAR" in accel_cap
     assert "Kept attention share" in summary and "SSIM" in summary
