@@ -228,7 +228,7 @@ def feat_plot(stats: Any, knobs: dict[str, Any], loaded: LoadedPipeline, bar_h: 
     left, top, span = 70, 40, 300
     img = Image.new("RGB", (left + span + 90, top + len(layers) * (2 * bar_h + 8) + 50), (255, 255, 255))
     draw = ImageDraw.Draw(img)
-    draw.text((left, 8), f"relative error vs softmax, log10 axis [{lo:g}, {hi:g}]", fill=(0, 0, 0))
+    draw.text((left, 8), f"relative error vs softmax, log10 axis [{int(lo)}, {int(hi)}]", fill=(0, 0, 0))
 
     def bar_len(v: float) -> int:
         return int(span * (np.log10(max(v, 10.0 ** lo)) - lo) / (hi - lo))
