@@ -134,3 +134,15 @@ def test_cli_compare_tiny_var_names_the_supported_route(capsys):
     assert cli.main(["compare", "--model", "tiny-var"]) == 2
     err = capsys.readouterr().err
     assert "class-conditional VAR model" in err and "method='litevar'" in err
+
+
+def test_eval_sample_refuses_the_demo_only_methods(tmp_path):
+    from diffusers_attn.eval.sample import SampleConfig, sample
+
+    def no_load(*a):
+        raise AssertionError("must refuse before loading")
+
+    with pytest.raises(ValueError, match="'feat' prepares on each demo request"):
+        sample(SampleConfig(model="tiny-cogvideox", out=tmp_path, method="feat"), loader=no_load)
+    with pytest.raises(ValueError, match="'litevar' is class-conditioned"):
+        sample(SampleConfig(model="tiny-var", out=tmp_path, method="litevar"), loader=no_load)

@@ -111,13 +111,13 @@ class DemoRunner:
 
     # -- validation (cheap, before anything loads) ----------------------------------------------------------
     def validate(self, req: DemoRequest) -> tuple[Any, dict[str, Any]]:
-        from ..pipelines.tiny import TINY_MODELS
+        from ..pipelines.tiny import TINY_MODELS, TINY_VAR_MODELS
 
         method = get_method(req.method)
         knobs = method.validate_knobs(req.knobs)
         if not isinstance(req.model, str) or not req.model.strip():
             raise DemoInputError("choose a model: a built-in tiny model, a diffusers hub id or a local folder")
-        lim = TINY_LIMITS if req.model in TINY_MODELS else MODEL_LIMITS
+        lim = TINY_LIMITS if req.model in TINY_MODELS + TINY_VAR_MODELS else MODEL_LIMITS
         text = (req.prompt or "").strip()
         if method.conditioning == "class_labels":
             # The syntax here; the range against the model's number of classes once it is loaded.
