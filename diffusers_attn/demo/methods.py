@@ -5,10 +5,13 @@ pipeline, and whether the model is conditioned on a prompt or on class labels (V
 is added to the demo by one :func:`register_method` call, with no change to the page code::
 
     register_method(DemoMethod(
-        key="feat", label="FEAT (linear attention)",
-        knobs=(Knob("rank", "Rank", "int", 64, 8, 256, 8),),
-        make_apply=lambda knobs, loaded: (lambda pipe: apply_feat(pipe, FEATConfig(rank=knobs["rank"]))),
+        key="rf-fixed", label="RainFusion, fixed sparsity",
+        knobs=(Knob("sparsity", "Sparsity", "float", 0.5, 0.0, 0.95, 0.05),),
+        make_apply=lambda knobs, loaded: (
+            lambda pipe: apply_rainfusion(pipe, RainFusionConfig(sparsity=knobs["sparsity"]))),
     ))
+
+The built-in FEAT and LiteVAR entries are in :mod:`.builtin_methods`.
 
 A VAR-style method sets ``conditioning="class_labels"`` and a ``load`` function returning a
 :class:`~diffusers_attn.compare.LoadedPipeline` whose ``prompt_kwargs`` parses the class-label text

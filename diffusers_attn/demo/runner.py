@@ -1,5 +1,6 @@
 """The demo's engine, free of Gradio: validate a request, run dense and accelerated with the same seed, write the
-two videos and the per-layer/head pattern plot, and summarise latency, speedup, fidelity and density."""
+two videos (or images: VAR, one per class label, in a row) and the method's figure (per-layer/head patterns by
+default), and summarise latency, speedup, fidelity and density."""
 
 from __future__ import annotations
 
@@ -214,9 +215,10 @@ class DemoRunner:
 
             inner = apply_fn
             gen_kwargs = {**loaded.prompt_kwargs(v["prompt"], req.negative_prompt or None), **call}
+            # apply runs right after the dense run: report it at the start of the next phase
             ctx = ApplyCall(kwargs=gen_kwargs, seed=v["seed"], device=self.device,
-                            progress=lambda desc: report(before.get(method.key, 0) / max(grand, 1) * 0.9 + 0.05,
-                                                         desc))
+                            progress=lambda desc: report(0.05 + 0.9 * before[phases[phases.index("dense") + 1]]
+                                                         / grand, desc))
 
             def apply_fn(pipe: Any) -> None:
                 out = inner(pipe, ctx) if method.wants_call else inner(pipe)
