@@ -94,6 +94,15 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from .pipelines.tiny import TINY_MODELS
     from .processors.rainfusion import apply_rainfusion
 
+    from .pipelines.tiny import TINY_VAR_MODELS
+
+    if args.model in TINY_VAR_MODELS:
+        raise ValueError(
+            f"--model {args.model} is a class-conditional VAR model; `compare` runs RainFusion on text-to-video "
+            "models. Compare LiteVAR against dense in the demo (`diffusers-attn demo`, method LiteVAR, model "
+            f"{args.model}) or from Python: diffusers_attn.demo.DemoRunner().run(DemoRequest(model='{args.model}', "
+            "method='litevar', prompt='207, 360'))"
+        )
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     tiny = args.model in TINY_MODELS
     config = rainfusion_config_from_args(args, tiny)  # validated before anything heavy loads

@@ -26,6 +26,14 @@ class LoadedPipeline:
     prompt_kwargs: Callable[[str, str | None], dict[str, Any]]
     defaults: dict[str, Any] = field(default_factory=dict)
     tiny: bool = False
+    # "video" (diffusers video pipelines) or "image" (a batch of images, e.g. VAR: one image per class label).
+    kind: str = "video"
+    # For pipelines without ``callback_on_step_end`` (VAR): a submodule called once per step (``transformer.head``:
+    # once per scale) and one whose first call ends the sampling phase (``vqvae.post_quant_conv``: decode starts).
+    step_module: str | None = None
+    decode_module: str | None = None
+    num_steps: int | None = None  # fixed step count of such pipelines (VAR: the number of scales)
+    cache: dict[str, Any] = field(default_factory=dict)  # per-loaded-model state (LiteVAR calibrated masks)
 
 
 @dataclass
@@ -100,8 +108,10 @@ def resolve_device_dtype(device: str | None, dtype: str | None) -> tuple[torch.d
 def load_pipeline(model: str, device: torch.device, dtype: torch.dtype, seed: int = 0) -> LoadedPipeline:
     """A built-in tiny pipeline by name, or a diffusers pipeline from a hub id / local folder."""
     from .adapters import get_adapter, supported_transformers
-    from .pipelines.tiny import TINY_MODELS, build_tiny_pipeline
+    from .pipelines.tiny import TINY_MODELS, TINY_VAR_MODELS, build_tiny_pipeline
 
+    if model in TINY_VAR_MODELS:
+        return load_var_pipeline(model, device, dtype, seed=seed)
     if model in TINY_MODELS:
         spec = build_tiny_pipeline(model, seed=seed)
         spec.pipe.to(device)
@@ -141,20 +151,93 @@ def load_pipeline(model: str, device: torch.device, dtype: torch.dtype, seed: in
     return LoadedPipeline(pipe, model, prompt_kwargs, {}, tiny=False)
 
 
+def parse_class_labels(text: str, num_classes: int, max_labels: int = 8) -> list[int]:
+    """``"207, 360"`` -> ``[207, 360]``; ``ValueError`` naming the accepted range for anything else."""
+    parts = [p for p in str(text).replace(",", " ").split() if p]
+    if not parts:
+        raise ValueError(f"enter one or more class labels (integers in [0, {num_classes - 1}]), e.g. 207, 360")
+    if len(parts) > max_labels:
+        raise ValueError(f"at most {max_labels} class labels per run, got {len(parts)}")
+    labels = []
+    for p in parts:
+        if not p.isdigit() or int(p) >= num_classes:
+            raise ValueError(f"class label {p!r} is not an integer in [0, {num_classes - 1}] (this model has "
+                             f"{num_classes} classes)")
+        labels.append(int(p))
+    return labels
+
+
+def var_loaded(pipe: Any, name: str, tiny: bool) -> LoadedPipeline:
+    """A :class:`LoadedPipeline` for a :class:`~diffusers_attn.pipelines.var.VARPipeline`: the "prompt" is the
+    class-label text, validated against the model's number of classes."""
+    num_classes = int(pipe.transformer.config.num_classes)
+
+    def prompt_kwargs(text: str, negative_prompt: str | None = None) -> dict[str, Any]:
+        if negative_prompt:
+            raise ValueError("VAR models take class labels only: leave the negative prompt empty")
+        return {"class_labels": parse_class_labels(text, num_classes)}
+
+    return LoadedPipeline(
+        pipe, name, prompt_kwargs, {"guidance_scale": 4.0, "top_k": 900, "top_p": 0.95}, tiny=tiny, kind="image",
+        step_module="transformer.head", decode_module="vqvae.post_quant_conv",
+        num_steps=len(pipe.transformer.patch_nums),
+    )
+
+
+def load_var_pipeline(model: str, device: torch.device, dtype: torch.dtype, seed: int = 0) -> LoadedPipeline:
+    """``tiny-var`` (built offline) or a folder written by ``VARPipeline.save_pretrained``. The released
+    ``.pth`` files load with :meth:`VARPipeline.from_var_checkpoint`; wrap the result with :func:`var_loaded`."""
+    from .pipelines.tiny import TINY_VAR_MODELS, build_tiny_var
+    from .pipelines.var import VARPipeline
+
+    if model in TINY_VAR_MODELS:
+        pipe, tiny = build_tiny_var(seed), True
+    else:
+        try:
+            pipe, tiny = VARPipeline.from_pretrained(model), False
+        except Exception as e:  # noqa: BLE001 - missing folders, wrong layouts
+            raise ValueError(
+                f"cannot load VAR model {model!r}: {e.__class__.__name__}: {e}. Built-in offline VAR model: "
+                f"{', '.join(TINY_VAR_MODELS)}; a folder from VARPipeline.save_pretrained also works (the released "
+                ".pth files: VARPipeline.from_var_checkpoint(vae, var, depth) then save_pretrained)"
+            ) from None
+        pipe.set_progress_bar_config(disable=True)
+    pipe.to(device)
+    if dtype != torch.float32:
+        pipe.to(dtype)
+    return var_loaded(pipe, model, tiny)
+
+
+def _accepts(pipe: Any, name: str) -> bool:
+    import inspect
+
+    return name in inspect.signature(pipe.__call__).parameters
+
+
 def generate(
     pipe: Any,
     kwargs: dict[str, Any],
     seed: int,
     device: torch.device,
     on_step: Callable[[int, int], None] | None = None,
+    *,
+    step_module: str | None = None,
+    decode_module: str | None = None,
+    num_steps: int | None = None,
+    all_images: bool = False,
 ) -> RunResult:
     """One timed generation; ``denoise_s`` ends at the last step's callback (before VAE decode).
 
     ``on_step(done, total)`` is called after each denoising step (progress bars; outside the timed region's
-    synchronisation point but inside the run, so keep it cheap).
+    synchronisation point but inside the run, so keep it cheap). Pipelines without ``callback_on_step_end``
+    (VAR) mark steps by calls of ``step_module`` and the end of sampling by the first call of ``decode_module``.
+    ``all_images``: keep every image of the batch as a frame (VAR: one per class label) instead of the first.
     """
     marks: list[float] = []
-    total_steps = int(kwargs.get("num_inference_steps", 0) or 0)
+    total_steps = int(kwargs.get("num_inference_steps", 0) or num_steps or 0)
+    if not _accepts(pipe, "callback_on_step_end"):
+        return _generate_hooked(pipe, kwargs, seed, device, on_step, step_module, decode_module, total_steps,
+                                all_images)
 
     def on_step_end(_pipe, _i, _t, cb_kwargs):
         if device.type == "cuda":
@@ -172,11 +255,61 @@ def generate(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t1 = time.perf_counter()
+    return RunResult(frames=_frames(out, all_images), total_s=t1 - t0,
+                     denoise_s=(marks[-1] - t0) if marks else t1 - t0)
+
+
+def _frames(out: Any, all_images: bool) -> np.ndarray:
     frames = out.frames if hasattr(out, "frames") else out.images
-    frames = np.asarray(frames[0], dtype=np.float32)
+    frames = np.asarray(frames if all_images else frames[0], dtype=np.float32)
     if frames.ndim == 3:
         frames = frames[None]
-    return RunResult(frames=frames, total_s=t1 - t0, denoise_s=(marks[-1] - t0) if marks else t1 - t0)
+    return frames
+
+
+def _submodule(pipe: Any, path: str) -> torch.nn.Module:
+    head, _, rest = path.partition(".")
+    mod = getattr(pipe, head)
+    return mod.get_submodule(rest) if rest else mod
+
+
+def _generate_hooked(pipe: Any, kwargs: dict[str, Any], seed: int, device: torch.device,
+                     on_step: Callable[[int, int], None] | None, step_module: str | None, decode_module: str | None,
+                     total_steps: int, all_images: bool) -> RunResult:
+    marks: list[float] = []
+    decode_at: list[float] = []
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def on_step_hook(*_a: Any) -> None:
+        marks.append(0.0)
+        if on_step is not None:
+            on_step(len(marks), total_steps)
+
+    def on_decode(*_a: Any) -> None:
+        if not decode_at:
+            sync()
+            decode_at.append(time.perf_counter())
+
+    handles = []
+    if step_module:
+        handles.append(_submodule(pipe, step_module).register_forward_hook(on_step_hook))
+    if decode_module:
+        handles.append(_submodule(pipe, decode_module).register_forward_pre_hook(on_decode))
+    gen = torch.Generator(device=device if device.type == "cuda" else "cpu").manual_seed(seed)
+    try:
+        sync()
+        t0 = time.perf_counter()
+        out = pipe(**kwargs, generator=gen, output_type="np")
+        sync()
+        t1 = time.perf_counter()
+    finally:
+        for h in handles:
+            h.remove()
+    return RunResult(frames=_frames(out, all_images), total_s=t1 - t0,
+                     denoise_s=(decode_at[0] - t0) if decode_at else t1 - t0)
 
 
 def run_comparison(
@@ -192,8 +325,11 @@ def run_comparison(
     warmup: bool = True,
     note: str | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    remove_fn: Callable[[Any], Any] | None = None,
 ) -> ComparisonResult:
-    """Run dense then accelerated with the same seed; the accelerated attention is removed afterwards.
+    """Run dense then accelerated with the same seed; the accelerated attention is removed afterwards
+    (``remove_fn``, default :func:`~diffusers_attn.install.remove_attention_acceleration`; LiteVAR passes
+    ``remove_litevar``).
 
     ``progress(phase, done, total)`` reports steps of each phase (``warm-up``, ``dense``, the method name).
     """
@@ -201,22 +337,25 @@ def run_comparison(
 
     pipe = loaded.pipe
     kwargs = {**loaded.prompt_kwargs(prompt, negative_prompt), **call_kwargs}
-    warm_kwargs = {**kwargs, "num_inference_steps": 1}
+    # VAR has a fixed number of scales: its warm-up is a full run.
+    warm_kwargs = {**kwargs, "num_inference_steps": 1} if "num_inference_steps" in kwargs else dict(kwargs)
+    extra = dict(step_module=loaded.step_module, decode_module=loaded.decode_module, num_steps=loaded.num_steps,
+                 all_images=loaded.kind == "image")
 
     def tick(phase: str) -> Callable[[int, int], None] | None:
         return None if progress is None else (lambda done, total: progress(phase, done, total))
 
     if warmup:
-        generate(pipe, warm_kwargs, seed, device, on_step=tick("warm-up (dense)"))
-    dense = generate(pipe, kwargs, seed, device, on_step=tick("dense"))
-    apply_fn(pipe)
+        generate(pipe, warm_kwargs, seed, device, on_step=tick("warm-up (dense)"), **extra)
+    dense = generate(pipe, kwargs, seed, device, on_step=tick("dense"), **extra)
     try:
+        apply_fn(pipe)
         if warmup:
-            generate(pipe, warm_kwargs, seed, device, on_step=tick(f"warm-up ({method_name})"))
-        accel = generate(pipe, kwargs, seed, device, on_step=tick(method_name))
+            generate(pipe, warm_kwargs, seed, device, on_step=tick(f"warm-up ({method_name})"), **extra)
+        accel = generate(pipe, kwargs, seed, device, on_step=tick(method_name), **extra)
         stats = get_attention_stats(pipe, log=False)
     finally:
-        remove_attention_acceleration(pipe)
+        (remove_fn or remove_attention_acceleration)(pipe)
     settings = {
         "model": loaded.name,
         "transformer": type(pipe.transformer).__name__,

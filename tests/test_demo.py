@@ -36,7 +36,7 @@ def runner():
         ({"steps": 2.5}, "whole number"),
         ({"height": 72}, "multiple of 16"),
         ({"width": 4096}, r"Width must be in"),
-        ({"method": "nope"}, "unknown method 'nope'; available: rainfusion"),
+        ({"method": "nope"}, "unknown method 'nope'; available: rainfusion, litevar, feat"),
         ({"knobs": {"sparsity": 1.5}}, r"Sparsity must be in \[0.0, 0.95\]"),
         ({"knobs": {"sparsity": float("nan")}}, "finite"),
         ({"model": ""}, "choose a model"),
@@ -120,7 +120,7 @@ def test_registry_entry_adds_a_method_with_class_labels():
     register_method(meth)
     try:
         runner = DemoRunner(device="cpu", loader=lambda *a: pytest.fail("must not load on bad input"))
-        with pytest.raises(DemoInputError, match="class labels must be integers in \\[0, 999\\]"):
+        with pytest.raises(DemoInputError, match="class labels must be non-negative integers, got 'cat'"):
             runner.run(DemoRequest(method="fake-var", prompt="207, cat", **SMALL))
         with pytest.raises(DemoInputError, match="K must be in"):
             runner.run(DemoRequest(method="fake-var", prompt="207", knobs={"k": 9}, **SMALL))
@@ -133,7 +133,9 @@ def test_registry_entry_adds_a_method_with_class_labels():
         register_method(DemoMethod(key="x", label="x", knobs=(), make_apply=None, conditioning="audio"))
 
 
-def test_loopback_launch_and_gradio_client_round_trip(runner):
+@pytest.fixture(scope="module")
+def served(runner):
+    """The page launched on loopback once for this module, with a ``gradio_client`` connected to it."""
     pytest.importorskip("gradio")
     gradio_client = pytest.importorskip("gradio_client")
     from diffusers_attn.demo import build_demo
@@ -143,24 +145,63 @@ def test_loopback_launch_and_gradio_client_round_trip(runner):
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     try:
         assert demo.server_name == "127.0.0.1"
-        client = gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False)
-        fixed = ["tiny-cogvideox", "rainfusion", "a fox", "", None, 0, False, 3, 9, 64, 64, False]
-        knobs = [0.75, 0.25, 1, 0.0]
-        out = client.predict(*fixed, *knobs, api_name="/compare")
-        dense_v, accel_v, _, _, dense_cap, accel_cap, summary, plot, metrics, seed_used = out
-        assert dense_v["value"].endswith("dense.mp4") and accel_v["value"].endswith("rainfusion.mp4")
-        assert "denoising latency" in dense_cap and "RainFusion" in accel_cap
-        assert "Speedup" in summary and "PSNR" in summary and "Realized density" in summary
-        assert metrics["density"] < 1 and seed_used == 0
-        # bad input: a readable message, and the app keeps serving
-        with pytest.raises(Exception, match="prompt is empty"):
-            client.predict("tiny-cogvideox", "rainfusion", "", *fixed[3:], *knobs, api_name="/compare")
-        with pytest.raises(Exception, match="greater than maximum value 0.95"):  # Gradio checks the slider range
-            client.predict(*fixed, 2.0, *knobs[1:], api_name="/compare")
-        again = client.predict(*fixed, *knobs, api_name="/compare")
-        assert again[8]["psnr_db"] == metrics["psnr_db"]  # same seed, same result
+        yield gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False)
     finally:
         demo.close()
+
+
+def api_knobs(method: str, **values) -> list:
+    """Every registered knob in API order: ``values`` for ``method``'s, defaults for the others."""
+    from diffusers_attn.demo.app import knob_order
+
+    out = []
+    for mk, name in knob_order():
+        default = next(k.default for k in METHODS[mk].knobs if k.name == name)
+        out.append(values.get(name, default) if mk == method else default)
+    return out
+
+
+def test_loopback_launch_and_gradio_client_round_trip(served):
+    client = served
+    fixed = ["tiny-cogvideox", "rainfusion", "a fox", "", None, 0, False, 3, 9, 64, 64, False]
+    knobs = api_knobs("rainfusion", arm_threshold=0.0)
+    out = client.predict(*fixed, *knobs, api_name="/compare")
+    dense_v, accel_v, _, _, dense_cap, accel_cap, summary, plot, metrics, seed_used = out
+    assert dense_v["value"].endswith("dense.mp4") and accel_v["value"].endswith("rainfusion.mp4")
+    assert "denoising latency" in dense_cap and "RainFusion" in accel_cap
+    assert "Speedup" in summary and "PSNR" in summary and "Realized density" in summary
+    assert metrics["density"] < 1 and seed_used == 0
+    # bad input: a readable message, and the app keeps serving
+    with pytest.raises(Exception, match="prompt is empty"):
+        client.predict("tiny-cogvideox", "rainfusion", "", *fixed[3:], *knobs, api_name="/compare")
+    with pytest.raises(Exception, match="greater than maximum value 0.95"):  # Gradio checks the slider range
+        client.predict(*fixed, 2.0, *knobs[1:], api_name="/compare")
+    again = client.predict(*fixed, *knobs, api_name="/compare")
+    assert again[8]["psnr_db"] == metrics["psnr_db"]  # same seed, same result
+
+
+def test_gradio_client_round_trip_var_images(served):
+    """LiteVAR on tiny-var through the page's API: class labels in, two images (no videos) and per-scale figures
+    out; a class label beyond the model's classes is a readable error."""
+    client = served
+    fixed = ["tiny-var", "litevar", "207, 360", "", None, 0, False, 8, 9, 64, 64, False]
+    out = client.predict(*fixed, *api_knobs("litevar"), api_name="/compare")
+    dense_v, accel_v, dense_i, accel_i, dense_cap, accel_cap, summary, plot, metrics, seed_used = out
+    assert not dense_v["visible"] and dense_v.get("value") is None  # images, not videos
+    assert not accel_v["visible"] and accel_v.get("value") is None
+    from PIL import Image
+
+    assert dense_i["visible"] and accel_i["visible"]
+    dense_path, accel_path = dense_i["value"], accel_i["value"]
+    assert dense_path.endswith("dense.png") and accel_path.endswith("litevar.png")
+    assert Image.open(dense_path).size == Image.open(accel_path).size == (2 * 64 + 4, 64)  # two labels in a row
+    assert "sampling latency" in dense_cap and "LiteVAR" in accel_cap
+    assert "Kept attention share" in summary and "SSIM" in summary
+    assert 0 < metrics["density"] < 1 and metrics["ssim"] <= 1 and seed_used == 0
+    assert set(metrics["kept_share_per_scale"]) == {"0", "1", "2", "3", "4", "5"}
+    assert metrics["method_report"]["calibration"]["calibration_labels"]
+    with pytest.raises(Exception, match=r"class label '1000' is not an integer in \[0, 999\]"):
+        client.predict("tiny-var", "litevar", "207, 1000", *fixed[3:], *api_knobs("litevar"), api_name="/compare")
 
 
 def test_cli_demo_binds_loopback_by_default(monkeypatch):

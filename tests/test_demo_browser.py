@@ -88,3 +88,28 @@ def test_browser_comparison_shows_both_videos_and_latency(browser, page_url, tmp
         assert "Traceback" not in page.content()
     finally:
         page.close()
+
+
+def test_browser_litevar_shows_class_labels_and_images(browser, page_url):
+    """Choosing LiteVAR turns the prompt into a class-label box, hides the video-only controls and shows two
+    images and the per-scale figure."""
+    page = browser.new_page(viewport={"width": 1280, "height": 1500})
+    try:
+        page.goto(page_url, wait_until="domcontentloaded")
+        page.locator("#compare-btn").wait_for(timeout=60_000)
+        page.locator("#method input").click()
+        page.get_by_role("option", name="LiteVAR").click()
+        page.get_by_label("Class labels (ImageNet ids, e.g. 207, 360)").wait_for(timeout=30_000)
+        page.locator("#frames").wait_for(state="hidden", timeout=30_000)
+        assert page.locator("#prompt textarea").input_value() == "207, 360"
+        page.locator("#compare-btn").click()
+        for img in ("#dense-image img", "#accel-image img"):
+            page.locator(img).wait_for(state="attached", timeout=120_000)
+            assert page.locator(img).get_attribute("src")
+        page.locator("#summary").get_by_text("Kept attention share").wait_for(timeout=30_000)
+        assert "sampling latency" in page.locator("#dense-latency").inner_text()
+        assert "LiteVAR" in page.locator("#accel-latency").inner_text()
+        page.locator("#pattern-plot img").wait_for(timeout=30_000)
+        assert "Traceback" not in page.content()
+    finally:
+        page.close()

@@ -4,7 +4,7 @@ The engine (:class:`DemoRunner`) and the method registry need no Gradio; :func:`
 import it lazily (``pip install "diffusers-attn[demo]"``).
 """
 
-from .methods import METHODS, DemoInputError, DemoMethod, Knob, get_method, register_method
+from .methods import METHODS, ApplyCall, DemoInputError, DemoMethod, Knob, get_method, register_method
 from .runner import DemoRequest, DemoResult, DemoRunner, pattern_plot
 
 
@@ -21,6 +21,6 @@ def launch_demo(*args, **kwargs):
 
 
 __all__ = [
-    "METHODS", "DemoInputError", "DemoMethod", "DemoRequest", "DemoResult", "DemoRunner", "Knob", "build_demo",
+    "METHODS", "ApplyCall", "DemoInputError", "DemoMethod", "DemoRequest", "DemoResult", "DemoRunner", "Knob", "build_demo",
     "get_method", "launch_demo", "pattern_plot", "register_method",
 ]

@@ -28,6 +28,10 @@ def _model_choices(method_key: str) -> list[str]:
     return list(method.models) or list(dict.fromkeys(m for meth in METHODS.values() for m in meth.models))
 
 
+def _plot_label(method_key: str) -> str:
+    return METHODS[method_key].plot_label or "Pattern per layer (rows) and head (columns)"
+
+
 def build_demo(runner: DemoRunner | None = None, *, default_method: str = "rainfusion"):
     """The ``gr.Blocks`` page (not launched). ``runner`` defaults to a :class:`DemoRunner` on the best device."""
     import gradio as gr
@@ -122,17 +126,16 @@ def build_demo(runner: DemoRunner | None = None, *, default_method: str = "rainf
         with gr.Row(equal_height=True):
             with gr.Column():
                 dense_video = gr.Video(label="Dense", autoplay=True, loop=True, height=360, elem_id="dense-video")
-                dense_image = gr.Image(label="Dense", visible=False)
+                dense_image = gr.Image(label="Dense", visible=False, elem_id="dense-image")
                 dense_caption = gr.Markdown(elem_id="dense-latency")
             with gr.Column():
                 accel_video = gr.Video(label="Accelerated", autoplay=True, loop=True, height=360,
                                        elem_id="accel-video")
-                accel_image = gr.Image(label="Accelerated", visible=False)
+                accel_image = gr.Image(label="Accelerated", visible=False, elem_id="accel-image")
                 accel_caption = gr.Markdown(elem_id="accel-latency")
         summary = gr.Markdown(elem_id="summary")
         with gr.Row():
-            plot = gr.Image(label="Pattern per layer (rows) and head (columns)", type="numpy",
-                            elem_id="pattern-plot")
+            plot = gr.Image(label=_plot_label(default_method), type="numpy", elem_id="pattern-plot")
             metrics = gr.JSON(label="All figures")
         seed_used = gr.Number(label="Seed used", precision=0, interactive=False)
 
@@ -148,10 +151,14 @@ def build_demo(runner: DemoRunner | None = None, *, default_method: str = "rainf
                 gr.update(choices=choices, value=choices[0] if choices else None),
                 meth.description,
                 *[gr.update(visible=k == key) for k in knob_groups],
+                *[gr.update(visible=not class_labels) for _ in video_only],  # VAR: fixed scales and size
+                gr.update(label=_plot_label(key)),
             ]
 
+        video_only = [steps, frames, height, width]
         method.change(on_method, inputs=method,
-                      outputs=[prompt, negative, embeddings, model, method_info, *knob_groups.values()],
+                      outputs=[prompt, negative, embeddings, model, method_info, *knob_groups.values(), *video_only,
+                               plot],
                       api_visibility="private")
         run_btn.click(
             compare,

@@ -5,10 +5,13 @@ pipeline, and whether the model is conditioned on a prompt or on class labels (V
 is added to the demo by one :func:`register_method` call, with no change to the page code::
 
     register_method(DemoMethod(
-        key="feat", label="FEAT (linear attention)",
-        knobs=(Knob("rank", "Rank", "int", 64, 8, 256, 8),),
-        make_apply=lambda knobs, loaded: (lambda pipe: apply_feat(pipe, FEATConfig(rank=knobs["rank"]))),
+        key="rf-fixed", label="RainFusion, fixed sparsity",
+        knobs=(Knob("sparsity", "Sparsity", "float", 0.5, 0.0, 0.95, 0.05),),
+        make_apply=lambda knobs, loaded: (
+            lambda pipe: apply_rainfusion(pipe, RainFusionConfig(sparsity=knobs["sparsity"]))),
     ))
+
+The built-in FEAT and LiteVAR entries are in :mod:`.builtin_methods`.
 
 A VAR-style method sets ``conditioning="class_labels"`` and a ``load`` function returning a
 :class:`~diffusers_attn.compare.LoadedPipeline` whose ``prompt_kwargs`` parses the class-label text
@@ -42,6 +45,8 @@ class Knob:
         minimum / maximum / step: Range of ``float``/``int`` knobs (checked again on the server).
         choices: Options of a ``choice`` knob.
         info: One line of help under the control.
+        unavailable: ``(value, reason)`` pairs of values this host cannot run (left out of ``choices``; asking
+            for one gives ``reason`` instead of a bare "not one of").
     """
 
     name: str
@@ -53,12 +58,16 @@ class Knob:
     step: float | None = None
     choices: tuple[Any, ...] = ()
     info: str = ""
+    unavailable: tuple[tuple[Any, str], ...] = ()
 
     def validate(self, value: Any) -> Any:
         """The value converted to the knob's type; :class:`DemoInputError` when it is out of range."""
         if self.kind == "bool":
             return bool(value)
         if self.kind == "choice":
+            for bad, reason in self.unavailable:
+                if value == bad:
+                    raise DemoInputError(f"{self.label}: {value!r} is not available here: {reason}")
             if value not in self.choices:
                 raise DemoInputError(f"{self.label}: {value!r} is not one of {list(self.choices)}")
             return value
@@ -93,6 +102,16 @@ class DemoMethod:
         description: Shown under the dropdown.
         describe: ``(knob values, loaded pipeline) -> dict``: the full method config, recorded in evaluation
             manifests (``diffusers-attn eval sample``).
+        remove: ``remove(pipe)`` undoing ``apply`` (default
+            :func:`~diffusers_attn.install.remove_attention_acceleration`).
+        plot: ``(AttentionStats, knob values, loaded pipeline) -> RGB array or None``: the figure under the outputs
+            (default: :func:`~diffusers_attn.demo.runner.pattern_plot`, per layer and head); ``plot_label``
+            is its caption.
+        wants_call: ``apply`` takes a second argument, a :class:`ApplyCall` (the generation's keyword arguments,
+            seed, device, progress): methods that prepare on the same input (FEAT's short distillation).
+
+    ``apply`` may return a JSON-friendly dict (what the preparation did); it is shown as ``method_report`` in the
+    figures.
     """
 
     key: str
@@ -105,9 +124,23 @@ class DemoMethod:
     description: str = ""
     defaults: dict[str, Any] = field(default_factory=dict)
     describe: Callable[[dict[str, Any], LoadedPipeline], dict[str, Any]] | None = None
+    remove: Callable[[Any], Any] | None = None
+    plot: Callable[[Any, dict[str, Any], LoadedPipeline], Any] | None = None
+    wants_call: bool = False
+    plot_label: str = ""
 
     def validate_knobs(self, values: dict[str, Any]) -> dict[str, Any]:
         return {k.name: k.validate(values.get(k.name, k.default)) for k in self.knobs}
+
+
+@dataclass
+class ApplyCall:
+    """What a ``wants_call`` method's ``apply(pipe, call)`` receives."""
+
+    kwargs: dict[str, Any]  # the pipeline call of the comparison (prompt embeddings, steps, size ...)
+    seed: int
+    device: torch.device
+    progress: Callable[[str], None]  # one line of status for the page
 
 
 METHODS: dict[str, DemoMethod] = {}
@@ -179,3 +212,5 @@ def _register_builtin() -> None:
 
 
 _register_builtin()
+
+from . import builtin_methods as _builtin_methods  # noqa: E402,F401 - registers FEAT and LiteVAR

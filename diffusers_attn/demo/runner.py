@@ -1,5 +1,6 @@
 """The demo's engine, free of Gradio: validate a request, run dense and accelerated with the same seed, write the
-two videos and the per-layer/head pattern plot, and summarise latency, speedup, fidelity and density."""
+two videos (or images: VAR, one per class label, in a row) and the method's figure (per-layer/head patterns by
+default), and summarise latency, speedup, fidelity and density."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch
 
 from ..compare import ComparisonResult, LoadedPipeline, load_pipeline, resolve_device_dtype, run_comparison, write_video
 from ..stats import AttentionStats
-from .methods import DemoInputError, get_method
+from .methods import METHODS, DemoInputError, get_method
 
 logger = logging.getLogger(__name__)
 
@@ -111,21 +112,22 @@ class DemoRunner:
 
     # -- validation (cheap, before anything loads) ----------------------------------------------------------
     def validate(self, req: DemoRequest) -> tuple[Any, dict[str, Any]]:
-        from ..pipelines.tiny import TINY_MODELS
+        from ..pipelines.tiny import TINY_MODELS, TINY_VAR_MODELS
 
         method = get_method(req.method)
         knobs = method.validate_knobs(req.knobs)
         if not isinstance(req.model, str) or not req.model.strip():
             raise DemoInputError("choose a model: a built-in tiny model, a diffusers hub id or a local folder")
-        lim = TINY_LIMITS if req.model in TINY_MODELS else MODEL_LIMITS
+        lim = TINY_LIMITS if req.model in TINY_MODELS + TINY_VAR_MODELS else MODEL_LIMITS
         text = (req.prompt or "").strip()
         if method.conditioning == "class_labels":
+            # The syntax here; the range against the model's number of classes once it is loaded.
             labels = [p for p in text.replace(",", " ").split() if p]
             if not labels:
-                raise DemoInputError("enter one or more class labels (ImageNet ids 0-999), e.g. 207, 360")
+                raise DemoInputError("enter one or more class labels (ImageNet ids), e.g. 207, 360")
             for p in labels:
-                if not p.isdigit() or not 0 <= int(p) <= 999:
-                    raise DemoInputError(f"class labels must be integers in [0, 999], got {p!r}")
+                if not p.isdigit():
+                    raise DemoInputError(f"class labels must be non-negative integers, got {p!r}")
         elif not text and not req.embeddings_path:
             raise DemoInputError("the prompt is empty: type a prompt (or upload a prompt-embeddings file)")
         if len(text) > 2000:
@@ -188,14 +190,44 @@ class DemoRunner:
         if req.embeddings_path:
             embeds = load_embeddings(req.embeddings_path, loaded.pipe)
             loaded = dataclasses.replace(loaded, prompt_kwargs=lambda _p, _n=None: dict(embeds))
+        if loaded.kind == "image" and method.conditioning != "class_labels":
+            var_methods = [m.label for m in METHODS.values() if m.conditioning == "class_labels"]
+            raise DemoInputError(f"{req.model!r} is a class-conditional image model (class labels, no prompt): "
+                                 f"{method.label} does not apply; use {', '.join(var_methods)}")
+        if method.conditioning == "class_labels":
+            try:  # the class labels against the loaded model's classes, before anything runs
+                loaded.prompt_kwargs(v["prompt"], req.negative_prompt or None)
+            except ValueError as e:
+                raise DemoInputError(str(e)) from None
         apply_fn = method.make_apply(v["knobs"], loaded)
-        call = {**loaded.defaults, **method.defaults, "num_inference_steps": v["steps"], "num_frames": v["frames"],
-                "height": v["height"], "width": v["width"]}
-        if "num_frames" not in inspect.signature(loaded.pipe.__call__).parameters:
-            call.pop("num_frames")  # image pipelines
+        if loaded.num_steps is not None:  # VAR: fixed scales and resolution; steps/frames/size do not apply
+            call = {**loaded.defaults, **method.defaults}
+            n_steps = loaded.num_steps
+        else:
+            call = {**loaded.defaults, **method.defaults, "num_inference_steps": v["steps"],
+                    "num_frames": v["frames"], "height": v["height"], "width": v["width"]}
+            if "num_frames" not in inspect.signature(loaded.pipe.__call__).parameters:
+                call.pop("num_frames")  # image pipelines
+            n_steps = v["steps"]
+        method_report: dict[str, Any] = {}
+        if method.wants_call or method.remove is not None:
+            from .methods import ApplyCall
+
+            inner = apply_fn
+            gen_kwargs = {**loaded.prompt_kwargs(v["prompt"], req.negative_prompt or None), **call}
+            # apply runs right after the dense run: report it at the start of the next phase
+            ctx = ApplyCall(kwargs=gen_kwargs, seed=v["seed"], device=self.device,
+                            progress=lambda desc: report(0.05 + 0.9 * before[phases[phases.index("dense") + 1]]
+                                                         / grand, desc))
+
+            def apply_fn(pipe: Any) -> None:
+                out = inner(pipe, ctx) if method.wants_call else inner(pipe)
+                if isinstance(out, dict):
+                    method_report.update(out)
         phases = (["warm-up (dense)"] if req.warmup else []) + ["dense"] + (
             [f"warm-up ({method.key})"] if req.warmup else []) + [method.key]
-        units = {p: (1 if p.startswith("warm-up") else v["steps"]) for p in phases}
+        warm_units = n_steps if loaded.num_steps is not None else 1
+        units = {p: (warm_units if p.startswith("warm-up") else n_steps) for p in phases}
         before = {p: sum(units[q] for q in phases[: i]) for i, p in enumerate(phases)}
         grand = sum(units.values())
 
@@ -204,14 +236,19 @@ class DemoRunner:
             report(frac, f"{phase}: step {done}/{total}")
 
         note = "tiny random-weight model: figures check the plumbing, not quality" if loaded.tiny else None
-        result = run_comparison(
-            loaded, apply_fn, method_name=method.key, prompt=v["prompt"], negative_prompt=req.negative_prompt or None,
-            call_kwargs=call, seed=v["seed"], device=self.device, warmup=req.warmup, note=note,
-            progress=on_progress,
-        )
-        report(0.96, "writing videos")
+        try:
+            result = run_comparison(
+                loaded, apply_fn, method_name=method.key, prompt=v["prompt"],
+                negative_prompt=req.negative_prompt or None, call_kwargs=call, seed=v["seed"], device=self.device,
+                warmup=req.warmup, note=note, progress=on_progress, remove_fn=method.remove,
+            )
+        finally:
+            if loaded.cache.get("stale"):  # the method changed the model for good (LiteVAR int8): reload next time
+                logger.info("demo: dropping the cached model: %s", loaded.cache["stale"])
+                self._cached = None
+        report(0.96, "writing outputs")
         run_dir = self.out_dir / uuid.uuid4().hex[:12]
-        is_image = result.dense.frames.shape[0] == 1
+        is_image = loaded.kind == "image" or result.dense.frames.shape[0] == 1
         if is_image:
             from PIL import Image
 
@@ -219,17 +256,25 @@ class DemoRunner:
             paths = []
             for name, frames in (("dense", result.dense.frames), (method.key, result.accelerated.frames)):
                 p = run_dir / f"{name}.png"
-                Image.fromarray(_to_uint8(frames[0])).save(p)
+                Image.fromarray(_to_uint8(image_row(frames))).save(p)  # a batch (one per class label) in a row
                 paths.append(str(p))
         else:
             paths = [str(write_video(run_dir / f"{name}.mp4", _to_uint8(frames), fps=v["fps"]))
                      for name, frames in (("dense", result.dense.frames), (method.key, result.accelerated.frames))]
-        metrics = summarize(result)
+        metrics = summarize(result, kind=loaded.kind)
+        if method_report:
+            metrics["method_report"] = method_report
+        if loaded.num_steps is not None:
+            metrics["settings"]["ignored"] = "steps, frames, height, width (fixed by the VAR model)"
+        plot = (method.plot(result.stats, v["knobs"], loaded) if method.plot is not None
+                else pattern_plot(result.stats))
+        sampling = "sampling" if loaded.kind == "image" else "denoising"
         return DemoResult(
-            dense_video=paths[0], accel_video=paths[1], pattern_plot=pattern_plot(result.stats), metrics=metrics,
-            dense_caption=_caption("Dense", result.dense.denoise_s, result.dense.total_s),
-            accel_caption=_caption(method.label, result.accelerated.denoise_s, result.accelerated.total_s),
-            summary_md=summary_markdown(result, method.label), is_image=is_image,
+            dense_video=paths[0], accel_video=paths[1], pattern_plot=plot, metrics=metrics,
+            dense_caption=_caption("Dense", result.dense.denoise_s, result.dense.total_s, sampling),
+            accel_caption=_caption(method.label, result.accelerated.denoise_s, result.accelerated.total_s, sampling),
+            summary_md=summary_markdown(result, method.label, kind=loaded.kind, method_report=method_report),
+            is_image=is_image,
         )
 
 
@@ -237,17 +282,52 @@ def _to_uint8(x: np.ndarray) -> np.ndarray:
     return (np.clip(x, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
-def _caption(label: str, denoise_s: float, total_s: float) -> str:
-    return f"**{label}** — denoising latency **{denoise_s:.3f} s**, total latency **{total_s:.3f} s**"
+def image_row(frames: np.ndarray, gap: int = 4) -> np.ndarray:
+    """(N, H, W, 3) images -> one (H, N W + gaps, 3) image, white gaps between them."""
+    if frames.shape[0] == 1:
+        return frames[0]
+    sep = np.ones((frames.shape[1], gap, 3), dtype=frames.dtype)
+    parts = []
+    for i, f in enumerate(frames):
+        parts += ([sep] if i else []) + [f]
+    return np.concatenate(parts, axis=1)
+
+
+def _caption(label: str, denoise_s: float, total_s: float, phase: str = "denoising") -> str:
+    return f"**{label}** — {phase} latency **{denoise_s:.3f} s**, total latency **{total_s:.3f} s**"
 
 
 def _fmt_db(x: float) -> str:
     return "inf (identical)" if math.isinf(x) else f"{x:.2f} dB"
 
 
-def summarize(result: ComparisonResult) -> dict[str, Any]:
-    """JSON-friendly figures of one comparison (also the API output)."""
+def summarize(result: ComparisonResult, kind: str = "video") -> dict[str, Any]:
+    """JSON-friendly figures of one comparison (also the API output). For images (VAR) ``density`` is the kept
+    attention share of the masks and ``computed_score_share`` what was computed (CFG sharing halves it)."""
     finite = lambda x: None if math.isinf(x) else x  # noqa: E731 - JSON has no inf
+    if kind == "image":
+        st = result.stats
+        return {
+            "dense_sampling_s": result.dense.denoise_s,
+            "dense_total_s": result.dense.total_s,
+            "accelerated_sampling_s": result.accelerated.denoise_s,
+            "accelerated_total_s": result.accelerated.total_s,
+            "speedup_total": result.speedup,
+            "speedup_sampling": result.denoise_speedup,
+            "psnr_db": finite(result.psnr_db),
+            "psnr_per_image_db": finite(result.psnr_per_frame_db),
+            "identical": math.isinf(result.psnr_db),
+            "ssim": result.ssim,
+            "density": st.video_density,
+            "computed_score_share": st.density,
+            "kept_share_per_scale": {str(k): v for k, v in
+                                     (st.info.get("kept_attention_share_per_scale") or {}).items()},
+            "computed_score_share_per_scale": {str(k): v for k, v in
+                                               (st.info.get("computed_score_share_per_scale") or {}).items()},
+            "kernel_calls": dict(st.kernel_backends),
+            "quantized_layers": len(st.info.get("quantized_layers") or []),
+            "settings": {k: v for k, v in result.settings.items() if isinstance(v, (int, float, str, bool))},
+        }
     return {
         "dense_denoise_s": result.dense.denoise_s,
         "dense_total_s": result.dense.total_s,
@@ -266,8 +346,11 @@ def summarize(result: ComparisonResult) -> dict[str, Any]:
     }
 
 
-def summary_markdown(result: ComparisonResult, label: str) -> str:
+def summary_markdown(result: ComparisonResult, label: str, kind: str = "video",
+                     method_report: dict[str, Any] | None = None) -> str:
     s = result.settings
+    if kind == "image":
+        return _summary_markdown_image(result, label)
     lines = [
         "| | Dense | " + label + " |",
         "|---|---|---|",
@@ -280,6 +363,37 @@ def summary_markdown(result: ComparisonResult, label: str) -> str:
         f"**SSIM** vs dense: {result.ssim:.4f} (Gaussian 11x11, sigma 1.5, RGB channels averaged)  ",
         f"**Realized density:** {result.stats.density:.3f} of dense (all tokens), {result.stats.video_density:.3f} "
         "(video x video)  ",
+        f"{s['device']} {s['dtype']}, seed {s['seed']}, warm-up run excluded from timing: {s['warmup']}",
+    ]
+    rep = method_report or {}
+    if "per_layer_error_before" in rep:
+        b = list(rep["per_layer_error_before"].values())
+        a = list(rep["per_layer_error_after"].values())
+        if b:
+            lines.append(f"**FEAT distillation** ({rep['distill_steps']} steps on {rep['distill_inputs']} "
+                         f"transformer inputs of this prompt, {rep['distill_seconds']:.1f} s): mean per-layer "
+                         f"relative error {np.mean(b):.4f} -> {np.mean(a):.4f}  ")
+        else:
+            lines.append("**FEAT**: every attention layer is a softmax layer (hybrid), nothing to distil  ")
+    if s.get("note"):
+        lines.append(f"\n_Note: {s['note']}._")
+    return "\n".join(lines)
+
+
+def _summary_markdown_image(result: ComparisonResult, label: str) -> str:
+    s, st = result.settings, result.stats
+    lines = [
+        "| | Dense | " + label + " |",
+        "|---|---|---|",
+        f"| Sampling latency (all scales) | {result.dense.denoise_s:.3f} s | {result.accelerated.denoise_s:.3f} s |",
+        f"| Total latency (with VQVAE decode) | {result.dense.total_s:.3f} s | {result.accelerated.total_s:.3f} s |",
+        "",
+        f"**Speedup:** {result.speedup:.2f}x total, {result.denoise_speedup:.2f}x sampling  ",
+        f"**PSNR** vs dense: {_fmt_db(result.psnr_db)} (global MSE over all images), "
+        f"{_fmt_db(result.psnr_per_frame_db)} (per-image mean)  ",
+        f"**SSIM** vs dense: {result.ssim:.4f} (Gaussian 11x11, sigma 1.5, RGB channels averaged)  ",
+        f"**Kept attention share:** {st.video_density:.3f} of dense (masks); attention scores computed: "
+        f"{st.density:.3f} (CFG sharing computes one map for both halves)  ",
         f"{s['device']} {s['dtype']}, seed {s['seed']}, warm-up run excluded from timing: {s['warmup']}",
     ]
     if s.get("note"):

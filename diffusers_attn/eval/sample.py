@@ -128,6 +128,10 @@ def sample(cfg: SampleConfig, *, loader: Callable[..., Any] | None = None,
     method = get_method(cfg.method)
     if method.conditioning != "prompt":
         raise ValueError(f"method {cfg.method!r} is class-conditioned; eval sample runs text prompt suites")
+    if method.wants_call:
+        raise ValueError(f"method {cfg.method!r} prepares on each demo request (FEAT: a short distillation on the "
+                         "request's own prompt), which an evaluation must not do; evaluate a distilled FEAT adapter "
+                         "from Python (apply_feat + load_feat_adapter) instead")
     knobs = method.validate_knobs(cfg.knobs)
     if cfg.videos_per_prompt < 1:
         raise ValueError(f"videos_per_prompt must be >= 1, got {cfg.videos_per_prompt}")

@@ -14,6 +14,9 @@ from typing import Any
 import torch
 
 TINY_MODELS = ("tiny-cogvideox", "tiny-cogvideox-1.5", "tiny-hunyuan", "tiny-opensora")
+# Class-conditional image models (VAR): separate from TINY_MODELS, whose entries are text-to-video pipelines.
+TINY_VAR_MODELS = ("tiny-var",)
+TINY_VAR_PATCH_NUMS = (1, 2, 3, 4, 6, 8)
 
 
 @dataclass
@@ -231,4 +234,28 @@ def build_tiny_pipeline(name: str, seed: int = 0) -> TinyPipelineSpec:
         return build_tiny_hunyuan(seed)
     if name == "tiny-opensora":
         return build_tiny_opensora(seed)
+    if name in TINY_VAR_MODELS:
+        raise ValueError(f"{name!r} is a class-conditional VAR model: build it with build_tiny_var()")
     raise ValueError(f"unknown tiny model {name!r}; available: {', '.join(TINY_MODELS)}")
+
+
+def build_tiny_var(seed: int = 0, *, patch_nums: tuple[int, ...] = TINY_VAR_PATCH_NUMS, depth: int = 2) -> Any:
+    """A :class:`~diffusers_attn.pipelines.var.VARPipeline` with a 2-block, 2-head x 64 transformer (1000 classes,
+    64-entry codebook) and a 32-channel VQVAE with 8x downsampling: 64x64 images from ``patch_nums`` (1, 2, 3, 4,
+    6, 8), so LiteVAR has maskable scales 3-5. Random weights; every weight matrix is rescaled to a visible scale
+    (random init leaves the adaLN gates near zero, which would make attention irrelevant to the output)."""
+    from .var import VQVAE, VARPipeline, VARTransformer
+
+    torch.manual_seed(seed)
+    tr = VARTransformer(depth=depth, embed_dim=128, num_heads=2, vocab_size=64, z_channels=8, patch_nums=patch_nums)
+    with torch.no_grad():
+        for n, p in tr.named_parameters():
+            if p.ndim >= 2 and "emb" not in n:
+                p.normal_(std=0.5 / p.shape[-1] ** 0.5)
+            elif "bias" in n:
+                p.normal_(std=0.05)
+    torch.manual_seed(seed + 1)
+    vq = VQVAE(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, patch_nums=patch_nums)
+    pipe = VARPipeline(tr.eval(), vq.eval())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
