@@ -8,7 +8,8 @@ directly, and RainFusion's patterns act on a latent grid whose geometry is the v
 Why not a trained VAE: on a shared 2-core CPU the transformer's training budget is better spent on the transformer;
 a lossless rearrangement removes the VAE as a source of error in dense-vs-sparse comparisons. The pipelines only
 read ``config.block_out_channels`` (its length gives the spatial factor), ``config.temporal_compression_ratio``,
-``config.scaling_factor`` and call ``decode(z).sample`` on ``z / scaling_factor``.
+``config.scaling_factor`` (HunyuanVideo: the ``spatial_compression_ratio`` / ``temporal_compression_ratio``
+attributes) and call ``decode(z)`` on ``z / scaling_factor``.
 """
 
 from __future__ import annotations
@@ -45,6 +46,14 @@ class PixelShuffleAutoencoder(ModelMixin, ConfigMixin):
         self.latent_channels = in_channels * self.factor**2
         # A buffer (not a weight) so that .dtype / .to() behave like any other pipeline module.
         self.register_buffer("shift", torch.tensor(float(shift_factor)), persistent=False)
+
+    @property
+    def spatial_compression_ratio(self) -> int:  # read by HunyuanVideoPipeline
+        return self.factor
+
+    @property
+    def temporal_compression_ratio(self) -> int:  # read by HunyuanVideoPipeline
+        return self.config.temporal_compression_ratio
 
     def _check(self, x: torch.Tensor, channels: int, what: str) -> None:
         if x.ndim != 5 or x.shape[1] != channels:

@@ -1,7 +1,7 @@
 """Train a reference model on procedural clips: ``python -m diffusers_attn.reference_models.train``.
 
-The objective is the stock scheduler's: v-prediction MSE on ``CogVideoXDDIMScheduler.add_noise`` /
-``get_velocity`` with uniform timesteps, 10% caption dropout (empty prompt = all-zero embeddings, the pipeline's
+The objective is the stock scheduler's (see :func:`noisy_inputs`): v-prediction MSE for CogVideoX
+(``CogVideoXDDIMScheduler``), flow matching for HunyuanVideo (``FlowMatchEulerDiscreteScheduler``), with 10% caption dropout (empty prompt = all-zero embeddings, the pipeline's
 negative prompt) for classifier-free guidance, AdamW with warm-up + cosine decay, gradient clipping and an EMA of
 the weights (the EMA is what is saved). Seeds are fixed: clip ``i`` of step ``k`` is ``data.sample_batch(seed *
 1_000_003 + k, batch)[i]``, so a run is reproducible up to floating-point non-determinism.
@@ -26,16 +26,44 @@ from .data import sample_batch
 
 
 def encode_batch(spec, videos: torch.Tensor) -> torch.Tensor:
-    """(B, F, 3, S, S) clips -> scaled latents in the transformer's layout (B, F, C, h, w)."""
+    """(B, F, 3, S, S) clips -> scaled latents in the transformer's layout: CogVideoX (B, F, C, h, w),
+    HunyuanVideo (B, C, F, h, w)."""
     z = spec.pipe.vae.encode(videos.transpose(1, 2))  # (B, C, F, h, w)
-    return z.transpose(1, 2).contiguous()
+    return z.transpose(1, 2).contiguous() if spec.family == "cogvideox" else z
 
 
-def caption_embeddings(spec, captions: list[str], drop: torch.Tensor) -> torch.Tensor:
-    from ..pipelines.tiny import prompt_embeddings
+def caption_embeddings(spec, captions: list[str], drop: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Transformer text inputs for a batch (dropped captions become the empty prompt)."""
+    from ..pipelines.tiny import pooled_embedding, prompt_embeddings
 
-    rows = [prompt_embeddings("" if d else c, spec.text_len, spec.text_dim)[0] for c, d in zip(captions, drop)]
-    return torch.cat(rows)
+    texts = ["" if d else c for c, d in zip(captions, drop)]
+    embs = [prompt_embeddings(t, spec.text_len, spec.text_dim) for t in texts]
+    kw = {"encoder_hidden_states": torch.cat([e for e, _ in embs])}
+    if spec.family == "hunyuan_video":
+        kw["encoder_attention_mask"] = torch.cat([m for _, m in embs])
+        kw["pooled_projections"] = torch.cat([pooled_embedding(t, spec.pooled_dim) for t in texts])
+    return kw
+
+
+def noisy_inputs(spec, x0: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(noisy latents, timesteps, regression target) under the stock scheduler's training objective.
+
+    CogVideoX (DDIM, v-prediction): uniform integer timesteps, ``add_noise`` / ``get_velocity``.
+    HunyuanVideo (flow matching): sigma = shift u / (1 + (shift - 1) u) for u ~ U(0, 1) (the same shift as the
+    sampling schedule), x_t = (1 - sigma) x0 + sigma eps, target eps - x0, timestep 1000 sigma.
+    """
+    sched = spec.pipe.scheduler
+    b = x0.shape[0]
+    if spec.family == "cogvideox":
+        t = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        return sched.add_noise(x0, noise, t), t, sched.get_velocity(x0, noise, t)
+    u = torch.rand(b, generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    shift = float(sched.config.shift)
+    sigma = shift * u / (1 + (shift - 1) * u)
+    s = sigma.view(b, 1, 1, 1, 1)
+    return (1 - s) * x0 + s * noise, sigma * sched.config.num_train_timesteps, noise - x0
 
 
 def rotary(spec, arch: dict, frames: int):
@@ -124,9 +152,8 @@ def train(name: str, steps: int, batch: int, lr: float, seed: int, out: Path, *,
     model = spec.pipe.transformer
     model.train()
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    sched = spec.pipe.scheduler
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
-    rope = rotary(spec, arch, arch["frames"])
+    rope = rotary(spec, arch, arch["frames"]) if spec.family == "cogvideox" else None
     n_params = sum(p.numel() for p in model.parameters())
     g = torch.Generator().manual_seed(seed)
     log: list[dict] = []
@@ -152,14 +179,13 @@ def train(name: str, steps: int, batch: int, lr: float, seed: int, out: Path, *,
         x0 = encode_batch(spec, videos)
         drop = torch.rand(batch, generator=g) < drop_prob
         text = caption_embeddings(spec, captions, drop)
-        t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=g)
-        noise = torch.randn(x0.shape, generator=g)
-        xt = sched.add_noise(x0, noise, t)
-        target = sched.get_velocity(x0, noise, t)
+        xt, t, target = noisy_inputs(spec, x0, g)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup)
-        pred = model(hidden_states=xt, encoder_hidden_states=text, timestep=t, image_rotary_emb=rope,
-                     return_dict=False)[0]
+        if spec.family == "cogvideox":
+            pred = model(hidden_states=xt, timestep=t, image_rotary_emb=rope, return_dict=False, **text)[0]
+        else:
+            pred = model(hidden_states=xt, timestep=t, return_dict=False, **text)[0]
         loss = F.mse_loss(pred, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -186,7 +212,8 @@ def train(name: str, steps: int, batch: int, lr: float, seed: int, out: Path, *,
     save(done)
     trained = build_reference_pipeline(name, path=out)
     save_loss_png([r["step"] for r in log], [r["loss"] for r in log], out / "loss.png",
-                  f"{name}: v-prediction MSE (mean of {log_every} steps), batch {batch}")
+                  f"{name}: {'v-prediction' if spec.family == 'cogvideox' else 'flow-matching'} MSE "
+                  f"(mean of {log_every} steps), batch {batch}")
     save_strip_png(sample_grid(trained, SAMPLE_PROMPTS), out / "samples.png", labels=SAMPLE_PROMPTS)
     return json.loads((out / "train_log.json").read_text())
 
