@@ -18,7 +18,7 @@ from . import ARCH, REFERENCE_MODELS, load_reference_pipeline, weights_path
 from .quality import QUALITY_PROMPTS, SMALL_GRID, fidelity_sweep, summarize
 
 SPARSITIES = (0.6, 0.75, 0.9)
-MODES = ("arm", "spatial", "temporal", "textural")
+MODES = ("arm", "arm_t0", "spatial", "temporal", "textural")
 
 OBJECTIVE = {
     "cogvideox": "v-prediction MSE under the stock `CogVideoXDDIMScheduler` (scaled-linear betas 0.00085-0.012, "
@@ -34,7 +34,7 @@ def measure(name: str) -> dict:
     out = {"date": date.today().isoformat(), "torch": torch.__version__, "cpu": platform.machine(),
            "prompts": list(QUALITY_PROMPTS), "call": spec.defaults, "small_grid": SMALL_GRID, "runs": {}}
     for mode in MODES:
-        kw = {} if mode == "arm" else {"force_pattern": mode}
+        kw = {"arm": {}, "arm_t0": {"arm_threshold": 0.0}}.get(mode, {"force_pattern": mode})
         out["runs"][mode] = summarize(fidelity_sweep(spec, SPARSITIES, QUALITY_PROMPTS, **kw))
     return out
 
@@ -119,7 +119,9 @@ def write_card(name: str, quality: dict) -> Path:
         *table(quality["runs"]["arm"]),
         "",
     ]
-    for mode in MODES[1:]:
+    lines += ["### ARM with `arm_threshold=0` (every head takes its best sparse pattern)", "",
+              *table(quality["runs"]["arm_t0"]), ""]
+    for mode in MODES[2:]:
         lines += [f"### every sparse head forced to `{mode}`", "", *table(quality["runs"][mode]), ""]
     lines += [
         "Head-calls count (batch x heads) per attention call; `fallback` = a whole call ran dense (layer 0, "

@@ -44,11 +44,13 @@ def fidelity_sweep(
     *,
     seed: int = 0,
     call: dict[str, Any] | None = None,
+    dense_cache: dict[str, np.ndarray] | None = None,
     **config: Any,
 ) -> list[dict[str, Any]]:
     """One row per (sparsity, prompt): PSNR / SSIM vs dense, realized video density and the pattern histogram.
 
-    ``config`` overrides :class:`RainFusionConfig` fields on top of :data:`SMALL_GRID`.
+    ``config`` overrides :class:`RainFusionConfig` fields on top of :data:`SMALL_GRID`. ``dense_cache`` (prompt ->
+    dense frames, for this seed and call) lets several sweeps share the dense runs.
     """
     from ..install import get_attention_stats, remove_attention_acceleration
     from ..processors.rainfusion import RainFusionConfig, apply_rainfusion
@@ -56,7 +58,12 @@ def fidelity_sweep(
     call = dict(call or {})
     rows = []
     for prompt in prompts:
-        dense = run(spec, prompt, seed, **call)
+        if dense_cache is not None and prompt in dense_cache:
+            dense = dense_cache[prompt]
+        else:
+            dense = run(spec, prompt, seed, **call)
+            if dense_cache is not None:
+                dense_cache[prompt] = dense
         for s in sparsities:
             cfg = RainFusionConfig(sparsity=s, **{**SMALL_GRID, **config})
             apply_rainfusion(spec.pipe, cfg)
