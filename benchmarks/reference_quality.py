@@ -36,7 +36,7 @@ def table(summary: list[dict], title: str) -> str:
 
 
 def figures(spec, out_dir: Path, sparsity: float, seed: int,
-            prompts=("red square moves right over checker", "changing circle moves left over stripes")) -> None:
+            prompts=("red square moves right over checker", "yellow triangle spins over dots")) -> None:
     """README quickstart figures: a PNG strip (per prompt: dense row, RainFusion row) and a side-by-side GIF."""
     import numpy as np
 
