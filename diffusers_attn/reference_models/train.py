@@ -28,7 +28,7 @@ from .data import sample_batch
 def encode_batch(spec, videos: torch.Tensor) -> torch.Tensor:
     """(B, F, 3, S, S) clips -> scaled latents in the transformer's layout: CogVideoX (B, F, C, h, w),
     HunyuanVideo (B, C, F, h, w)."""
-    z = spec.pipe.vae.encode(videos.transpose(1, 2))  # (B, C, F, h, w)
+    z = spec.pipe.vae.encode(videos.to(spec.pipe.vae.shift.device).transpose(1, 2))  # (B, C, F, h, w)
     return z.transpose(1, 2).contiguous() if spec.family == "cogvideox" else z
 
 
@@ -55,21 +55,21 @@ def noisy_inputs(spec, x0: torch.Tensor, g: torch.Generator) -> tuple[torch.Tens
     sched = spec.pipe.scheduler
     b = x0.shape[0]
     if spec.family == "cogvideox":
-        t = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=g)
-        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=g).to(x0.device)
+        noise = torch.randn(x0.shape, generator=g).to(x0.device)
         return sched.add_noise(x0, noise, t), t, sched.get_velocity(x0, noise, t)
-    u = torch.rand(b, generator=g)
-    noise = torch.randn(x0.shape, generator=g)
+    u = torch.rand(b, generator=g).to(x0.device)
+    noise = torch.randn(x0.shape, generator=g).to(x0.device)
     shift = float(sched.config.shift)
     sigma = shift * u / (1 + (shift - 1) * u)
     s = sigma.view(b, 1, 1, 1, 1)
     return (1 - s) * x0 + s * noise, sigma * sched.config.num_train_timesteps, noise - x0
 
 
-def rotary(spec, arch: dict, frames: int):
+def rotary(spec, arch: dict, frames: int, device: torch.device):
     if not spec.pipe.transformer.config.use_rotary_positional_embeddings:
         return None
-    return spec.pipe._prepare_rotary_positional_embeddings(arch["size"], arch["size"], frames, torch.device("cpu"))
+    return spec.pipe._prepare_rotary_positional_embeddings(arch["size"], arch["size"], frames, device)
 
 
 def lr_at(step: int, total: int, base: float, warmup: int) -> float:
@@ -143,17 +143,19 @@ SAMPLE_PROMPTS = [
 
 def train(name: str, steps: int, batch: int, lr: float, seed: int, out: Path, *, warmup: int = 100,
           ema_decay: float = 0.995, drop_prob: float = 0.1, log_every: int = 10, save_every: int = 250,
-          threads: int = 1, time_limit_s: float | None = None) -> dict:
+          threads: int = 1, time_limit_s: float | None = None, device: str = "cpu") -> dict:
     from tqdm.auto import tqdm
 
     torch.set_num_threads(threads)
     arch = ARCH[name]
+    dev = torch.device(device)
     spec = build_reference_pipeline(name, pretrained=False, seed=seed)
+    spec.pipe.to(dev)
     model = spec.pipe.transformer
     model.train()
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
-    rope = rotary(spec, arch, arch["frames"]) if spec.family == "cogvideox" else None
+    rope = rotary(spec, arch, arch["frames"], dev) if spec.family == "cogvideox" else None
     n_params = sum(p.numel() for p in model.parameters())
     g = torch.Generator().manual_seed(seed)
     log: list[dict] = []
@@ -176,10 +178,10 @@ def train(name: str, steps: int, batch: int, lr: float, seed: int, out: Path, *,
     bar = tqdm(range(steps), desc=f"train {name}", mininterval=5.0)
     for step in bar:
         videos, captions = sample_batch(seed * 1_000_003 + step, batch, arch["frames"], arch["size"])
-        x0 = encode_batch(spec, videos)
+        x0 = encode_batch(spec, videos)  # random draws stay on the CPU generator (same stream on any device)
         drop = torch.rand(batch, generator=g) < drop_prob
-        text = caption_embeddings(spec, captions, drop)
-        xt, t, target = noisy_inputs(spec, x0, g)
+        text = {k: v.to(dev) for k, v in caption_embeddings(spec, captions, drop).items()}
+        xt, t, target = (x.to(dev) for x in noisy_inputs(spec, x0, g))
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup)
         if spec.family == "cogvideox":
@@ -230,12 +232,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--save-every", type=int, default=250)
     p.add_argument("--time-limit", type=float, default=None, help="stop after this many seconds (and save)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda (the data and noise are drawn on the CPU)")
     p.add_argument("--out", default=None, help="output folder (default: the shipped weights folder)")
     args = p.parse_args(argv)
     out = Path(args.out) if args.out else weights_path(args.model)
     res = train(args.model, args.steps, args.batch, args.lr, args.seed, out, warmup=args.warmup,
                 ema_decay=args.ema_decay, save_every=args.save_every, threads=args.threads,
-                time_limit_s=args.time_limit)
+                time_limit_s=args.time_limit, device=args.device)
     print(f"done: {res['steps_done']} steps in {res['wall_s']:.0f} s; final loss {res['log'][-1]['loss']:.4f}; "
           f"wrote {out}")
     return 0
