@@ -116,7 +116,9 @@ def write_card(name: str, quality: dict) -> Path:
         "video tokens** (patch 2).",
         "* text: no text encoder. Each caption word maps to a fixed seeded vector "
         f"(`pipelines.tiny.prompt_embeddings`, {arch['text_len']} tokens x {arch['text_dim']}); the empty prompt "
-        "(all zeros) is the unconditional input.",
+        "(all-zero token vectors"
+        + ("; its pooled vector is the fixed one of the empty string" if arch["family"] == "hunyuan_video" else "")
+        + ") is the unconditional input.",
         f"* sampling defaults: `{arch['defaults']}`.",
         "",
         "## Training",
