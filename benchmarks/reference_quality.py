@@ -26,7 +26,8 @@ from diffusers_attn.reference_models.quality import fidelity_sweep, summarize  #
 
 
 def table(summary: list[dict], title: str) -> str:
-    lines = [f"### {title}", "", "| sparsity | PSNR mean (min) dB | SSIM mean (min) | video density | head-calls per pattern |",
+    lines = [f"### {title}", "",
+             "| sparsity | PSNR mean (min) dB | SSIM mean (min) | video density | head-calls per pattern |",
              "|---:|---:|---:|---:|---|"]
     for r in summary:
         pats = ", ".join(f"{k} {v}" for k, v in sorted(r["patterns"].items()))
@@ -57,8 +58,8 @@ def figures(spec, out_dir: Path, sparsity: float, seed: int,
             remove_attention_acceleration(spec.pipe)
         rows += [torch.from_numpy(dense), torch.from_numpy(sparse)]
         labels += [f"dense: {prompt}",
-                   f"RainFusion s={sparsity:g} (video density {st.video_density:.2f}): PSNR {psnr(dense, sparse):.1f} dB, "
-                   f"SSIM {ssim(dense, sparse):.3f}"]
+                   f"RainFusion s={sparsity:g} (video density {st.video_density:.2f}): "
+                   f"PSNR {psnr(dense, sparse):.1f} dB, SSIM {ssim(dense, sparse):.3f}"]
         up = lambda v: np.repeat(np.repeat(v, 4, axis=1), 4, axis=2)  # noqa: E731  (32 px is tiny on screen)
         gif.append(side_by_side_frames(up(dense), up(sparse), ("dense", f"RainFusion s={sparsity:g}")))
     out_dir.mkdir(parents=True, exist_ok=True)

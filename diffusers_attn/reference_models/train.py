@@ -1,8 +1,9 @@
 """Train a reference model on procedural clips: ``python -m diffusers_attn.reference_models.train``.
 
 The objective is the stock scheduler's (see :func:`noisy_inputs`): v-prediction MSE for CogVideoX
-(``CogVideoXDDIMScheduler``), flow matching for HunyuanVideo (``FlowMatchEulerDiscreteScheduler``), with 10% caption dropout (empty prompt = all-zero embeddings, the pipeline's
-negative prompt) for classifier-free guidance, AdamW with warm-up + cosine decay, gradient clipping and an EMA of
+(``CogVideoXDDIMScheduler``), flow matching for HunyuanVideo (``FlowMatchEulerDiscreteScheduler``), with 10%
+caption dropout (empty prompt = all-zero token embeddings, the pipeline's negative prompt) for classifier-free
+guidance, AdamW with warm-up + cosine decay, gradient clipping and an EMA of
 the weights (the EMA is what is saved). Seeds are fixed: clip ``i`` of step ``k`` is ``data.sample_batch(seed *
 1_000_003 + k, batch)[i]``, so a run is reproducible up to floating-point non-determinism.
 
