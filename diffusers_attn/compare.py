@@ -34,6 +34,7 @@ class LoadedPipeline:
     decode_module: str | None = None
     num_steps: int | None = None  # fixed step count of such pipelines (VAR: the number of scales)
     cache: dict[str, Any] = field(default_factory=dict)  # per-loaded-model state (LiteVAR calibrated masks)
+    default_prompt: str | None = None  # a prompt the model knows (the reference models' caption grammar)
 
 
 @dataclass
@@ -106,12 +107,18 @@ def resolve_device_dtype(device: str | None, dtype: str | None) -> tuple[torch.d
 
 
 def load_pipeline(model: str, device: torch.device, dtype: torch.dtype, seed: int = 0) -> LoadedPipeline:
-    """A built-in tiny pipeline by name, or a diffusers pipeline from a hub id / local folder."""
+    """A built-in trained reference model or tiny random pipeline by name, or a diffusers pipeline from a hub id /
+    local folder."""
     from .adapters import get_adapter, supported_transformers
     from .pipelines.tiny import TINY_MODELS, TINY_VAR_MODELS, build_tiny_pipeline
+    from .reference_models import DEFAULT_PROMPT, REFERENCE_MODELS, load_reference_pipeline
 
     if model in TINY_VAR_MODELS:
         return load_var_pipeline(model, device, dtype, seed=seed)
+    if model in REFERENCE_MODELS:
+        spec = load_reference_pipeline(model, device, dtype)
+        return LoadedPipeline(spec.pipe, model, spec.prompt_kwargs, dict(spec.defaults or {}), tiny=True,
+                              default_prompt=DEFAULT_PROMPT)
     if model in TINY_MODELS:
         spec = build_tiny_pipeline(model, seed=seed)
         spec.pipe.to(device)
@@ -127,7 +134,7 @@ def load_pipeline(model: str, device: torch.device, dtype: torch.dtype, seed: in
     except Exception as e:  # network errors, missing folders, bad ids
         raise ValueError(
             f"cannot load model {model!r}: {e.__class__.__name__}: {e}. Built-in offline models: "
-            f"{', '.join(TINY_MODELS)}"
+            f"{', '.join((*REFERENCE_MODELS, *TINY_MODELS))}"
         ) from None
     entry = cfg.get("transformer")
     cls_name = entry[1] if isinstance(entry, (list, tuple)) and len(entry) == 2 else None

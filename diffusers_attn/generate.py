@@ -60,7 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    tiny = args.model in TINY_MODELS
+    from .reference_models import REFERENCE_MODELS
+
+    tiny = args.model in TINY_MODELS or args.model in REFERENCE_MODELS  # small grids: small-model defaults
     use_cuda = torch.cuda.is_available()
     config = rainfusion_config_from_args(args, tiny)
     if world > 1:

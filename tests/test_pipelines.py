@@ -88,7 +88,8 @@ def test_step_tracker():
 def test_cli_compare_end_to_end(tmp_path, capsys):
     out = tmp_path / "cmp.mp4"
     js = tmp_path / "cmp.json"
-    rc = main(["compare", "--steps", "3", "--frames", "9", "--height", "64", "--width", "64", "--out", str(out),
+    rc = main(["compare", "--model", "tiny-cogvideox", "--steps", "3", "--frames", "9", "--height", "64", "--width",
+               "64", "--out", str(out),
                "--json", str(js), "--arm-threshold", "0", "--no-warmup"])
     assert rc == 0
     text = capsys.readouterr().out
