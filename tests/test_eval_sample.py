@@ -154,3 +154,16 @@ def test_cli_sample_and_fidelity(tmp_path, capsys):
     assert "PSNR" in text and "LPIPS skipped, weights not present locally" in text
     assert main(["eval", "sample", "--out", str(tmp_path / "x"), "--knob", "sparsity=3"]) == 2
     assert "Sparsity must be in" in capsys.readouterr().err
+
+
+def test_reference_suite_is_the_reference_models_caption_grammar():
+    """The default suite for ref-* models: captions they were trained on (VBench prompts are unknown words)."""
+    from diffusers_attn.eval.cli import add_eval_parser  # noqa: F401  (the CLI resolves the default suite)
+    from diffusers_attn.eval.prompts import REFERENCE_SUITE_SIZE, load_suite
+    from diffusers_attn.reference_models.data import caption_vocabulary
+
+    suite = [p.text for p in load_suite("reference")]
+    assert len(suite) == len(set(suite)) == REFERENCE_SUITE_SIZE
+    assert set(suite) <= set(caption_vocabulary())
+    with pytest.raises(ValueError, match="reference"):
+        load_suite("nope")

@@ -13,7 +13,7 @@ from typing import Any
 from .methods import METHODS, DemoInputError
 from .runner import DemoRequest, DemoRunner
 
-DEFAULT_PROMPT = "a red fox running through fresh snow at sunrise"
+from ..reference_models import DEFAULT_PROMPT  # the default model (ref-cogvideox) knows its caption grammar
 FIXED_INPUTS = ("model", "method", "prompt", "negative_prompt", "embeddings", "seed", "randomize_seed", "steps",
                 "frames", "height", "width", "warmup")
 
@@ -79,8 +79,10 @@ def build_demo(runner: DemoRunner | None = None, *, default_method: str = "rainf
         gr.Markdown(
             "# diffusers-attn — dense vs accelerated attention\n"
             "Runs the pipeline twice with the same seed (dense, then the chosen method) and compares latency, "
-            "fidelity to dense and what the attention actually computed. The built-in `tiny-*` models are random-"
-            "weight pipelines built offline: their figures check the plumbing, not quality or GPU speed."
+            "fidelity to dense and what the attention actually computed. The default `ref-*` models are small "
+            "models trained offline on procedural moving shapes (prompts: `<colour> <shape> <motion> over "
+            "<background>`); the `tiny-*` models have random weights: their figures check the plumbing only. "
+            "CPU timings say nothing about GPU speed."
         )
         with gr.Row():
             with gr.Column(scale=2):
@@ -117,10 +119,10 @@ def build_demo(runner: DemoRunner | None = None, *, default_method: str = "rainf
         with gr.Row():
             seed = gr.Number(label="Seed", value=0, precision=0, minimum=0, elem_id="seed")
             randomize = gr.Checkbox(label="Random seed", value=False)
-            steps = gr.Slider(label="Steps", minimum=1, maximum=100, value=8, step=1, elem_id="steps")
+            steps = gr.Slider(label="Steps", minimum=1, maximum=100, value=16, step=1, elem_id="steps")
             frames = gr.Slider(label="Frames", minimum=1, maximum=129, value=9, step=4, elem_id="frames")
-            height = gr.Slider(label="Height", minimum=32, maximum=1280, value=64, step=16, elem_id="height")
-            width = gr.Slider(label="Width", minimum=32, maximum=1280, value=64, step=16, elem_id="width")
+            height = gr.Slider(label="Height", minimum=32, maximum=1280, value=32, step=16, elem_id="height")
+            width = gr.Slider(label="Width", minimum=32, maximum=1280, value=32, step=16, elem_id="width")
             warmup = gr.Checkbox(label="Warm-up run before timing", value=True)
         run_btn = gr.Button("Compare", variant="primary", elem_id="compare-btn")
         with gr.Row(equal_height=True):

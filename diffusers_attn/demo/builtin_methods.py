@@ -288,6 +288,7 @@ def _register() -> None:
         ),
     ))
     from ..pipelines.tiny import TINY_MODELS
+    from ..reference_models import REFERENCE_MODELS
 
     register_method(DemoMethod(
         key="feat",
@@ -304,7 +305,7 @@ def _register() -> None:
         plot=feat_plot,
         plot_label="FEAT: per-layer error vs softmax, before / after distillation",
         wants_call=True,
-        models=tuple(TINY_MODELS),
+        models=(*REFERENCE_MODELS, *TINY_MODELS),
         description=(
             "FEAT replaces video x video softmax attention by linear attention (Bi-WKV scans along W, H, T plus "
             "channel attention). **It is only meaningful after distillation**: its new parameters start untrained, "

@@ -192,6 +192,7 @@ def _rainfusion_describe(knobs: dict[str, Any], loaded: LoadedPipeline) -> dict[
 
 def _register_builtin() -> None:
     from ..pipelines.tiny import TINY_MODELS
+    from ..reference_models import REFERENCE_MODELS
 
     register_method(DemoMethod(
         key="rainfusion",
@@ -206,7 +207,7 @@ def _register_builtin() -> None:
         ),
         make_apply=_rainfusion_apply,
         describe=_rainfusion_describe,
-        models=tuple(TINY_MODELS),
+        models=(*REFERENCE_MODELS, *TINY_MODELS),  # trained reference models first: they show real motion
         description="Per-head Spatial / Temporal / Textural block-sparse patterns chosen online (ARM).",
     ))
 

@@ -44,17 +44,17 @@ PATTERN_LABELS = {"dense": "dense (ARM)", "spatial": "Spatial", "temporal": "Tem
 class DemoRequest:
     """What the page sends. ``prompt`` holds class labels ("207, 360") for class-conditioned methods."""
 
-    model: str = "tiny-cogvideox"
+    model: str = "ref-cogvideox"
     method: str = "rainfusion"
     prompt: str = ""
     negative_prompt: str = ""
     embeddings_path: str | None = None
     knobs: dict[str, Any] = dataclasses.field(default_factory=dict)
     seed: int = 0
-    steps: int = 8
+    steps: int = 16
     frames: int = 9
-    height: int = 64
-    width: int = 64
+    height: int = 32
+    width: int = 32
     warmup: bool = True
     fps: int = 8
 
@@ -113,12 +113,13 @@ class DemoRunner:
     # -- validation (cheap, before anything loads) ----------------------------------------------------------
     def validate(self, req: DemoRequest) -> tuple[Any, dict[str, Any]]:
         from ..pipelines.tiny import TINY_MODELS, TINY_VAR_MODELS
+        from ..reference_models import REFERENCE_MODELS
 
         method = get_method(req.method)
         knobs = method.validate_knobs(req.knobs)
         if not isinstance(req.model, str) or not req.model.strip():
             raise DemoInputError("choose a model: a built-in tiny model, a diffusers hub id or a local folder")
-        lim = TINY_LIMITS if req.model in TINY_MODELS + TINY_VAR_MODELS else MODEL_LIMITS
+        lim = TINY_LIMITS if req.model in TINY_MODELS + TINY_VAR_MODELS + REFERENCE_MODELS else MODEL_LIMITS
         text = (req.prompt or "").strip()
         if method.conditioning == "class_labels":
             # The syntax here; the range against the model's number of classes once it is loaded.
@@ -134,12 +135,15 @@ class DemoRunner:
             raise DemoInputError(f"the prompt is too long ({len(text)} characters, at most 2000)")
         checked = {
             "seed": _int_in("Seed", req.seed, 0, 2**32 - 1),
-            "steps": _int_in("Steps", req.steps, *lim["steps"]),
-            "frames": _int_in("Frames", req.frames, *lim["frames"]),
-            "height": _int_in("Height", req.height, *lim["size"]),
-            "width": _int_in("Width", req.width, *lim["size"]),
             "fps": _int_in("FPS", req.fps, 1, 60),
         }
+        if method.conditioning != "class_labels":
+            checked.update(steps=_int_in("Steps", req.steps, *lim["steps"]),
+                           frames=_int_in("Frames", req.frames, *lim["frames"]),
+                           height=_int_in("Height", req.height, *lim["size"]),
+                           width=_int_in("Width", req.width, *lim["size"]))
+        if method.conditioning == "class_labels":  # VAR: fixed scales and resolution, the video fields do not apply
+            return method, {**checked, "knobs": knobs, "prompt": text}
         for side in ("height", "width"):
             if checked[side] % 16:
                 raise DemoInputError(f"{side.capitalize()} must be a multiple of 16, got {checked[side]}")

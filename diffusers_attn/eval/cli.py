@@ -36,13 +36,16 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     es = p.add_subparsers(dest="eval_command", required=True)
 
     q = es.add_parser("prompts", help="list a prompt suite")
-    q.add_argument("--suite", default="quick", help="quick | all | dimension:NAME | file:PATH")
+    q.add_argument("--suite", default="quick", help="quick | all | reference | dimension:NAME | file:PATH")
     q.set_defaults(func=_cmd_prompts)
 
     s = es.add_parser("sample", help="resumable dense + accelerated sampling of a prompt suite")
-    s.add_argument("--model", default="tiny-cogvideox",
-                   help="tiny-cogvideox | tiny-cogvideox-1.5 | tiny-hunyuan | a diffusers hub id or local folder")
-    s.add_argument("--suite", default="quick", help="quick (44 VBench prompts) | all | dimension:NAME | file:PATH")
+    s.add_argument("--model", default="ref-cogvideox",
+                   help="ref-cogvideox (trained offline reference, default) | ref-hunyuan | tiny-cogvideox | "
+                   "tiny-cogvideox-1.5 | tiny-hunyuan | tiny-opensora | a diffusers hub id or local folder")
+    s.add_argument("--suite", default=None,
+                   help="quick (44 VBench prompts) | all | reference (8 captions the ref-* models know) | "
+                   "dimension:NAME | file:PATH (default: reference for ref-* models, else quick)")
     s.add_argument("--method", default="rainfusion", help="a method key of the registry (diffusers_attn.demo)")
     s.add_argument("--knob", type=_knob, action="append", default=[], metavar="NAME=VALUE",
                    help="method setting, repeatable (rainfusion: sparsity, dense_steps, dense_layers, arm_threshold)")
@@ -113,7 +116,10 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
     call = {"num_inference_steps": args.steps, "num_frames": args.frames, "height": args.height,
             "width": args.width, "guidance_scale": args.guidance_scale}
-    cfg = SampleConfig(model=args.model, out=Path(args.out), suite=args.suite, method=args.method,
+    from ..reference_models import REFERENCE_MODELS
+
+    suite = args.suite or ("reference" if args.model in REFERENCE_MODELS else "quick")
+    cfg = SampleConfig(model=args.model, out=Path(args.out), suite=suite, method=args.method,
                        knobs=dict(args.knob), videos_per_prompt=args.videos_per_prompt, seed=args.seed,
                        call=call, limit=args.limit, warmup=not args.no_warmup, device=args.device,
                        dtype=args.dtype, fps=args.fps)

@@ -6,6 +6,9 @@ The VBench prompt suite is vendored (``data/vbench/``, Apache-2.0, see ``ATTRIBU
 * ``quick``: the first :data:`QUICK_PER_DIMENSION` prompts of each of the 16 dimensions, in file order,
   de-duplicated (44 prompts): a fixed, documented subset for quick paired-fidelity runs.
 * ``dimension:NAME``: the prompts tagged with one VBench dimension (e.g. ``dimension:subject_consistency``).
+* ``reference``: :data:`REFERENCE_SUITE_SIZE` captions of the trained reference models' grammar
+  (``diffusers_attn.reference_models.data``), evenly spaced over its 225 captions: the default for ``ref-*`` models,
+  which only know those words.
 * ``file:PATH``: one prompt per line from your own file (e.g. a GPT-enhanced list or a Penguin copy you are
   licensed to use; those are not vendored here).
 """
@@ -20,6 +23,7 @@ from pathlib import Path
 DATA_DIR = Path(__file__).parent / "data" / "vbench"
 FULL_INFO = DATA_DIR / "VBench_full_info.json"
 QUICK_PER_DIMENSION = 4
+REFERENCE_SUITE_SIZE = 8
 
 DIMENSIONS = (
     "subject_consistency", "background_consistency", "temporal_flickering", "motion_smoothness", "dynamic_degree",
@@ -52,6 +56,12 @@ def load_suite(spec: str) -> list[Prompt]:
             for p in [p for p in vbench_prompts() if dim in p.dimensions][:QUICK_PER_DIMENSION]:
                 picked.setdefault(p.text, p)
         return list(picked.values())
+    if spec == "reference":
+        from ..reference_models.data import caption_vocabulary
+
+        vocab = caption_vocabulary()
+        step = len(vocab) // REFERENCE_SUITE_SIZE
+        return [Prompt(vocab[i * step]) for i in range(REFERENCE_SUITE_SIZE)]
     if spec.startswith("dimension:"):
         dim = spec.split(":", 1)[1]
         if dim not in DIMENSIONS:
@@ -65,7 +75,7 @@ def load_suite(spec: str) -> list[Prompt]:
         if not texts:
             raise ValueError(f"prompt file {path} has no prompts")
         return [Prompt(t) for t in dict.fromkeys(texts)]
-    raise ValueError(f"unknown prompt suite {spec!r}; use all | quick | dimension:NAME | file:PATH")
+    raise ValueError(f"unknown prompt suite {spec!r}; use all | quick | reference | dimension:NAME | file:PATH")
 
 
 def video_name(prompt: str, index: int) -> str:

@@ -124,6 +124,7 @@ def sample(cfg: SampleConfig, *, loader: Callable[..., Any] | None = None,
     from ..demo.methods import get_method
     from ..install import get_attention_stats, remove_attention_acceleration
     from ..pipelines.tiny import TINY_MODELS
+    from ..reference_models import REFERENCE_MODELS
 
     method = get_method(cfg.method)
     if method.conditioning != "prompt":
@@ -172,6 +173,7 @@ def sample(cfg: SampleConfig, *, loader: Callable[..., Any] | None = None,
         "format": 1,
         "model": cfg.model,
         "tiny_random_weights": cfg.model in TINY_MODELS,
+        "reference_model": cfg.model in REFERENCE_MODELS,  # trained offline on procedural clips, not a real model
         "transformer": type(lp.pipe.transformer).__name__,
         "method": method.key,
         "knobs": knobs,
