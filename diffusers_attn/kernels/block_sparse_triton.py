@@ -141,10 +141,19 @@ def _pow2_divisor(limit: int, of: int) -> int:
     return t if t >= 16 else 0
 
 
+def device_capability(device: torch.device) -> tuple[int, int] | None:
+    """CUDA compute capability of ``device``; None off CUDA (the interpreter). The one place the launch wrappers
+    ask for it, so the ahead-of-time compile check (tests/_triton_compile_check.py) can stand in a GPU's."""
+    if device.type != "cuda":
+        return None
+    return tuple(torch.cuda.get_device_capability(device))
+
+
 def tile_config(head_dim: int, block_m: int, block_n: int, device: torch.device) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for this call. A small table, not autotuned: GPU timings of
     alternatives come from ``benchmarks/attention_kernels.py --sweep-tiles``."""
-    if device.type != "cuda":  # interpreter: small tiles keep the tests fast
+    cap = device_capability(device)
+    if cap is None:  # interpreter: small tiles keep the tests fast
         bm_t, bn_t, warps, stages = 16, 16, 1, 1
     elif head_dim <= 64:
         bm_t, bn_t, warps, stages = 128, 64, 4, 3
@@ -152,7 +161,7 @@ def tile_config(head_dim: int, block_m: int, block_n: int, device: torch.device)
         bm_t, bn_t, warps, stages = 128, 64, 8, 3
     else:
         bm_t, bn_t, warps, stages = 64, 32, 8, 2
-    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
+    if cap is not None and cap[0] < 8:
         # pre-Ampere parts have far less shared memory per SM: halve the query tile, no deep pipelining
         bm_t, stages = min(bm_t, 64), min(stages, 2)
     return _pow2_divisor(bm_t, block_m), _pow2_divisor(bn_t, block_n), warps, stages
