@@ -21,6 +21,8 @@ How the signatures are derived (so the check cannot drift from what a GPU launch
    real launch with those tensors, then ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))``.
    Identical specialisations are compiled once. The compiled kernel's shared memory is checked against the
    target's per-block limit (a launch would fail with OutOfResources).
+4. Every ``*_kernel`` defined in ``diffusers_attn/kernels/`` must be compiled by some case, so a new kernel
+   cannot go unchecked (the capture itself patches the three Triton modules named in ``capture_launches``).
 
 Those helpers are private Triton API: checked with triton 3.9 (the CPU venv). The GPU image has triton 3.6, whose
 compiler and launch internals differ, so a pass here is strong evidence but not proof for 3.6 (run the GPU tests).
@@ -101,6 +103,26 @@ def capture_launches(capability: tuple[int, int]):
     finally:
         for mod, name, value in reversed(saved):
             setattr(mod, name, value)
+
+
+def package_kernels() -> list[str]:
+    """Names of the launchable ``@triton.jit`` kernels (``*_kernel``; other jit functions are inlined helpers)
+    defined in any module of ``diffusers_attn.kernels``."""
+    import importlib
+    import pkgutil
+
+    import triton
+
+    import diffusers_attn.kernels as pkg
+
+    names = []
+    for info in pkgutil.iter_modules(pkg.__path__):
+        mod = importlib.import_module(f"{pkg.__name__}.{info.name}")
+        for name, obj in vars(mod).items():
+            if (isinstance(obj, triton.runtime.jit.JITFunction) and name.endswith("_kernel")
+                    and obj.fn.__module__ == mod.__name__):
+                names.append(name)
+    return names
 
 
 def _specialize(fn, args, kwargs, capability):
@@ -269,6 +291,11 @@ def run(groups: list[str] | None = None, full: bool = False) -> bool:
             status = "ok" if shared <= limit else "FAILED (shared memory over the limit)"
             ok &= shared <= limit
             print(f"{status} {desc}: shared={shared}/{limit} B, {time.perf_counter() - t0:.1f}s")
+    if not groups:  # a kernel added to the package but launched by no case fails the check
+        compiled = {k[0] for k, v in seen.items()}
+        for name in sorted(set(package_kernels()) - compiled):
+            print(f"FAILED {name}: no case launches it (add its entry point to cases())")
+            ok = False
     print(f"{len(seen)} distinct kernels compiled in {time.perf_counter() - t_all:.1f}s; "
           f"{'all ok' if ok else 'FAILURES above'}")
     return ok
