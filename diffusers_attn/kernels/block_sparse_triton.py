@@ -141,10 +141,22 @@ def _pow2_divisor(limit: int, of: int) -> int:
     return t if t >= 16 else 0
 
 
-def tile_config(head_dim: int, block_m: int, block_n: int, device: torch.device) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for this call. A small table, not autotuned: GPU timings of
-    alternatives come from ``benchmarks/attention_kernels.py --sweep-tiles``."""
-    if device.type != "cuda":  # interpreter: small tiles keep the tests fast
+def device_capability(device: torch.device) -> tuple[int, int] | None:
+    """CUDA compute capability of ``device``; None off CUDA (the interpreter). The one place the launch wrappers
+    ask for it, so the ahead-of-time compile check (tests/_triton_compile_check.py) can stand in a GPU's."""
+    if device.type != "cuda":
+        return None
+    return tuple(torch.cuda.get_device_capability(device))
+
+
+def tile_config(
+    head_dim: int, block_m: int, block_n: int, device: torch.device, elem_size: int = 2
+) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for this call (``elem_size``: bytes per q/k/v element). A small
+    table, not autotuned: GPU timings of alternatives come from ``benchmarks/attention_kernels.py --sweep-tiles``.
+    Shared-memory sizes quoted below are triton 3.9's compiled sizes (tests/_triton_compile_check.py)."""
+    cap = device_capability(device)
+    if cap is None:  # interpreter: small tiles keep the tests fast
         bm_t, bn_t, warps, stages = 16, 16, 1, 1
     elif head_dim <= 64:
         bm_t, bn_t, warps, stages = 128, 64, 4, 3
@@ -152,9 +164,14 @@ def tile_config(head_dim: int, block_m: int, block_n: int, device: torch.device)
         bm_t, bn_t, warps, stages = 128, 64, 8, 3
     else:
         bm_t, bn_t, warps, stages = 64, 32, 8, 2
-    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
+    if cap is not None and cap[0] < 8:
         # pre-Ampere parts have far less shared memory per SM: halve the query tile, no deep pipelining
         bm_t, stages = min(bm_t, 64), min(stages, 2)
+    elif cap is not None and cap[0] < 9 and elem_size >= 4 and head_dim > 64:
+        # fp32 tiles need twice the shared memory: the fp16 table's D=128 (128x64, 3 stages) takes 225 KiB and
+        # D=256 (64x32, 2 stages) 200 KiB, over Ampere's 163 KiB (launch fails with OutOfResources); these take
+        # 112 KiB and 104 KiB. Hopper's 227 KiB holds the fp16 table.
+        bm_t, stages = min(bm_t, 64), (2 if head_dim <= 128 else 1)
     return _pow2_divisor(bm_t, block_m), _pow2_divisor(bn_t, block_n), warps, stages
 
 
@@ -191,7 +208,7 @@ def block_sparse_attention_triton(
     n_k = k.shape[2]
     if scale is None:
         scale = 1.0 / math.sqrt(D)
-    bm_t, bn_t, warps, stages = config or tile_config(D, block_m, block_n, q.device)
+    bm_t, bn_t, warps, stages = config or tile_config(D, block_m, block_n, q.device, q.element_size())
     if not bm_t or not bn_t or block_m % bm_t or block_n % bn_t:
         raise ValueError(f"tile {bm_t}x{bn_t} must divide the list blocks {block_m}x{block_n} and be >= 16")
     block_d = max(16, triton.next_power_of_2(D))
