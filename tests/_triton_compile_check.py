@@ -40,9 +40,9 @@ Configurations (``cases()``: a representative subset; the full cross product wou
 * ``--full`` adds four slow fp32 compiles (block-sparse D=256 sm_90 and D=64 sm_80, probe D=256 sm_80 and D=128
   sm_90). Default set: ~50 distinct kernels, about 60 s cold on a loaded 2-core CPU (faster with a warm
   ~/.triton/cache).
-* Not checked: sm_86/sm_89 parts (99 KiB shared memory per block). Triton 3.9's sizes show the tile table
-  overflows there for fp16 D=256 (100 KiB) and for fp32 at every head dim, so such a launch fails with
-  OutOfResources (no silent wrong result); the table is tuned for A100/H100/H200 only.
+* sm_89 (RTX 40xx, L4/L40S: 99 KiB per block, the same budget as sm_86 and sm_120): block-sparse fp16 64/128/256,
+  bf16 128, fp32 128/256, probe fp16 128. Before the small-shared-memory rows of ``tile_config`` (2026-12-02),
+  fp16 D=256 took 100 KiB and fp32 D=128 115 KiB there (OutOfResources at launch).
 
 Run as a script without TRITON_INTERPRET (``@triton.jit`` returns interpreter objects when it is set):
 ``python tests/_triton_compile_check.py [--full] [block_sparse|probe|biwkv ...]``; exit code 1 if anything failed,
@@ -58,7 +58,7 @@ import time
 from types import ModuleType
 
 # Max shared memory per block (opt-in), bytes: H100/H200 (sm_90) 227 KiB, A100 (sm_80) 163 KiB.
-SMEM_LIMIT = {(9, 0): 232448, (8, 0): 166912}
+SMEM_LIMIT = {(9, 0): 232448, (8, 0): 166912, (8, 9): 101376}
 
 
 class _Recorder:
@@ -213,7 +213,7 @@ def cases(full: bool = False):
     import torch
 
     f16, b16, f32 = torch.float16, torch.bfloat16, torch.float32
-    sm90, sm80 = (9, 0), (8, 0)
+    sm90, sm80, sm89 = (9, 0), (8, 0), (8, 9)
     out = []
     for D, dt in ((64, f16), (64, b16), (72, f16), (96, f16), (128, f16), (128, b16), (256, f16), (256, b16),
                   (128, f32)):
@@ -227,11 +227,15 @@ def cases(full: bool = False):
     ]
     for D, dt in ((64, f16), (128, f16), (256, f16), (128, b16), (128, f32), (256, f32)):
         out.append(("block_sparse", f"table+kpm D={D} {dt}", sm80, lambda D=D, dt=dt: bsa_call(D, dt)))
+    # RTX 40xx / L40S class (99 KiB per block)
+    for D, dt in ((64, f16), (128, f16), (256, f16), (128, b16), (128, f32), (256, f32)):
+        out.append(("block_sparse", f"table+kpm D={D} {dt}", sm89, lambda D=D, dt=dt: bsa_call(D, dt)))
     for D, dt in ((64, f16), (64, b16), (64, f32), (128, f16), (128, b16), (256, f16)):
         out.append(("probe", f"tw+kpm D={D} {dt}", sm90, lambda D=D, dt=dt: probe_call(D, dt)))
     out += [
         ("probe", "P=256 plain D=72 fp16", sm90, lambda: probe_call(72, f16, p=256, kpm=False, tw=False)),
         ("probe", "tw+kpm D=128 fp16", sm80, lambda: probe_call(128, f16)),
+        ("probe", "tw+kpm D=128 fp16", sm89, lambda: probe_call(128, f16)),
     ]
     for dt, delta in ((f32, 0), (f32, 1), (f16, 0), (b16, 0), (b16, 1)):
         out.append(("biwkv", f"fwd+bwd {dt} delta={delta}", sm90, lambda dt=dt, d=delta: biwkv_call(dt, delta=d)))

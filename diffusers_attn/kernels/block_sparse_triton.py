@@ -149,6 +149,10 @@ def device_capability(device: torch.device) -> tuple[int, int] | None:
     return tuple(torch.cuda.get_device_capability(device))
 
 
+# Compute capabilities with 99 KiB of shared memory per block (consumer Ampere/Ada/Blackwell, L4/L40S).
+_SMALL_SMEM_CAPS = frozenset({(8, 6), (8, 7), (8, 9), (12, 0), (12, 1)})
+
+
 def tile_config(
     head_dim: int, block_m: int, block_n: int, device: torch.device, elem_size: int = 2
 ) -> tuple[int, int, int, int]:
@@ -167,6 +171,13 @@ def tile_config(
     if cap is not None and cap[0] < 8:
         # pre-Ampere parts have far less shared memory per SM: halve the query tile, no deep pipelining
         bm_t, stages = min(bm_t, 64), min(stages, 2)
+    elif cap is not None and cap in _SMALL_SMEM_CAPS:
+        # 99 KiB per block (RTX 30xx/40xx, L4/L40S, RTX 50xx): fp16 D=256 at 2 stages takes 100 KiB and fp32 D=128
+        # at 64x64x2 115 KiB (triton 3.9, sm_89); one stage, and a 32-row query tile for fp32 D=256, fit.
+        if elem_size >= 4 and head_dim > 64:
+            bm_t, stages = (64 if head_dim <= 128 else 32), 1
+        elif head_dim > 128:
+            stages = 1
     elif cap is not None and cap[0] < 9 and elem_size >= 4 and head_dim > 64:
         # fp32 tiles need twice the shared memory: the fp16 table's D=128 (128x64, 3 stages) takes 225 KiB and
         # D=256 (64x32, 2 stages) 200 KiB, over Ampere's 163 KiB (launch fails with OutOfResources); these take
