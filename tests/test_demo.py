@@ -265,3 +265,4 @@ def test_default_request_runs_the_trained_reference_model(runner):
     assert res.metrics["density"] < 1
     # measured here (CPU fp32, 2026-12-02): 37.2 dB, SSIM 0.994, density 0.89 with every head sparse at 0.75
     assert res.metrics["psnr_db"] > 30 and res.metrics["ssim"] > 0.95
+    assert "reference model trained" in res.summary_md and "random-weight" not in res.summary_md

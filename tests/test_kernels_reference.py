@@ -32,7 +32,7 @@ def random_lists(B, H, n_q, n_k, bm, bn, density, gen, empty_rows=0):
     [(100, 100, 16, 16, 16), (77, 130, 32, 16, 32), (64, 64, 64, 32, 64), (45, 45, 8, 24, 8)],
 )
 @pytest.mark.parametrize("density", [0.2, 0.6, 1.0])
-@pytest.mark.parametrize("impl", ["segments", "math"])
+@pytest.mark.parametrize("impl", ["segments", "masked", "math"])
 def test_matches_masked_dense(n_q, n_k, bm, bn, D, density, impl):
     gen = torch.Generator().manual_seed(n_q * 31 + bn)
     B, H = 2, 3

@@ -239,7 +239,15 @@ class DemoRunner:
             frac = 0.05 + 0.9 * (before.get(phase, 0) + min(done, units.get(phase, 1))) / grand
             report(frac, f"{phase}: step {done}/{total}")
 
-        note = "tiny random-weight model: figures check the plumbing, not quality" if loaded.tiny else None
+        from ..reference_models import REFERENCE_MODELS
+
+        if req.model in REFERENCE_MODELS:
+            note = ("small reference model trained on procedural clips: fidelity to dense is meaningful, "
+                    "CPU timings at this size measure overheads, not attention speed")
+        elif loaded.tiny:
+            note = "tiny random-weight model: figures check the plumbing, not quality"
+        else:
+            note = None
         try:
             result = run_comparison(
                 loaded, apply_fn, method_name=method.key, prompt=v["prompt"],
