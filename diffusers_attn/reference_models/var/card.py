@@ -143,6 +143,10 @@ the number of bit-identical images are reported next to it.
 
 {chr(10).join(_fmt_part(quality))}
 
+Floor (dense vs dense with seed {quality['seeds'][0] + 100}: an unrelated sample of the same class):
+PSNR {quality['floor_dense_vs_dense_other_seed']['psnr_db']} dB, SSIM {quality['floor_dense_vs_dense_other_seed']['ssim']},
+token agreement per scale {quality['floor_dense_vs_dense_other_seed']['token_agreement_per_scale']}.
+
 Measured {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} on {platform.machine()} CPU, torch
 {torch.__version__} (`python -m diffusers_attn.reference_models.var.card`); raw numbers in `quality.json`.
 """

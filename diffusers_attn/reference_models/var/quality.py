@@ -79,5 +79,9 @@ def measure(pipe: Any, labels: Sequence[int] = EVAL_LABELS, seeds: Sequence[int]
                                      for m, (s, kw) in modes.items()}
         finally:
             remove_litevar(pipe)
+    # Floor: what "unrelated sample of the same class" scores (dense vs dense with another seed). A LiteVAR
+    # figure near this floor means its samples diverged completely.
+    s0 = seeds[0]
+    report["floor_dense_vs_dense_other_seed"] = compare(dense[f"sampled_seed{s0}"], sample(pipe, labels, s0 + 100))
     report["seconds"] = round(time.perf_counter() - t0, 1)
     return report
