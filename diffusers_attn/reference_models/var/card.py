@@ -110,10 +110,10 @@ Training set: {training['n_train']} images (seed {training['train_seed']}); held
 
 ## Architecture
 * VQVAE: `ch=32, ch_mult=(1, 2, 2)` (4x down: 32 px -> 8x8 latent), 1 res block per level, no self-attention,
-  `z_channels=8`, 64-entry codebook, scales `patch_nums=(1, 2, 3, 4, 6, 8)` (129 + 1 tokens).
+  `z_channels=8`, 64-entry codebook, scales `patch_nums=(1, 2, 3, 4, 6, 8)` (130 tokens).
 * VARTransformer: 4 blocks, width 128, 4 heads x 32, `mlp_ratio=2`, 12 classes (+ null class for CFG).
 
-## Training (`python -m diffusers_attn.reference_models.var.train`)
+## Training (`python -m diffusers_attn.reference_models.var.train`, defaults `--vq-steps 800 --var-steps 1000`)
 Fixed seeds, `torch.set_num_threads(1)`, device `{training.get('device', 'cpu')}`, torch {training['torch']}.
 1. VQVAE: {training['vq_steps']} AdamW steps (lr 2e-3, cosine, batch 32), straight-through multi-scale residual
    quantisation (codebook MSE + 0.25 commitment), L1 + MSE pixel loss, dead-code restarts from current residuals

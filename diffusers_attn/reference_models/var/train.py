@@ -98,7 +98,7 @@ def train_vqvae(x: torch.Tensor, steps: int, batch: int = 32, lr: float = 2e-3, 
             usage.zero_()
         if log is not None and (step % 10 == 0 or step == steps - 1):
             log.append({"step": step, "rec": round(rec_loss.item(), 5), "vq": round(vq_loss.item(), 5)})
-        bar.set_postfix(rec=f"{rec_loss.item():.4f}", vq=f"{vq_loss.item():.4f}")
+        bar.set_postfix(rec=f"{rec_loss.item():.4f}", vq=f"{vq_loss.item():.4f}", refresh=False)
     return vq.eval()
 
 
@@ -137,15 +137,15 @@ def train_var(labels: torch.Tensor, ids: list[torch.Tensor], teacher: torch.Tens
         opt.step()
         if log is not None and (step % 10 == 0 or step == steps - 1):
             log.append({"step": step, "ce": round(loss.item(), 5)})
-        bar.set_postfix(ce=f"{loss.item():.4f}")
+        bar.set_postfix(ce=f"{loss.item():.4f}", refresh=False)
     return tr.eval()
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    ap.add_argument("--vq-steps", type=int, default=1500)
-    ap.add_argument("--var-steps", type=int, default=3000)
+    ap.add_argument("--vq-steps", type=int, default=800)
+    ap.add_argument("--var-steps", type=int, default=1000)
     ap.add_argument("--device", default="cpu", help="cpu (reference) or cuda (faster; not bit-identical)")
     ap.add_argument("--vq-from", type=Path, default=None, help="reuse a trained VQVAE folder (skip stage 1)")
     args = ap.parse_args(argv)
