@@ -87,8 +87,17 @@ def _fmt_part(rep: dict) -> list[str]:
              "|---|---|---|---|---|---|"]
     for part, modes in rep["parts"].items():
         for mode, m in modes.items():
+            if mode == "dense_prefix_logits":
+                continue
             agree = ", ".join(f"{v:.3f}" for v in m["token_agreement_per_scale"])
             lines.append(f"| {part} | {mode} | {m['psnr_db']} | {m['ssim']} | {agree} | {m['identical_images']} |")
+    lines += ["", "Flip-free comparison: both models fed dense's tokens (sampled, first seed) at every scale; their "
+              "guided logits per scale:", "",
+              "| part | KL(dense ‖ LiteVAR) per scale (nats/token) | argmax agreement per scale |", "|---|---|---|"]
+    for part, modes in rep["parts"].items():
+        m = modes["dense_prefix_logits"]
+        lines.append(f"| {part} | {', '.join(f'{v:.4f}' for v in m['kl_per_scale'])} | "
+                     f"{', '.join(f'{v:.3f}' for v in m['top1_agreement_per_scale'])} |")
     return lines
 
 
@@ -147,6 +156,16 @@ Floor (dense vs dense with seed {quality['seeds'][0] + 100}: an unrelated sample
 PSNR {quality['floor_dense_vs_dense_other_seed']['psnr_db']} dB, SSIM {quality['floor_dense_vs_dense_other_seed']['ssim']},
 token agreement per scale {quality['floor_dense_vs_dense_other_seed']['token_agreement_per_scale']}.
 
+**The issue's target (LiteVAR masks + CFG sharing + W8A8 >= 30 dB vs dense) is not met on this model**: the
+combined figure is {quality['parts']['all']['sampled_seed0']['psnr_db']} dB (sampled, seed {quality['seeds'][0]}),
+above the {quality['floor_dense_vs_dense_other_seed']['psnr_db']} dB floor but far from 30 dB. The model's
+per-token distributions are flat (held-out cross-entropy {held['trained']} nats, about e^{held['trained']:.1f}
+plausible codes per token: most tokens encode background texture), so even W8A8 alone (KL <= 0.012 nats/token)
+moves the argmax of ~10 % of the last-scale tokens and every flip propagates. CFG attention sharing on every scale
+is the largest error (KL up to 0.14). The CI fixture (`tests/test_reference_var.py`) therefore asserts the
+measured levels with a margin (combined >= 17 dB sampled / 16.5 dB greedy; masks >= 22.5 dB; W8A8 >= 22 dB;
+flip-free KL bounds), not 30 dB.
+
 Measured {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} on {platform.machine()} CPU, torch
 {torch.__version__} (`python -m diffusers_attn.reference_models.var.card`); raw numbers in `quality.json`.
 """
@@ -171,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     loss_png(training["history"], folder / "loss.png")
     sample_grid(pipe, masks, folder / "samples.png")
     print(write_card(folder, training, quality, held))
-    print(json.dumps({k: {m: (v["psnr_db"], v["identical_images"]) for m, v in d.items()}
+    print(json.dumps({k: {m: (v["psnr_db"], v["identical_images"]) for m, v in d.items() if "psnr_db" in v}
                       for k, d in quality["parts"].items()}), held)
     return 0
 
