@@ -163,3 +163,19 @@ def test_litevar_logits_on_dense_prefix(pipe, masks, part):
     assert all(math.isfinite(v) for v in fid["kl_per_scale"])
     assert max(fid["kl_per_scale"]) <= KL_MAX[part], fid
     assert max(fid["kl_per_scale"]) > 0, "LiteVAR changed nothing: not installed?"
+
+
+def test_demo_litevar_on_ref_var_runs_with_w8a8():
+    # The demo page's path (no Gradio): ref-var with masks + CFG sharing + W8A8 fake-quant, two 32x32 images.
+    import numpy as np
+    from PIL import Image
+
+    from diffusers_attn.demo import DemoRequest, DemoRunner
+
+    res = DemoRunner(device="cpu").run(DemoRequest(model="ref-var", method="litevar", prompt="0, 4",
+                                                   knobs={"quant": "w8a8"}, warmup=False))
+    dense, accel = (np.asarray(Image.open(p).convert("RGB")) for p in (res.dense_video, res.accel_video))
+    assert res.is_image and dense.shape == accel.shape == (32, 2 * 32 + 4, 3)
+    m = res.metrics
+    assert math.isfinite(m["psnr_db"]) and 0 < m["density"] < 1
+    assert m["method_report"]["calibration"]["calibration_labels"] == [0, 1, 3, 4, 6, 7, 9, 10]
