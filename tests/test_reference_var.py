@@ -179,3 +179,20 @@ def test_demo_litevar_on_ref_var_runs_with_w8a8():
     m = res.metrics
     assert math.isfinite(m["psnr_db"]) and 0 < m["density"] < 1
     assert m["method_report"]["calibration"]["calibration_labels"] == [0, 1, 3, 4, 6, 7, 9, 10]
+
+
+def test_data_and_training_are_deterministic():
+    from diffusers_attn.reference_models.var import train as T
+    from diffusers_attn.reference_models.var.data import NUM_CLASSES, make_dataset
+
+    x, y = make_dataset(24, seed=5)
+    x2, y2 = make_dataset(24, seed=5)
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+    assert not torch.equal(x, make_dataset(24, seed=6)[0])
+    assert torch.bincount(y, minlength=NUM_CLASSES).tolist() == [2] * NUM_CLASSES
+    assert x.shape == (24, 3, 32, 32) and x.min() >= -1 and x.max() <= 1
+    a, b = T.train_vqvae(x, 3, batch=8), T.train_vqvae(x, 3, batch=8)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    ids, teacher = T.tokenize(a, x)
+    c, d = (T.train_var(y, ids, teacher, 3, batch=8) for _ in range(2))
+    assert all(torch.equal(p, q) for p, q in zip(c.parameters(), d.parameters()))

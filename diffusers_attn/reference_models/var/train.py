@@ -6,7 +6,8 @@ Stage 1 trains the VQVAE (encoder, multi-scale residual quantizer, decoder) with
 ``f_hat``, codebook/commitment MSE, L1 + MSE pixel loss, and dead-code restarts (unused entries are re-seeded from
 current residuals, so a 64-entry codebook stays in use). Stage 2 freezes it, tokenises the data set once and
 trains the transformer with next-scale teacher-forced cross-entropy (10 % label dropout for CFG). Seeds are fixed;
-``torch.set_num_threads(1)`` (shared CPUs) makes a run reproducible on the same machine and torch build.
+``torch.set_num_threads(1)`` (shared CPUs); two runs in one environment give identical weights (checked for short
+runs in ``tests/test_reference_var.py``; other CPUs / torch builds may differ in the last bits).
 """
 
 from __future__ import annotations
