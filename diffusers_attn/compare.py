@@ -215,7 +215,8 @@ def load_var_pipeline(model: str, device: torch.device, dtype: torch.dtype, seed
         except Exception as e:  # noqa: BLE001 - missing folders, wrong layouts
             raise ValueError(
                 f"cannot load VAR model {model!r}: {e.__class__.__name__}: {e}. Built-in offline VAR models: "
-                f"{', '.join((*REFERENCE_VAR_MODELS, *TINY_VAR_MODELS))}; a folder from VARPipeline.save_pretrained also works (the released "
+                f"{', '.join((*REFERENCE_VAR_MODELS, *TINY_VAR_MODELS))}; a folder from VARPipeline.save_pretrained "
+                "also works (the released "
                 ".pth files: VARPipeline.from_var_checkpoint(vae, var, depth) then save_pretrained)"
             ) from None
         pipe.set_progress_bar_config(disable=True)
