@@ -113,7 +113,9 @@ def load_pipeline(model: str, device: torch.device, dtype: torch.dtype, seed: in
     from .pipelines.tiny import TINY_MODELS, TINY_VAR_MODELS, build_tiny_pipeline
     from .reference_models import DEFAULT_PROMPT, REFERENCE_MODELS, load_reference_pipeline
 
-    if model in TINY_VAR_MODELS:
+    from .reference_models.var import REFERENCE_VAR_MODELS
+
+    if model in TINY_VAR_MODELS or model in REFERENCE_VAR_MODELS:
         return load_var_pipeline(model, device, dtype, seed=seed)
     if model in REFERENCE_MODELS:
         spec = load_reference_pipeline(model, device, dtype)
@@ -192,11 +194,19 @@ def var_loaded(pipe: Any, name: str, tiny: bool) -> LoadedPipeline:
 
 
 def load_var_pipeline(model: str, device: torch.device, dtype: torch.dtype, seed: int = 0) -> LoadedPipeline:
-    """``tiny-var`` (built offline) or a folder written by ``VARPipeline.save_pretrained``. The released
-    ``.pth`` files load with :meth:`VARPipeline.from_var_checkpoint`; wrap the result with :func:`var_loaded`."""
+    """``ref-var`` (the trained reference VAR shipped with the package), ``tiny-var`` (random, built offline) or a
+    folder written by ``VARPipeline.save_pretrained``. The released ``.pth`` files load with
+    :meth:`VARPipeline.from_var_checkpoint`; wrap the result with :func:`var_loaded`."""
     from .pipelines.tiny import TINY_VAR_MODELS, build_tiny_var
     from .pipelines.var import VARPipeline
+    from .reference_models.var import (DEFAULT_CALL, DEFAULT_CLASS_LABELS, REFERENCE_VAR_MODELS,
+                                       load_reference_var_pipeline)
 
+    if model in REFERENCE_VAR_MODELS:
+        loaded = var_loaded(load_reference_var_pipeline(model, device, dtype), model, True)
+        loaded.defaults = dict(DEFAULT_CALL)  # its 64-entry codebook: the ImageNet top_k=900 would keep every token
+        loaded.default_prompt = DEFAULT_CLASS_LABELS
+        return loaded
     if model in TINY_VAR_MODELS:
         pipe, tiny = build_tiny_var(seed), True
     else:
@@ -204,8 +214,9 @@ def load_var_pipeline(model: str, device: torch.device, dtype: torch.dtype, seed
             pipe, tiny = VARPipeline.from_pretrained(model), False
         except Exception as e:  # noqa: BLE001 - missing folders, wrong layouts
             raise ValueError(
-                f"cannot load VAR model {model!r}: {e.__class__.__name__}: {e}. Built-in offline VAR model: "
-                f"{', '.join(TINY_VAR_MODELS)}; a folder from VARPipeline.save_pretrained also works (the released "
+                f"cannot load VAR model {model!r}: {e.__class__.__name__}: {e}. Built-in offline VAR models: "
+                f"{', '.join((*REFERENCE_VAR_MODELS, *TINY_VAR_MODELS))}; a folder from VARPipeline.save_pretrained "
+                "also works (the released "
                 ".pth files: VARPipeline.from_var_checkpoint(vae, var, depth) then save_pretrained)"
             ) from None
         pipe.set_progress_bar_config(disable=True)

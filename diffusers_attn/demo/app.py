@@ -146,8 +146,9 @@ def build_demo(runner: DemoRunner | None = None, *, default_method: str = "rainf
             choices = _model_choices(key)
             class_labels = meth.conditioning == "class_labels"
             return [
-                gr.update(label="Class labels (ImageNet ids, e.g. 207, 360)" if class_labels else "Prompt",
-                          value="207, 360" if class_labels else DEFAULT_PROMPT),
+                # ref-var (the default VAR) has 12 shape classes; tiny-var takes any id < 1000
+                gr.update(label="Class labels (ref-var: 0-11, tiny-var: ImageNet ids)" if class_labels else "Prompt",
+                          value="0, 4, 8, 9" if class_labels else DEFAULT_PROMPT),
                 gr.update(visible=not class_labels),
                 gr.update(visible=not class_labels),
                 gr.update(choices=choices, value=choices[0] if choices else None),

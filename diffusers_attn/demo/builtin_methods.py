@@ -256,6 +256,7 @@ def feat_plot(stats: Any, knobs: dict[str, Any], loaded: LoadedPipeline, bar_h: 
 
 def _register() -> None:
     from ..pipelines.tiny import TINY_VAR_MODELS
+    from ..reference_models.var import REFERENCE_VAR_MODELS
 
     choices, unavailable = _quant_choices()
     register_method(DemoMethod(
@@ -279,10 +280,12 @@ def _register() -> None:
         plot_label="Kept attention share per block (rows) and scale (columns)",
         wants_call=True,
         load=lambda model, device, dtype: load_var_pipeline(model, device, dtype, seed=0),
-        models=tuple(TINY_VAR_MODELS),
+        models=(*REFERENCE_VAR_MODELS, *TINY_VAR_MODELS),  # the trained ref-var first: the default
         description=(
-            "Class-conditional VAR (next-scale prediction): enter ImageNet class labels, e.g. `207, 360`; one "
-            "image per label. Steps, frames and size do not apply (VAR has fixed scales and resolution). Masks "
+            "Class-conditional VAR (next-scale prediction): enter class labels, one image per label. `ref-var` "
+            "(trained, default): 12 shape classes, class c = shape c // 3 (disc, square, triangle, ring) in colour "
+            "c % 3 (red, green, blue), e.g. `0, 4, 8, 9`; `tiny-var` (random weights): ImageNet ids, e.g. `207, 360`."
+            " Steps, frames and size do not apply (VAR has fixed scales and resolution). Masks "
             "change the math but run as masked dense attention (the kept share is what a sparse kernel would "
             "need)."
         ),

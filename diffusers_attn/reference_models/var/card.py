@@ -1,0 +1,199 @@
+"""Model card of ``ref-var``: loss curve, sample grid (dense vs LiteVAR), held-out loss and LiteVAR quality.
+
+    python -m diffusers_attn.reference_models.var.card   # after .train; writes weights/ref-var/{README.md,...}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from . import DEFAULT_CALL, load_reference_var_pipeline, reference_var_path
+from .data import CLASS_NAMES, make_dataset
+from .quality import PARTS, calibrate, measure, part_config, sample
+from .train import HELDOUT_SEED, N_HELDOUT, VAR_CONFIG, teacher_forced_loss, tokenize
+
+
+@torch.no_grad()
+def heldout_loss(pipe, n: int = N_HELDOUT, untrained_seed: int = 0) -> dict[str, float]:
+    """Teacher-forced next-scale cross-entropy (nats/token) on held-out images: trained vs freshly initialised."""
+    from ...pipelines.var import VARTransformer
+
+    x, y = make_dataset(n, HELDOUT_SEED)
+    ids, teacher = tokenize(pipe.vqvae, x)
+    torch.manual_seed(untrained_seed)
+    fresh = VARTransformer(**VAR_CONFIG).eval()
+    return {"trained": round(teacher_forced_loss(pipe.transformer, y, ids, teacher).item(), 4),
+            "untrained": round(teacher_forced_loss(fresh, y, ids, teacher).item(), 4),
+            "uniform": round(math.log(pipe.transformer.vocab_size), 4)}
+
+
+def loss_png(history: dict, path: Path) -> None:
+    """Two panels (VQVAE reconstruction loss, VAR cross-entropy) vs step, drawn with PIL."""
+    W, H, pad = 320, 160, 28
+    img = Image.new("RGB", (2 * W, H), "white")
+    d = ImageDraw.Draw(img)
+    for i, (key, field, title) in enumerate((("vq", "rec", "VQVAE L1+MSE"), ("var", "ce", "VAR cross-entropy"))):
+        pts = history.get(key) or []
+        if not pts:
+            continue
+        xs = np.array([p["step"] for p in pts], float)
+        ys = np.array([p[field] for p in pts], float)
+        k = max(1, len(ys) // 40)  # running mean so the trend is readable
+        ys = np.convolve(ys, np.ones(k) / k, mode="valid")
+        xs = xs[k - 1 :]
+        lo, hi = float(ys.min()), float(ys.max())
+        x0 = i * W
+        d.rectangle([x0 + pad, 8, x0 + W - 8, H - pad], outline=(0, 0, 0))
+        sx = lambda v: x0 + pad + (v - xs[0]) / max(1e-9, xs[-1] - xs[0]) * (W - pad - 8)  # noqa: E731
+        sy = lambda v: 8 + (hi - v) / max(1e-9, hi - lo) * (H - pad - 8)  # noqa: E731
+        d.line([(sx(a), sy(b)) for a, b in zip(xs, ys)], fill=(26, 115, 232), width=2)
+        d.text((x0 + pad + 4, 10), f"{title}  {hi:.3f} -> {ys[-1]:.3f}", fill=(0, 0, 0))
+        d.text((x0 + pad, H - pad + 4), f"step 0 .. {int(xs[-1])}", fill=(0, 0, 0))
+    img.save(path)
+
+
+def sample_grid(pipe, masks, path: Path, seed: int = 0, scale: int = 3) -> None:
+    """Rows: training data, dense (sampled, seed), LiteVAR all parts (same seed), dense greedy; one column per
+    class."""
+    from ...processors.litevar import apply_litevar, remove_litevar
+
+    labels = list(range(len(CLASS_NAMES)))
+    x, y = make_dataset(len(labels) * 4, 7)
+    data = torch.stack([x[(y == c).nonzero()[0, 0]] for c in labels]).add(1).div(2)
+    dense, _ = sample(pipe, labels, seed)
+    apply_litevar(pipe, part_config("all", masks))
+    try:
+        lite, _ = sample(pipe, labels, seed)
+    finally:
+        remove_litevar(pipe)
+    greedy, _ = sample(pipe, labels, seed, top_k=1)
+    rows = [torch.cat(list(r), dim=2) for r in (data, dense, lite, greedy)]
+    grid = torch.cat(rows, dim=1).clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy()
+    im = Image.fromarray(grid)
+    im.resize((im.width * scale, im.height * scale), Image.NEAREST).save(path)
+
+
+def _fmt_part(rep: dict) -> list[str]:
+    lines = ["| part | comparison | PSNR (dB) | SSIM | token agreement per scale | identical images |",
+             "|---|---|---|---|---|---|"]
+    for part, modes in rep["parts"].items():
+        for mode, m in modes.items():
+            if mode == "dense_prefix_logits":
+                continue
+            agree = ", ".join(f"{v:.3f}" for v in m["token_agreement_per_scale"])
+            lines.append(f"| {part} | {mode} | {m['psnr_db']} | {m['ssim']} | {agree} | {m['identical_images']} |")
+    lines += ["", "Flip-free comparison: both models fed dense's tokens (sampled, first seed) at every scale; their "
+              "guided logits per scale:", "",
+              "| part | KL(dense ‖ LiteVAR) per scale (nats/token) | argmax agreement per scale |", "|---|---|---|"]
+    for part, modes in rep["parts"].items():
+        m = modes["dense_prefix_logits"]
+        lines.append(f"| {part} | {', '.join(f'{v:.4f}' for v in m['kl_per_scale'])} | "
+                     f"{', '.join(f'{v:.3f}' for v in m['top1_agreement_per_scale'])} |")
+    return lines
+
+
+def write_card(folder: Path, training: dict, quality: dict, held: dict) -> Path:
+    vq_last = training["history"]["vq"][-1]
+    var_last = training["history"]["var"][-1]
+    floor = quality["floor_dense_vs_dense_other_seed"]
+    text = f"""# ref-var: a small trained class-conditional VAR (offline reference model)
+
+Stock project classes: `VQVAE` + `VARTransformer` run by `VARPipeline`
+(`diffusers_attn.reference_models.var.load_reference_var_pipeline()`; demo / CLI name `ref-var`).
+
+## Data
+Procedural, no download (`diffusers_attn/reference_models/var/data.py`): 12 classes = 4 shapes (disc, square,
+triangle, ring) x 3 colours (red, green, blue) at random position / size / shade over a random grey texture
+(stripes, checker or smooth noise), 32x32 px. Class `c` = shape `c // 3`, colour `c % 3`:
+{", ".join(f"{i} {n}" for i, n in enumerate(CLASS_NAMES))}.
+Training set: {training['n_train']} images (seed {training['train_seed']}); held-out set: {N_HELDOUT} images
+(seed {HELDOUT_SEED}).
+
+## Architecture
+* VQVAE: `ch=32, ch_mult=(1, 2, 2)` (4x down: 32 px -> 8x8 latent), 1 res block per level, no self-attention,
+  `z_channels=8`, 64-entry codebook, scales `patch_nums=(1, 2, 3, 4, 6, 8)` (130 tokens).
+* VARTransformer: 4 blocks, width 128, 4 heads x 32, `mlp_ratio=2`, 12 classes (+ null class for CFG).
+
+## Training (`python -m diffusers_attn.reference_models.var.train`, defaults `--vq-steps 800 --var-steps 1000`)
+Fixed seeds, `torch.set_num_threads(1)`, device `{training.get('device', 'cpu')}`, torch {training['torch']}.
+1. VQVAE: {training['vq_steps']} AdamW steps (lr 2e-3, cosine, batch 32), straight-through multi-scale residual
+   quantisation (codebook MSE + 0.25 commitment), L1 + MSE pixel loss, dead-code restarts from current residuals
+   every 50 steps (first 80 %). {training['vq_seconds']} s. Final batch loss: rec {vq_last['rec']}, vq
+   {vq_last['vq']}. Reconstruction PSNR on 400 training images: {training['vq_recon_psnr_db']} dB.
+2. Transformer: VQVAE frozen, data tokenised once; {training['var_steps']} AdamW steps (lr 1e-3, cosine, batch 48,
+   weight decay 0.02, grad clip 2), next-scale teacher-forced cross-entropy, 10 % label dropout (CFG).
+   {training['var_seconds']} s. Final batch cross-entropy {var_last['ce']}.
+
+![loss](loss.png)
+
+Held-out teacher-forced cross-entropy (nats/token, {N_HELDOUT} images): trained **{held['trained']}**,
+untrained (same config, fresh init) {held['untrained']}, uniform over the codebook {held['uniform']}.
+
+## Samples
+Rows: training data, dense (sampler {DEFAULT_CALL}, seed 0), LiteVAR (calibrated masks + CFG sharing + W8A8
+fake-quant, same seed), dense greedy (`top_k=1`). Columns: classes 0-11.
+
+![samples](samples.png)
+
+## LiteVAR vs dense (same generator)
+Masks calibrated on classes 0-11 at threshold {quality['mask_threshold']} (no drop table), kept attention share
+per maskable scale: {quality['kept_share_per_scale']}. Evaluated on classes {quality['labels']}, sampled with
+seeds {quality['seeds']} and greedy. VAR sampling is discrete: a token that flips changes every later scale's
+input, so PSNR is dominated by the number of images in which some token flipped; token agreement per scale and
+the number of bit-identical images are reported next to it.
+
+{chr(10).join(_fmt_part(quality))}
+
+Floor (dense vs dense with seed {quality['seeds'][0] + 100}: an unrelated sample of the same class):
+PSNR {floor['psnr_db']} dB, SSIM {floor['ssim']}, token agreement per scale {floor['token_agreement_per_scale']}.
+
+**The issue's target (LiteVAR masks + CFG sharing + W8A8 >= 30 dB vs dense) is not met on this model**: the
+combined figure is {quality['parts']['all']['sampled_seed0']['psnr_db']} dB (sampled, seed {quality['seeds'][0]}),
+above the {floor['psnr_db']} dB floor but far from 30 dB. The model's
+per-token distributions are flat (held-out cross-entropy {held['trained']} nats/token, i.e. about
+{math.exp(held['trained']):.0f} equally plausible codes: most tokens encode background texture), so even W8A8
+alone (KL <= 0.012 nats/token) moves the argmax of ~10 % of the last-scale tokens and every flip propagates. CFG attention sharing on every scale
+is the largest error (KL up to 0.14). The CI fixture (`tests/test_reference_var.py`) therefore asserts the
+measured levels with a margin (combined >= 17 dB sampled / 16.5 dB greedy; masks >= 22.5 dB; W8A8 >= 22 dB;
+flip-free KL bounds), not 30 dB.
+
+Measured {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} on {platform.machine()} CPU, torch
+{torch.__version__} (`python -m diffusers_attn.reference_models.var.card`); raw numbers in `quality.json`.
+"""
+    path = folder / "README.md"
+    path.write_text(text)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    folder = reference_var_path()
+    pipe = load_reference_var_pipeline()
+    training = json.loads((folder / "training.json").read_text())
+    masks = calibrate(pipe)
+    quality = measure(pipe, seeds=args.seeds, masks=masks)
+    held = heldout_loss(pipe)
+    quality["heldout_cross_entropy"] = held
+    (folder / "quality.json").write_text(json.dumps(quality, indent=1))
+    loss_png(training["history"], folder / "loss.png")
+    sample_grid(pipe, masks, folder / "samples.png")
+    print(write_card(folder, training, quality, held))
+    print(json.dumps({k: {m: (v["psnr_db"], v["identical_images"]) for m, v in d.items() if "psnr_db" in v}
+                      for k, d in quality["parts"].items()}), held)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
