@@ -7,7 +7,8 @@ Stage 1 trains the VQVAE (encoder, multi-scale residual quantizer, decoder) with
 current residuals, so a 64-entry codebook stays in use). Stage 2 freezes it, tokenises the data set once and
 trains the transformer with next-scale teacher-forced cross-entropy (10 % label dropout for CFG). Seeds are fixed;
 ``torch.set_num_threads(1)`` by default (shared CPUs; ``--threads N`` is faster, the last bits may differ); two
-runs in one environment give identical weights (checked for short runs in ``tests/test_reference_var.py``; other CPUs / torch builds may differ in the last bits).
+runs in one environment give identical weights (checked for short runs in ``tests/test_reference_var.py``; other
+CPUs / torch builds may differ in the last bits).
 """
 
 from __future__ import annotations
