@@ -177,8 +177,8 @@ def main(argv: list[str] | None = None) -> None:
     pipe.save_pretrained(args.out)
     info = {"vq_steps": 0 if args.vq_from else args.vq_steps, "var_steps": args.var_steps, "vq_seconds": round(vq_s),
             "var_seconds": round(var_s), "vq_recon_psnr_db": round(10 * math.log10(1 / mse), 2),
-            "n_train": N_TRAIN, "device": args.device, "threads": args.threads, "train_seed": TRAIN_SEED, "torch": torch.__version__,
-            "history": history}
+            "n_train": N_TRAIN, "device": args.device, "threads": args.threads, "train_seed": TRAIN_SEED,
+            "torch": torch.__version__, "history": history}
     (args.out / "training.json").write_text(json.dumps(info))
     print(f"saved to {args.out} (VQVAE {vq_s:.0f}s, VAR {var_s:.0f}s)", flush=True)
 
