@@ -6,8 +6,9 @@ Stage 1 trains the VQVAE (encoder, multi-scale residual quantizer, decoder) with
 ``f_hat``, codebook/commitment MSE, L1 + MSE pixel loss, and dead-code restarts (unused entries are re-seeded from
 current residuals, so a 64-entry codebook stays in use). Stage 2 freezes it, tokenises the data set once and
 trains the transformer with next-scale teacher-forced cross-entropy (10 % label dropout for CFG). Seeds are fixed;
-``torch.set_num_threads(1)`` (shared CPUs); two runs in one environment give identical weights (checked for short
-runs in ``tests/test_reference_var.py``; other CPUs / torch builds may differ in the last bits).
+``torch.set_num_threads(1)`` by default (shared CPUs; ``--threads N`` is faster, the last bits may differ); two
+runs in one environment give identical weights (checked for short runs in ``tests/test_reference_var.py``; other
+CPUs / torch builds may differ in the last bits).
 """
 
 from __future__ import annotations
@@ -148,9 +149,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--vq-steps", type=int, default=800)
     ap.add_argument("--var-steps", type=int, default=1000)
     ap.add_argument("--device", default="cpu", help="cpu (reference) or cuda (faster; not bit-identical)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: shared CPUs, bit-reproducible)")
     ap.add_argument("--vq-from", type=Path, default=None, help="reuse a trained VQVAE folder (skip stage 1)")
     args = ap.parse_args(argv)
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     t0 = time.time()
     x, y = make_dataset(N_TRAIN, TRAIN_SEED)
     x, y = x.to(args.device), y.to(args.device)
@@ -175,8 +177,8 @@ def main(argv: list[str] | None = None) -> None:
     pipe.save_pretrained(args.out)
     info = {"vq_steps": 0 if args.vq_from else args.vq_steps, "var_steps": args.var_steps, "vq_seconds": round(vq_s),
             "var_seconds": round(var_s), "vq_recon_psnr_db": round(10 * math.log10(1 / mse), 2),
-            "n_train": N_TRAIN, "device": args.device, "train_seed": TRAIN_SEED, "torch": torch.__version__,
-            "history": history}
+            "n_train": N_TRAIN, "device": args.device, "threads": args.threads, "train_seed": TRAIN_SEED,
+            "torch": torch.__version__, "history": history}
     (args.out / "training.json").write_text(json.dumps(info))
     print(f"saved to {args.out} (VQVAE {vq_s:.0f}s, VAR {var_s:.0f}s)", flush=True)
 
