@@ -3,7 +3,8 @@ and the demo's default VAR model).
 
 The project's own :class:`~diffusers_attn.pipelines.var.VQVAE` (32 px -> 8x8 latent, 64-entry codebook, scales
 1, 2, 3, 4, 6, 8) and :class:`~diffusers_attn.pipelines.var.VARTransformer` (4 blocks, 4 heads x 32), trained by
-:mod:`.train` on the procedural shapes of :mod:`.data` (36 classes, one image each, :data:`.data.CLASS_NAMES`). Saved with
+:mod:`.train` on the procedural shapes of :mod:`.data` (36 classes, one image each, :data:`.data.CLASS_NAMES`).
+Saved with
 ``VARPipeline.save_pretrained`` in ``weights/ref-var``; model card ``weights/ref-var/README.md``.
 """
 

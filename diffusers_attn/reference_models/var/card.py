@@ -186,8 +186,8 @@ Reference points: dense vs dense with seed {quality['seeds'][0] + 100} (the samp
 near-deterministic model) {seed_floor['psnr_db']} dB, SSIM {seed_floor['ssim']}; dense vs the same shape and colour
 at another placement (a wrong image) {wrong['psnr_db']} dB, SSIM {wrong['ssim']}.
 
-**LiteVAR (masks + CFG sharing on every scale + W8A8) vs dense: {min(sampled)}-{max(sampled)} dB sampled, {allp['greedy']['psnr_db']}
-dB greedy** (the issue's target is >= 30 dB). More aggressive variants score lower with the same protocol, so the
+**LiteVAR (masks + CFG sharing on every scale + W8A8) vs dense: {min(sampled)}-{max(sampled)} dB sampled,
+{allp['greedy']['psnr_db']} dB greedy** (the issue's target is >= 30 dB). More aggressive variants score lower with the same protocol, so the
 metric does see a worse approximation:
 
 {chr(10).join(_fmt_degraded(quality))}
