@@ -1,9 +1,9 @@
 """LiteVAR vs dense on the trained reference VAR (``ref-var``): which LiteVAR settings keep PSNR high.
 
-    python benchmarks/var_reference_quality.py [--guidance 2.0 1.0] [--seeds 0 1]
+    python benchmarks/var_reference_quality.py [--guidance 1.0 2.0] [--seeds 0 1]
 
 Per guidance scale: masks calibrated at that scale, then each configuration vs dense with the same generator
-(classes 0-11): PSNR of sampled runs (per seed) and greedy (top_k=1), and the max flip-free KL over scales
+(all 36 classes): PSNR of sampled runs (per seed) and greedy (top_k=1), and the max flip-free KL over scales
 (guided logits on dense's token prefix). CPU is enough (130 tokens); on a GPU add ``--device cuda``.
 """
 
@@ -21,7 +21,7 @@ from diffusers_attn.reference_models.var import quality as Q
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--guidance", type=float, nargs="+", default=[2.0, 1.0])
+    ap.add_argument("--guidance", type=float, nargs="+", default=[1.0, 2.0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()

@@ -99,14 +99,14 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from .processors.rainfusion import apply_rainfusion
 
     from .pipelines.tiny import TINY_VAR_MODELS
-    from .reference_models.var import REFERENCE_VAR_MODELS
+    from .reference_models.var import DEFAULT_CLASS_LABELS, REFERENCE_VAR_MODELS
 
     if args.model in TINY_VAR_MODELS or args.model in REFERENCE_VAR_MODELS:
         raise ValueError(
             f"--model {args.model} is a class-conditional VAR model; `compare` runs RainFusion on text-to-video "
             "models. Compare LiteVAR against dense in the demo (`diffusers-attn demo`, method LiteVAR, model "
             f"{args.model}) or from Python: diffusers_attn.demo.DemoRunner().run(DemoRequest(model='{args.model}', "
-            "method='litevar', prompt='0, 4, 8, 9'))"
+            f"method='litevar', prompt='{DEFAULT_CLASS_LABELS}'))"
         )
     from .reference_models import REFERENCE_MODELS
 

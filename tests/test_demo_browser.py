@@ -100,9 +100,9 @@ def test_browser_litevar_shows_class_labels_and_images(browser, page_url):
         page.locator("#compare-btn").wait_for(timeout=60_000)
         page.locator("#method input").click()
         page.get_by_role("option", name="LiteVAR").click()
-        page.get_by_label("Class labels (ref-var: 0-11, tiny-var: ImageNet ids)").wait_for(timeout=30_000)
+        page.get_by_label("Class labels (ref-var: 0-35, tiny-var: ImageNet ids)").wait_for(timeout=30_000)
         page.locator("#frames").wait_for(state="hidden", timeout=30_000)
-        assert page.locator("#prompt textarea").input_value() == "0, 4, 8, 9"
+        assert page.locator("#prompt textarea").input_value() == "1, 12, 25, 29"
         page.locator("#compare-btn").click()
         for img in ("#dense-image img", "#accel-image img"):
             page.locator(img).wait_for(state="attached", timeout=120_000)

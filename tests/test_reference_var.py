@@ -16,27 +16,30 @@ import torch
 from diffusers_attn.reference_models.var import (DEFAULT_CALL, REFERENCE_VAR_MODELS, load_reference_var_pipeline,
                                                  reference_var_path)
 from diffusers_attn.reference_models.var import quality as Q
-from diffusers_attn.reference_models.var.card import heldout_loss
+from diffusers_attn.reference_models.var.card import class_image_loss
+from diffusers_attn.reference_models.var.data import NUM_CLASSES
 
-# Measured 2026-12-02 (ref-var README / quality.json): held-out cross-entropy trained 2.69 vs untrained 4.43 nats.
-TRAINED_CE_MAX = 3.0
-# Measured: 12/12 seed-3 samples have their class colour; an untrained transformer on the same VQVAE: 5/12.
-COLOUR_HITS_MIN = 10
-# LiteVAR "all" (masks + CFG sharing on every scale + W8A8) vs dense, classes 0-11: sampled seed 0 18.69 dB
-# (seeds 0-2: 18.69 / 19.75 / 20.63), greedy 17.81 dB; the floor (dense vs an unrelated dense sample of the same
-# classes) is 14.83 dB. The issue's 30 dB is NOT met on this model (see BENCHMARKS.md "Reference VAR"); these
-# thresholds sit ~1.5 dB under the measurement and ~2-3 dB above the floor.
-PSNR_MIN_SAMPLED = 17.0
-PSNR_MIN_GREEDY = 16.5
-# Greedy token agreement of "all" at scales 0-2: 1.0 / 0.875 / 0.75 (floor 0.08 / 0.21 / 0.16).
-AGREE_MIN_GREEDY = 0.6
-# Parts alone, sampled seed 0: masks 24.72 dB, W8A8 23.94 dB.
-PSNR_MIN_MASKS = 22.5
-PSNR_MIN_W8A8 = 22.0
-# Flip-free: guided logits on dense's token prefix, max KL over scales (nats/token): masks 0.043, W8A8 0.011,
-# all 0.166 (CFG sharing dominates: 0.138 alone).
-KL_MAX = {"masks": 0.08, "w8a8": 0.03, "all": 0.25}
-# Calibrated kept attention share per maskable scale (3, 4, 5): 0.97 / 0.95 / 0.94.
+# Measured 2026-12-02 (ref-var README / quality.json, 36 classes, sampler guidance 1.0 / top_k 16 / top_p 0.9).
+# Teacher-forced cross-entropy on the class images: trained 0.0000 vs untrained 4.42 nats/token.
+TRAINED_CE_MAX = 0.05
+# Dense samples (seed 3) vs their class image: 37.0 dB over the batch, worst image 31.9 dB (VQVAE reconstruction
+# ceiling 37.7 dB); an untrained transformer on the same VQVAE: 14.3 dB.
+SAMPLE_VS_CLASS_MIN, SAMPLE_VS_CLASS_WORST_MIN = 34.0, 29.0
+# LiteVAR "all" (masks + CFG sharing on every scale + W8A8) vs dense, all 36 classes: sampled seeds 0-2
+# 44.65 / 46.79 / 46.60 dB, greedy 48.81 dB (the issue asks >= 30 dB); the sampler's own seed-to-seed noise is
+# 45.97 dB and a wrong image (another placement) 15.5 dB. Thresholds ~4.5 dB under the measurement: the degraded
+# variants measured with the same protocol (W4A4 30.5-37.3 dB, 4-bit attention 24.9-26.1 dB, masks at threshold
+# 0.3 31.9 dB at seed 0) fall below them (checked in test_fixture_detects_degraded_litevar).
+PSNR_MIN_SAMPLED = 40.0
+PSNR_MIN_GREEDY = 44.0
+SSIM_MIN = 0.99
+# Parts alone, sampled seed 0: masks 48.74 dB, W8A8 46.94 dB.
+PSNR_MIN_MASKS = 44.0
+PSNR_MIN_W8A8 = 42.0
+# Flip-free: guided logits on dense's token prefix, max KL over scales (nats/token): masks 0.0225, W8A8 0.0114,
+# all 0.464 (CFG sharing dominates: 0.455 alone, at the last scale).
+KL_MAX = {"masks": 0.05, "w8a8": 0.03, "all": 0.8}
+# Calibrated kept attention share per maskable scale (3, 4, 5): 0.97 / 0.97 / 0.96.
 KEPT_MAX = 0.99
 
 
@@ -57,32 +60,31 @@ def test_weights_shipped_small_and_loadable(pipe):
     assert total < 10 * 2**20, f"ref-var folder is {total / 2**20:.1f} MiB"
     assert (folder / "README.md").is_file() and (folder / "samples.png").is_file()
     tr = pipe.transformer
-    assert tr.config.num_classes == 12 and tuple(tr.patch_nums) == (1, 2, 3, 4, 6, 8)
+    assert tr.config.num_classes == NUM_CLASSES == 36 and tuple(tr.patch_nums) == (1, 2, 3, 4, 6, 8)
     assert all(torch.isfinite(p).all() for p in tr.parameters())
     with pytest.raises(ValueError, match="ref-var"):
         reference_var_path("ref-nope")
 
 
-def test_trained_beats_untrained_on_heldout(pipe):
-    # Held-out teacher-forced cross-entropy (nats/token); uniform guessing over 64 codes is log 64 = 4.16.
-    held = heldout_loss(pipe, n=48)
-    assert held["untrained"] > held["uniform"] - 0.3
-    assert held["trained"] < held["untrained"] - 1.0, held
-    assert held["trained"] < TRAINED_CE_MAX, held
+def test_trained_beats_untrained(pipe):
+    # Teacher-forced cross-entropy on the class images (nats/token); uniform over 64 codes is log 64 = 4.16.
+    ce = class_image_loss(pipe)
+    assert ce["untrained"] > ce["uniform"] - 0.3
+    assert ce["trained"] < TRAINED_CE_MAX < ce["untrained"] - 1.0, ce
 
 
-def test_samples_follow_the_class_colour(pipe):
-    # Classes c % 3 = 0 / 1 / 2 are red / green / blue shapes: the dominant saturated colour of each sample must
-    # be its class colour (a random or class-blind model fails this).
-    labels = list(range(12))
+def test_samples_reproduce_their_class_image(pipe):
+    # Every class is one image: a trained model draws it (up to the VQVAE's 37.7 dB ceiling), an untrained or
+    # class-blind one does not (14.3 dB measured).
+    from diffusers_attn.eval.metrics import psnr
+    from diffusers_attn.reference_models.var.data import render
+
+    labels = list(range(NUM_CLASSES))
     imgs, _ = Q.sample(pipe, labels, seed=3)
-    hits = 0
-    for img, c in zip(imgs, labels):
-        r, g, b = img
-        sat = [((ch - torch.stack([x for x in (r, g, b) if x is not ch]).max(0).values) > 0.25).float().mean()
-               for ch in (r, g, b)]
-        hits += int(max(range(3), key=lambda i: sat[i]) == c % 3)
-    assert hits >= COLOUR_HITS_MIN, f"{hits}/12 samples have their class colour"
+    target = torch.stack([torch.from_numpy(render(c)) for c in labels])
+    per_image = [psnr(imgs[i : i + 1], target[i : i + 1]) for i in labels]
+    assert psnr(imgs, target) >= SAMPLE_VS_CLASS_MIN, per_image
+    assert min(per_image) >= SAMPLE_VS_CLASS_WORST_MIN, per_image
 
 
 def test_litevar_all_parts_close_to_dense(pipe, masks):
@@ -100,10 +102,26 @@ def test_litevar_all_parts_close_to_dense(pipe, masks):
         rep[mode] = Q.compare(dense, fast)
     for mode, m in rep.items():
         assert not math.isnan(m["psnr_db"])
-        assert m["token_agreement_per_scale"][0] == 1.0, (mode, m)
+        assert min(m["token_agreement_per_scale"][:3]) == 1.0, (mode, m)  # measured: no coarse-scale flip
+        assert m["ssim"] >= SSIM_MIN, (mode, m)
     assert rep["sampled"]["psnr_db"] >= PSNR_MIN_SAMPLED, rep
     assert rep["greedy"]["psnr_db"] >= PSNR_MIN_GREEDY, rep
-    assert min(rep["greedy"]["token_agreement_per_scale"][:3]) >= AGREE_MIN_GREEDY, rep
+
+
+@pytest.mark.parametrize("name", sorted(Q.DEGRADED))
+def test_fixture_detects_degraded_litevar(pipe, masks, name):
+    # The same protocol must score a worse approximation below the fixture's thresholds (else it could not fail).
+    from diffusers_attn.processors.litevar import apply_litevar, remove_litevar
+
+    kw = dict(Q.DEGRADED[name])
+    mk = Q.calibrate(pipe, kw.pop("threshold")) if "threshold" in kw else masks
+    dense = Q.sample(pipe, Q.EVAL_LABELS, 0)
+    apply_litevar(pipe, Q.part_config("all", mk, **kw))
+    try:
+        worse = Q.compare(dense, Q.sample(pipe, Q.EVAL_LABELS, 0))
+    finally:
+        remove_litevar(pipe)
+    assert worse["psnr_db"] < PSNR_MIN_SAMPLED, (name, worse)
 
 
 @pytest.mark.parametrize("part,floor", [("masks", "PSNR_MIN_MASKS"), ("w8a8", "PSNR_MIN_W8A8")])
@@ -133,9 +151,9 @@ def test_ref_var_is_the_demo_default_for_litevar():
     assert METHODS["litevar"].models[0] == "ref-var" == REFERENCE_VAR_MODELS[0]
     loaded = load_pipeline("ref-var", torch.device("cpu"), torch.float32)
     assert loaded.kind == "image" and loaded.defaults == DEFAULT_CALL and loaded.num_steps == 6
-    assert loaded.prompt_kwargs(loaded.default_prompt) == {"class_labels": [0, 4, 8, 9]}
-    with pytest.raises(ValueError, match=r"\[0, 11\]"):
-        loaded.prompt_kwargs("12")
+    assert loaded.prompt_kwargs(loaded.default_prompt) == {"class_labels": [1, 12, 25, 29]}
+    with pytest.raises(ValueError, match=r"\[0, 35\]"):
+        loaded.prompt_kwargs("36")
 
 
 def test_prefix_logits_reproduce_the_pipeline(pipe):
@@ -172,25 +190,32 @@ def test_demo_litevar_on_ref_var_runs_with_w8a8():
 
     from diffusers_attn.demo import DemoRequest, DemoRunner
 
-    res = DemoRunner(device="cpu").run(DemoRequest(model="ref-var", method="litevar", prompt="0, 4",
+    res = DemoRunner(device="cpu").run(DemoRequest(model="ref-var", method="litevar", prompt="1, 12",
                                                    knobs={"quant": "w8a8"}, warmup=False))
     dense, accel = (np.asarray(Image.open(p).convert("RGB")) for p in (res.dense_video, res.accel_video))
     assert res.is_image and dense.shape == accel.shape == (32, 2 * 32 + 4, 3)
     m = res.metrics
     assert math.isfinite(m["psnr_db"]) and 0 < m["density"] < 1
-    assert m["method_report"]["calibration"]["calibration_labels"] == [0, 1, 3, 4, 6, 7, 9, 10]
+    assert m["method_report"]["calibration"]["calibration_labels"] == [0, 4, 9, 13, 18, 22, 27, 31]
 
 
 def test_data_and_training_are_deterministic():
     from diffusers_attn.reference_models.var import train as T
-    from diffusers_attn.reference_models.var.data import NUM_CLASSES, make_dataset
+    from diffusers_attn.reference_models.var.data import NUM_CLASSES, make_dataset, other_placement, render
 
-    x, y = make_dataset(24, seed=5)
-    x2, y2 = make_dataset(24, seed=5)
+    x, y = make_dataset(72, seed=5)
+    x2, y2 = make_dataset(72, seed=5)
     assert torch.equal(x, x2) and torch.equal(y, y2)
-    assert not torch.equal(x, make_dataset(24, seed=6)[0])
+    assert not torch.equal(x, make_dataset(72, seed=6)[0])
     assert torch.bincount(y, minlength=NUM_CLASSES).tolist() == [2] * NUM_CLASSES
-    assert x.shape == (24, 3, 32, 32) and x.min() >= -1 and x.max() <= 1
+    assert x.shape == (72, 3, 32, 32) and x.min() >= -1 and x.max() <= 1
+    # one image per class, and the classes' images are all different
+    assert all(torch.equal(x[i], torch.from_numpy(render(int(y[i]))).mul(2).sub(1)) for i in range(72))
+    assert len({render(c).tobytes() for c in range(NUM_CLASSES)}) == NUM_CLASSES
+    assert all(other_placement(c) // 3 == c // 3 and other_placement(c) != c for c in range(NUM_CLASSES))
+    with pytest.raises(ValueError, match="label"):
+        render(NUM_CLASSES)
+    x, y = x[:24], y[:24]
     a, b = T.train_vqvae(x, 3, batch=8), T.train_vqvae(x, 3, batch=8)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
     ids, teacher = T.tokenize(a, x)

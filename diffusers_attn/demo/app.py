@@ -14,6 +14,7 @@ from .methods import METHODS, DemoInputError
 from .runner import DemoRequest, DemoRunner
 
 from ..reference_models import DEFAULT_PROMPT  # the default model (ref-cogvideox) knows its caption grammar
+from ..reference_models.var import DEFAULT_CLASS_LABELS
 FIXED_INPUTS = ("model", "method", "prompt", "negative_prompt", "embeddings", "seed", "randomize_seed", "steps",
                 "frames", "height", "width", "warmup")
 
@@ -146,9 +147,9 @@ def build_demo(runner: DemoRunner | None = None, *, default_method: str = "rainf
             choices = _model_choices(key)
             class_labels = meth.conditioning == "class_labels"
             return [
-                # ref-var (the default VAR) has 12 shape classes; tiny-var takes any id < 1000
-                gr.update(label="Class labels (ref-var: 0-11, tiny-var: ImageNet ids)" if class_labels else "Prompt",
-                          value="0, 4, 8, 9" if class_labels else DEFAULT_PROMPT),
+                # ref-var (the default VAR) has 36 shape classes; tiny-var takes any id < 1000
+                gr.update(label="Class labels (ref-var: 0-35, tiny-var: ImageNet ids)" if class_labels else "Prompt",
+                          value=DEFAULT_CLASS_LABELS if class_labels else DEFAULT_PROMPT),
                 gr.update(visible=not class_labels),
                 gr.update(visible=not class_labels),
                 gr.update(choices=choices, value=choices[0] if choices else None),

@@ -283,8 +283,9 @@ def _register() -> None:
         models=(*REFERENCE_VAR_MODELS, *TINY_VAR_MODELS),  # the trained ref-var first: the default
         description=(
             "Class-conditional VAR (next-scale prediction): enter class labels, one image per label. `ref-var` "
-            "(trained, default): 12 shape classes, class c = shape c // 3 (disc, square, triangle, ring) in colour "
-            "c % 3 (red, green, blue), e.g. `0, 4, 8, 9`; `tiny-var` (random weights): ImageNet ids, e.g. `207, 360`."
+            "(trained, default): 36 classes, one image each: class c = shape c // 9 (disc, square, triangle, ring), "
+            "colour (c // 3) % 3 (red, green, blue), placement c % 3 (top-left, centre, bottom-right), e.g. "
+            "`1, 12, 25, 29`; `tiny-var` (random weights): ImageNet ids, e.g. `207, 360`."
             " Steps, frames and size do not apply (VAR has fixed scales and resolution). Masks "
             "change the math but run as masked dense attention (the kept share is what a sparse kernel would "
             "need)."

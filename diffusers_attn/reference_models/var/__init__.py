@@ -3,7 +3,8 @@ and the demo's default VAR model).
 
 The project's own :class:`~diffusers_attn.pipelines.var.VQVAE` (32 px -> 8x8 latent, 64-entry codebook, scales
 1, 2, 3, 4, 6, 8) and :class:`~diffusers_attn.pipelines.var.VARTransformer` (4 blocks, 4 heads x 32), trained by
-:mod:`.train` on the procedural shapes of :mod:`.data` (12 classes, :data:`.data.CLASS_NAMES`). Saved with
+:mod:`.train` on the procedural shapes of :mod:`.data` (36 classes, one image each, :data:`.data.CLASS_NAMES`).
+Saved with
 ``VARPipeline.save_pretrained`` in ``weights/ref-var``; model card ``weights/ref-var/README.md``.
 """
 
@@ -17,10 +18,12 @@ from .data import CLASS_NAMES, NUM_CLASSES
 
 REFERENCE_VAR_MODELS = ("ref-var",)
 WEIGHTS_DIR = Path(__file__).parent / "weights"
-#: Class labels the demo and CLI start with (red disc, green square, blue triangle, red ring).
-DEFAULT_CLASS_LABELS = "0, 4, 8, 9"
-#: Sampling defaults of the reference model (vocabulary 64: the pipeline's top_k=900 keeps every token).
-DEFAULT_CALL = {"guidance_scale": 2.0, "top_k": 16, "top_p": 0.9}
+#: Class labels the demo and CLI start with (red disc centre, green square top-left, blue triangle centre, red
+#: ring bottom-right).
+DEFAULT_CLASS_LABELS = "1, 12, 25, 29"
+#: Sampling defaults of the reference model (vocabulary 64: the pipeline's top_k=900 keeps every token). CFG 1.0:
+#: larger scales flatten this near-deterministic model's late-scale distributions (model card, guidance sweep).
+DEFAULT_CALL = {"guidance_scale": 1.0, "top_k": 16, "top_p": 0.9}
 
 
 def reference_var_path(name: str = "ref-var") -> Path:

@@ -17,21 +17,22 @@ import torch
 from PIL import Image, ImageDraw
 
 from . import DEFAULT_CALL, load_reference_var_pipeline, reference_var_path
-from .data import CLASS_NAMES, make_dataset
-from .quality import PARTS, calibrate, measure, part_config, sample
-from .train import HELDOUT_SEED, N_HELDOUT, VAR_CONFIG, teacher_forced_loss, tokenize
+from .data import CLASS_NAMES, NUM_CLASSES, PLACEMENTS, make_dataset
+from .quality import PARTS, calibrate, guidance_sweep, measure, part_config, sample
+from .train import VAR_CONFIG, teacher_forced_loss, tokenize
 
 
 @torch.no_grad()
-def heldout_loss(pipe, n: int = N_HELDOUT, untrained_seed: int = 0) -> dict[str, float]:
-    """Teacher-forced next-scale cross-entropy (nats/token) on held-out images: trained vs freshly initialised."""
+def class_image_loss(pipe, untrained_seed: int = 0) -> dict[str, float]:
+    """Teacher-forced next-scale cross-entropy (nats/token) on the class images, one per class (the data has no
+    held-out set: every class is one image), trained vs freshly initialised."""
     from ...pipelines.var import VARTransformer
 
-    x, y = make_dataset(n, HELDOUT_SEED)
+    x, y = make_dataset(NUM_CLASSES)
     ids, teacher = tokenize(pipe.vqvae, x)
     torch.manual_seed(untrained_seed)
     fresh = VARTransformer(**VAR_CONFIG).eval()
-    return {"trained": round(teacher_forced_loss(pipe.transformer, y, ids, teacher).item(), 4),
+    return {"trained": round(teacher_forced_loss(pipe.transformer, y, ids, teacher).item(), 6),
             "untrained": round(teacher_forced_loss(fresh, y, ids, teacher).item(), 4),
             "uniform": round(math.log(pipe.transformer.vocab_size), 4)}
 
@@ -101,30 +102,58 @@ def _fmt_part(rep: dict) -> list[str]:
     return lines
 
 
-def write_card(folder: Path, training: dict, quality: dict, held: dict) -> Path:
+def _fmt_degraded(rep: dict) -> list[str]:
+    lines = ["| degraded variant | " + " | ".join(next(iter(rep["degraded"].values()))) + " |",
+             "|---|" + "---|" * len(next(iter(rep["degraded"].values())))]
+    for name, modes in rep["degraded"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{m['psnr_db']} dB ({m['identical_images']} identical)"
+                                                 for m in modes.values()) + " |")
+    return lines
+
+
+def _fmt_guidance(rows: list[dict]) -> list[str]:
+    lines = ["| guidance_scale | LiteVAR all vs dense, seed 0 (dB) | SSIM | dense vs dense, seed 100 (dB) |",
+             "|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['guidance_scale']} | {r['all']['psnr_db']} | {r['all']['ssim']} | "
+                     f"{r['dense_other_seed']['psnr_db']} |")
+    return lines
+
+
+def write_card(folder: Path, training: dict, quality: dict, held: dict, guidance: list[dict]) -> Path:
     vq_last = training["history"]["vq"][-1]
     var_last = training["history"]["var"][-1]
-    floor = quality["floor_dense_vs_dense_other_seed"]
+    seed_floor = quality["floor_dense_vs_dense_other_seed"]
+    wrong = quality["floor_other_placement"]
+    allp = quality["parts"]["all"]
+    sampled = [m["psnr_db"] for k, m in allp.items() if k.startswith("sampled")]
+    names = ", ".join(f"{i} {n}" for i, n in enumerate(CLASS_NAMES))
     text = f"""# ref-var: a small trained class-conditional VAR (offline reference model)
 
 Stock project classes: `VQVAE` + `VARTransformer` run by `VARPipeline`
 (`diffusers_attn.reference_models.var.load_reference_var_pipeline()`; demo / CLI name `ref-var`).
 
 ## Data
-Procedural, no download (`diffusers_attn/reference_models/var/data.py`): 12 classes = 4 shapes (disc, square,
-triangle, ring) x 3 colours (red, green, blue) at random position / size / shade over a random grey texture
-(stripes, checker or smooth noise), 32x32 px. Class `c` = shape `c // 3`, colour `c % 3`:
-{", ".join(f"{i} {n}" for i, n in enumerate(CLASS_NAMES))}.
-Training set: {training['n_train']} images (seed {training['train_seed']}); held-out set: {N_HELDOUT} images
-(seed {HELDOUT_SEED}).
+Procedural, no download (`diffusers_attn/reference_models/var/data.py`), 32x32 px: {NUM_CLASSES} classes = 4 shapes
+(disc, square, triangle, ring) x 3 colours (red, green, blue) x 3 placements ({", ".join(PLACEMENTS)}), each over
+a fixed grey texture chosen by the shape. **Every class is exactly one image**, deliberately: this model is a
+paired-fidelity fixture (LiteVAR vs dense, same generator), and with several images per class the early scales'
+token distributions are multi-modal, so any small logit change moves the sampler across a mode boundary in some
+images and PSNR measures the sampler's ties rather than LiteVAR's error (the earlier textured, randomly placed
+12-class model measured 18.7 dB that way, next to a 14.8 dB unrelated-sample floor: BENCHMARKS.md). Class `c` =
+shape `c // 9`, colour `(c // 3) % 3`, placement `c % 3`: {names}.
+Training set: {training['n_train']} copies of the class images, balanced, order shuffled by seed
+{training['train_seed']}.
 
 ## Architecture
 * VQVAE: `ch=32, ch_mult=(1, 2, 2)` (4x down: 32 px -> 8x8 latent), 1 res block per level, no self-attention,
   `z_channels=8`, 64-entry codebook, scales `patch_nums=(1, 2, 3, 4, 6, 8)` (130 tokens).
-* VARTransformer: 4 blocks, width 128, 4 heads x 32, `mlp_ratio=2`, 12 classes (+ null class for CFG).
+* VARTransformer: 4 blocks, width 128, 4 heads x 32, `mlp_ratio=2`, {NUM_CLASSES} classes (+ null class for CFG).
 
-## Training (`python -m diffusers_attn.reference_models.var.train`, defaults `--vq-steps 800 --var-steps 1000`)
-Fixed seeds, `torch.set_num_threads(1)`, device `{training.get('device', 'cpu')}`, torch {training['torch']}.
+## Training
+`python -m diffusers_attn.reference_models.var.train --threads {training.get('threads', 1)}` (defaults
+`--vq-steps 800 --var-steps 1500`). Fixed seeds, {training.get('threads', 1)} CPU thread(s), device
+`{training.get('device', 'cpu')}`, torch {training['torch']}.
 1. VQVAE: {training['vq_steps']} AdamW steps (lr 2e-3, cosine, batch 32), straight-through multi-scale residual
    quantisation (codebook MSE + 0.25 commitment), L1 + MSE pixel loss, dead-code restarts from current residuals
    every 50 steps (first 80 %). {training['vq_seconds']} s. Final batch loss: rec {vq_last['rec']}, vq
@@ -135,36 +164,41 @@ Fixed seeds, `torch.set_num_threads(1)`, device `{training.get('device', 'cpu')}
 
 ![loss](loss.png)
 
-Held-out teacher-forced cross-entropy (nats/token, {N_HELDOUT} images): trained **{held['trained']}**,
-untrained (same config, fresh init) {held['untrained']}, uniform over the codebook {held['uniform']}.
+Teacher-forced cross-entropy on the {NUM_CLASSES} class images (nats/token; this measures fit, there is no
+held-out set): trained **{held['trained']}**, untrained (same config, fresh init) {held['untrained']}, uniform
+over the codebook {held['uniform']}.
 
 ## Samples
 Rows: training data, dense (sampler {DEFAULT_CALL}, seed 0), LiteVAR (calibrated masks + CFG sharing + W8A8
-fake-quant, same seed), dense greedy (`top_k=1`). Columns: classes 0-11.
+fake-quant, same seed), dense greedy (`top_k=1`). Columns: classes 0-{NUM_CLASSES - 1}.
 
 ![samples](samples.png)
 
 ## LiteVAR vs dense (same generator)
-Masks calibrated on classes 0-11 at threshold {quality['mask_threshold']} (no drop table), kept attention share
-per maskable scale: {quality['kept_share_per_scale']}. Evaluated on classes {quality['labels']}, sampled with
-seeds {quality['seeds']} and greedy. VAR sampling is discrete: a token that flips changes every later scale's
-input, so PSNR is dominated by the number of images in which some token flipped; token agreement per scale and
-the number of bit-identical images are reported next to it.
+Masks calibrated on all classes at threshold {quality['mask_threshold']} (no drop table), kept attention share
+per maskable scale: {quality['kept_share_per_scale']}. Evaluated on all {len(quality['labels'])} classes, sampler
+{quality['call']}, seeds {quality['seeds']} and greedy. PSNR is over the whole batch; a token that flips changes
+every later scale's input, so token agreement per scale and the number of bit-identical images are given too.
 
 {chr(10).join(_fmt_part(quality))}
 
-Floor (dense vs dense with seed {quality['seeds'][0] + 100}: an unrelated sample of the same class):
-PSNR {floor['psnr_db']} dB, SSIM {floor['ssim']}, token agreement per scale {floor['token_agreement_per_scale']}.
+Reference points: dense vs dense with seed {quality['seeds'][0] + 100} (the sampler's own noise on this
+near-deterministic model) {seed_floor['psnr_db']} dB, SSIM {seed_floor['ssim']}; dense vs the same shape and colour
+at another placement (a wrong image) {wrong['psnr_db']} dB, SSIM {wrong['ssim']}.
 
-**The issue's target (LiteVAR masks + CFG sharing + W8A8 >= 30 dB vs dense) is not met on this model**: the
-combined figure is {quality['parts']['all']['sampled_seed0']['psnr_db']} dB (sampled, seed {quality['seeds'][0]}),
-above the {floor['psnr_db']} dB floor but far from 30 dB. The model's
-per-token distributions are flat (held-out cross-entropy {held['trained']} nats/token, i.e. about
-{math.exp(held['trained']):.0f} equally plausible codes: most tokens encode background texture), so even W8A8
-alone (KL <= 0.012 nats/token) moves the argmax of ~10 % of the last-scale tokens and every flip propagates. CFG attention sharing on every scale
-is the largest error (KL up to 0.14). The CI fixture (`tests/test_reference_var.py`) therefore asserts the
-measured levels with a margin (combined >= 17 dB sampled / 16.5 dB greedy; masks >= 22.5 dB; W8A8 >= 22 dB;
-flip-free KL bounds), not 30 dB.
+**LiteVAR (masks + CFG sharing on every scale + W8A8) vs dense: {min(sampled)}-{max(sampled)} dB sampled,
+{allp['greedy']['psnr_db']} dB greedy** (the issue's target is >= 30 dB). More aggressive variants score lower with the same protocol, so the
+metric does see a worse approximation:
+
+{chr(10).join(_fmt_degraded(quality))}
+
+CFG scale matters on this model: the guidance extrapolation `(1 + t) cond - t uncond` flattens its late-scale
+distributions as the scale grows, and LiteVAR's figure falls with the sampler-noise reference (default 1.0):
+
+{chr(10).join(_fmt_guidance(guidance))}
+
+What this does and does not show: LiteVAR keeps this model's predictions (a confident model: the images are a
+function of the class); it does not measure sample diversity or FID, which need a real model (VAR d16-d30).
 
 Measured {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} on {platform.machine()} CPU, torch
 {torch.__version__} (`python -m diffusers_attn.reference_models.var.card`); raw numbers in `quality.json`.
@@ -184,12 +218,14 @@ def main(argv: list[str] | None = None) -> int:
     training = json.loads((folder / "training.json").read_text())
     masks = calibrate(pipe)
     quality = measure(pipe, seeds=args.seeds, masks=masks)
-    held = heldout_loss(pipe)
-    quality["heldout_cross_entropy"] = held
+    held = class_image_loss(pipe)
+    quality["class_image_cross_entropy"] = held
+    guidance = guidance_sweep(pipe, masks)
+    quality["guidance_sweep"] = guidance
     (folder / "quality.json").write_text(json.dumps(quality, indent=1))
     loss_png(training["history"], folder / "loss.png")
     sample_grid(pipe, masks, folder / "samples.png")
-    print(write_card(folder, training, quality, held))
+    print(write_card(folder, training, quality, held, guidance))
     print(json.dumps({k: {m: (v["psnr_db"], v["identical_images"]) for m, v in d.items() if "psnr_db" in v}
                       for k, d in quality["parts"].items()}), held)
     return 0

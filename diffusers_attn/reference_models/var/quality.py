@@ -23,11 +23,19 @@ import torch.nn.functional as F
 from ...eval.metrics import psnr, ssim
 from ...processors.litevar import LiteVARConfig, apply_litevar, calibrate_litevar, remove_litevar
 from . import DEFAULT_CALL
+from .data import NUM_CLASSES, other_placement
 
 #: The LiteVAR parts measured one by one and combined (the issue's fixture is "all").
 PARTS = ("masks", "share_cfg", "w8a8", "all")
-CALIBRATION_LABELS = tuple(range(12))
-EVAL_LABELS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11)
+CALIBRATION_LABELS = tuple(range(NUM_CLASSES))
+EVAL_LABELS = tuple(range(NUM_CLASSES))
+#: Degraded LiteVAR variants the card measures next to the real one: evidence that the fixture's metric detects
+#: a worse approximation (each is a legal configuration, only a more aggressive one).
+DEGRADED = {
+    "all, W4A4": dict(quant="w4a4"),
+    "all, 4-bit attention": dict(attn_bits=4),
+    "all, masks at threshold 0.3": dict(threshold=0.3),
+}
 
 
 def calibrate(pipe: Any, threshold: float = 0.95, call: dict[str, Any] | None = None):
@@ -37,12 +45,12 @@ def calibrate(pipe: Any, threshold: float = 0.95, call: dict[str, Any] | None = 
                              guidance_scale=c["guidance_scale"], top_k=c["top_k"], top_p=c["top_p"], seed=0)
 
 
-def part_config(part: str, masks: Any) -> LiteVARConfig:
+def part_config(part: str, masks: Any, **overrides: Any) -> LiteVARConfig:
     if part not in PARTS:
         raise ValueError(f"part {part!r}: choose one of {PARTS}")
-    return LiteVARConfig(masks=masks if part in ("masks", "all") else None,
-                         share_cfg_attention=part in ("share_cfg", "all"),
-                         quant="w8a8" if part in ("w8a8", "all") else None)
+    kw = dict(masks=masks if part in ("masks", "all") else None, share_cfg_attention=part in ("share_cfg", "all"),
+              quant="w8a8" if part in ("w8a8", "all") else None)
+    return LiteVARConfig(**{**kw, **overrides})
 
 
 @torch.no_grad()
@@ -127,9 +135,42 @@ def measure(pipe: Any, labels: Sequence[int] = EVAL_LABELS, seeds: Sequence[int]
                 dense_logits, guided_logits_on_prefix(pipe, labels, prefix))
         finally:
             remove_litevar(pipe)
-    # Floor: what "unrelated sample of the same class" scores (dense vs dense with another seed). A LiteVAR
-    # figure near this floor means its samples diverged completely.
+    # Two reference points. Sampler noise: dense vs dense with another seed (how much the sampler alone moves an
+    # image of this near-deterministic model). Wrong image: dense vs dense of the same shape and colour at another
+    # placement (what a LiteVAR figure near complete divergence would look like).
     s0 = seeds[0]
     report["floor_dense_vs_dense_other_seed"] = compare(dense[f"sampled_seed{s0}"], sample(pipe, labels, s0 + 100))
+    report["floor_other_placement"] = compare(dense[f"sampled_seed{s0}"],
+                                              sample(pipe, [other_placement(c) for c in labels], s0))
+    report["degraded"] = {}
+    for name, kw in DEGRADED.items():
+        kw = dict(kw)
+        mk = calibrate(pipe, kw.pop("threshold")) if "threshold" in kw else masks
+        apply_litevar(pipe, part_config("all", mk, **kw))
+        try:
+            report["degraded"][name] = {m: compare(dense[m], sample(pipe, labels, s, **kw_))
+                                        for m, (s, kw_) in modes.items()}
+        finally:
+            remove_litevar(pipe)
     report["seconds"] = round(time.perf_counter() - t0, 1)
     return report
+
+
+def guidance_sweep(pipe: Any, masks: Any, guidances: Sequence[float] = (0.5, 1.0, 1.5, 2.0),
+                   labels: Sequence[int] = EVAL_LABELS, seed: int = 0) -> list[dict[str, Any]]:
+    """LiteVAR "all" vs dense and the sampler-noise reference (dense, another seed) per CFG scale.
+
+    CFG extrapolates ``(1 + t) cond - t uncond`` with ``t`` ramping to ``guidance_scale``: on a model whose
+    class-conditionals are near-deterministic, a large scale flattens the late-scale distributions, so both
+    figures fall together as guidance grows."""
+    rows = []
+    for g in guidances:
+        dense = sample(pipe, labels, seed, guidance_scale=g)
+        other = sample(pipe, labels, seed + 100, guidance_scale=g)
+        apply_litevar(pipe, part_config("all", masks))
+        try:
+            fast = sample(pipe, labels, seed, guidance_scale=g)
+        finally:
+            remove_litevar(pipe)
+        rows.append({"guidance_scale": g, "all": compare(dense, fast), "dense_other_seed": compare(dense, other)})
+    return rows

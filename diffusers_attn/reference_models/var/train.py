@@ -32,8 +32,8 @@ VQVAE_CONFIG = dict(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2, 2), num_r
                     using_sa=False, using_mid_sa=False)
 VAR_CONFIG = dict(depth=4, embed_dim=128, num_heads=4, num_classes=NUM_CLASSES, vocab_size=64, z_channels=8,
                   patch_nums=PATCH_NUMS, mlp_ratio=2.0)
-TRAIN_SEED, HELDOUT_SEED = 0, 12345
-N_TRAIN, N_HELDOUT = 4800, 240
+TRAIN_SEED = 0
+N_TRAIN = 4800
 DEFAULT_OUT = Path(__file__).parent / "weights" / "ref-var"
 
 
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--vq-steps", type=int, default=800)
-    ap.add_argument("--var-steps", type=int, default=1000)
+    ap.add_argument("--var-steps", type=int, default=1500)
     ap.add_argument("--device", default="cpu", help="cpu (reference) or cuda (faster; not bit-identical)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: shared CPUs, bit-reproducible)")
     ap.add_argument("--vq-from", type=Path, default=None, help="reuse a trained VQVAE folder (skip stage 1)")
