@@ -35,14 +35,20 @@ def ref(request):
 #: thresholds derived from them. ``sparse_share``: sparse share of ARM's non-fallback head-calls at the default
 #: threshold. ``t0``: sparsity 0.6 with ``arm_threshold=0`` (every head past warm-up sparse).
 MEASURED = {
-    "ref-cogvideox": dict(sparse_share=0.22, t0_psnr_min=35.38, t0_ssim_min=0.9743, t0_density=0.889),
-    "ref-hunyuan": dict(sparse_share=0.02, t0_psnr_min=24.75, t0_ssim_min=0.8944, t0_density=0.831),
+    "ref-cogvideox": dict(sparse_share=0.22, t0_psnr_min=35.38, t0_ssim_min=0.9743, t0_density=0.889,
+                          t08_sparse_share=0.66, t08_psnr_min=37.80, t08_ssim_min=0.9911),
+    "ref-hunyuan": dict(sparse_share=0.02, t0_psnr_min=24.75, t0_ssim_min=0.8944, t0_density=0.831,
+                        t08_sparse_share=0.24, t08_psnr_min=30.71, t08_ssim_min=0.9691),
 }
 THRESHOLDS = {
     # cogvideox meets the issue-10 target (>= 30 dB, SSIM >= 0.9) even with every head sparse
-    "ref-cogvideox": dict(sparse_share=0.10, t0_psnr_min=30.0, t0_ssim_min=0.95, t0_density=0.9),
-    # hunyuan does NOT meet it with every head sparse (measured 24.75 dB worst): a regression guard only
-    "ref-hunyuan": dict(sparse_share=0.01, t0_psnr_min=22.0, t0_ssim_min=0.85, t0_density=0.85),
+    "ref-cogvideox": dict(sparse_share=0.10, t0_psnr_min=30.0, t0_ssim_min=0.95, t0_density=0.9,
+                          t08_sparse_share=0.5),
+    # hunyuan does NOT meet it with every head sparse (measured 24.75 dB worst): a regression guard only; at ARM
+    # threshold 0.8 it does, with a quarter of the head-calls sparse (30.7 dB worst of 6 prompts, 32.5 dB on the
+    # 3 prompts the test runs)
+    "ref-hunyuan": dict(sparse_share=0.01, t0_psnr_min=22.0, t0_ssim_min=0.85, t0_density=0.85,
+                        t08_sparse_share=0.15),
 }
 
 
@@ -54,6 +60,7 @@ def sweeps(ref):
     cache: dict = {}
     out = {"arm": summarize(fidelity_sweep(spec, [0.6], QUALITY_PROMPTS, dense_cache=cache))}
     out["arm_t0"] = summarize(fidelity_sweep(spec, [0.6], QUALITY_PROMPTS, dense_cache=cache, arm_threshold=0.0))
+    out["arm_t08"] = summarize(fidelity_sweep(spec, [0.6], QUALITY_PROMPTS, dense_cache=cache, arm_threshold=0.8))
     for pattern in ("spatial", "temporal"):
         out[pattern] = summarize(fidelity_sweep(spec, SPARSITIES, QUALITY_PROMPTS, dense_cache=cache,
                                                 force_pattern=pattern))
@@ -142,6 +149,19 @@ def test_rainfusion_fidelity_with_every_head_sparse(sweeps):
     assert row["video_density"] <= lim["t0_density"], (name, row)
     assert row["psnr_min_db"] >= lim["t0_psnr_min"], (name, row)
     assert row["ssim_min"] >= lim["t0_ssim_min"], (name, row)
+
+
+def test_rainfusion_fidelity_with_a_real_mix_at_threshold_0_8(sweeps):
+    """ARM threshold 0.8 (a head goes sparse when its best pattern keeps >= 80% of the sampled mass; the default
+    0.9 keeps most heads of these small models dense): the issue's 30 dB / SSIM 0.9 at sparsity 0.6 with a real
+    share of sparse head-calls, on both models. Measured in MEASURED (``t08_*``, 6 prompts)."""
+    name, runs = sweeps
+    row, lim = runs["arm_t08"][0], THRESHOLDS[name]
+    hist = row["patterns"]
+    sparse = sum(hist.get(p, 0) for p in ("spatial", "temporal", "textural"))
+    assert row["psnr_min_db"] >= 30.0 and row["ssim_min"] >= 0.9, (name, row)
+    assert sparse >= lim["t08_sparse_share"] * (sparse + hist.get("dense", 0)), (name, hist)
+    assert row["video_density"] < runs["arm"][0]["video_density"], (name, row)  # more sparse than the default
 
 
 def test_arm_chooses_a_mix_of_patterns(sweeps):
