@@ -113,10 +113,8 @@ def test_fixture_detects_degraded_litevar(pipe, masks, name):
     # The same protocol must score a worse approximation below the fixture's thresholds (else it could not fail).
     from diffusers_attn.processors.litevar import apply_litevar, remove_litevar
 
-    kw = dict(Q.DEGRADED[name])
-    mk = Q.calibrate(pipe, kw.pop("threshold")) if "threshold" in kw else masks
     dense = Q.sample(pipe, Q.EVAL_LABELS, 0)
-    apply_litevar(pipe, Q.part_config("all", mk, **kw))
+    apply_litevar(pipe, Q.degraded_config(pipe, masks, name))
     try:
         worse = Q.compare(dense, Q.sample(pipe, Q.EVAL_LABELS, 0))
     finally:

@@ -143,10 +143,8 @@ def measure(pipe: Any, labels: Sequence[int] = EVAL_LABELS, seeds: Sequence[int]
     report["floor_other_placement"] = compare(dense[f"sampled_seed{s0}"],
                                               sample(pipe, [other_placement(c) for c in labels], s0))
     report["degraded"] = {}
-    for name, kw in DEGRADED.items():
-        kw = dict(kw)
-        mk = calibrate(pipe, kw.pop("threshold")) if "threshold" in kw else masks
-        apply_litevar(pipe, part_config("all", mk, **kw))
+    for name in DEGRADED:
+        apply_litevar(pipe, degraded_config(pipe, masks, name))
         try:
             report["degraded"][name] = {m: compare(dense[m], sample(pipe, labels, s, **kw_))
                                         for m, (s, kw_) in modes.items()}
@@ -154,6 +152,14 @@ def measure(pipe: Any, labels: Sequence[int] = EVAL_LABELS, seeds: Sequence[int]
             remove_litevar(pipe)
     report["seconds"] = round(time.perf_counter() - t0, 1)
     return report
+
+
+def degraded_config(pipe: Any, masks: Any, name: str) -> LiteVARConfig:
+    """The "all" configuration with the :data:`DEGRADED` change ``name`` (recalibrating masks if it names a
+    threshold)."""
+    kw = dict(DEGRADED[name])
+    mk = calibrate(pipe, kw.pop("threshold")) if "threshold" in kw else masks
+    return part_config("all", mk, **kw)
 
 
 def guidance_sweep(pipe: Any, masks: Any, guidances: Sequence[float] = (0.5, 1.0, 1.5, 2.0),
