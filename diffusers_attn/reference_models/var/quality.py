@@ -164,7 +164,8 @@ def degraded_config(pipe: Any, masks: Any, name: str) -> LiteVARConfig:
 
 def guidance_sweep(pipe: Any, masks: Any, guidances: Sequence[float] = (0.5, 1.0, 1.5, 2.0),
                    labels: Sequence[int] = EVAL_LABELS, seed: int = 0) -> list[dict[str, Any]]:
-    """LiteVAR "all" vs dense and the sampler-noise reference (dense, another seed) per CFG scale.
+    """LiteVAR "all" (``masks`` as given, calibrated once) vs dense and the sampler-noise reference (dense, another
+    seed) per CFG scale.
 
     CFG extrapolates ``(1 + t) cond - t uncond`` with ``t`` ramping to ``guidance_scale``: on a model whose
     class-conditionals are near-deterministic, a large scale flattens the late-scale distributions, so both
