@@ -186,17 +186,8 @@ class OpenSoraTransformer3DModel(ModelMixin, ConfigMixin, AttentionMixin, PeftAd
             torch.cat([vid_sin.new_zeros(n_txt, vid_sin.shape[1]), vid_sin], dim=0),
         )
 
-        for block in self.transformer_blocks:
-            if torch.is_grad_enabled() and self.gradient_checkpointing:
-                encoder_hidden_states, x = self._gradient_checkpointing_func(
-                    block, x, encoder_hidden_states, temb, image_rotary_emb, attention_kwargs
-                )
-            else:
-                encoder_hidden_states, x = block(
-                    hidden_states=x, encoder_hidden_states=encoder_hidden_states, temb=temb,
-                    image_rotary_emb=image_rotary_emb, joint_attention_kwargs=attention_kwargs,
-                )
-        for block in self.single_transformer_blocks:
+        # Flux double- and single-stream blocks share one call signature and both return (text, video).
+        for block in (*self.transformer_blocks, *self.single_transformer_blocks):
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 encoder_hidden_states, x = self._gradient_checkpointing_func(
                     block, x, encoder_hidden_states, temb, image_rotary_emb, attention_kwargs
