@@ -144,6 +144,7 @@ def bench(name, B, args, device, dtype, timing):
 
 def rainfusion_call(name, args, device, dtype, timing):
     """Full RainFusion layer call (ARM + cached plan + kernel) on planted-structure Q/K at the real layout."""
+    from diffusers_attn.adapters import run_method
     from diffusers_attn.context import AttentionContext
     from diffusers_attn.layout import TokenLayout
     from diffusers_attn.processors.rainfusion import RainFusionConfig, RainFusionMethod
@@ -165,7 +166,7 @@ def rainfusion_call(name, args, device, dtype, timing):
                            block_m=args.block_m, block_n=args.block_n, kernel_backend=args.backend)
     method, ctx = RainFusionMethod(cfg), AttentionContext(None)
     sdpa = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=None if kpm is None else kpm[:, None, None])  # noqa
-    call = lambda: method(q, k, v, layout=layout, key_padding_mask=kpm, scale=None, layer_index=0,  # noqa: E731
+    call = lambda: run_method(method, q, k, v, layout=layout, key_padding_mask=kpm, scale=None, layer_index=0,  # noqa: E731
                           context=ctx, dense_fn=sdpa)
     dense_t = timeit(sdpa, **timing)
     full_t = timeit(call, **timing)

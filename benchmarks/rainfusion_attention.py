@@ -21,6 +21,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, timeit  # noqa: E402
 
+from diffusers_attn.adapters import run_method  # noqa: E402
 from diffusers_attn.context import AttentionContext  # noqa: E402
 from diffusers_attn.layout import TokenLayout  # noqa: E402
 from diffusers_attn.processors.rainfusion import (  # noqa: E402
@@ -71,7 +72,7 @@ def bench_shape(name, args, device, dtype):
         plan = method.plan(layout)
         plan.on(device)
         build_ms = (time.perf_counter() - t0) * 1000
-        fn = lambda: method(q, k, v, layout=layout, key_padding_mask=kpm, scale=None, layer_index=0,  # noqa: E731
+        fn = lambda: run_method(method, q, k, v, layout=layout, key_padding_mask=kpm, scale=None, layer_index=0,  # noqa: E731
                             context=ctx, dense_fn=sdpa)
         t = timeit(fn, **timing)
         ctx.stats.reset()

@@ -3,18 +3,31 @@
 Public API (diffusers style: ``XConfig`` + ``apply_x``)::
 
     from diffusers_attn import RainFusionConfig, apply_rainfusion, get_attention_stats, remove_attention_acceleration
+
+Layers, each importing only the ones below it: ``kernels`` ← ``methods`` ← ``adapters`` ← install/API
+(``context``, ``install``, ``parallel``, ``api``). ``pipelines`` (models diffusers lacks) sit beside.
 """
 
 from .adapters import CogVideoXAttnProcessor, HunyuanVideoAttnProcessor, supported_transformers
+from .api import (
+    apply,
+    apply_feat,
+    apply_litevar,
+    apply_rainfusion,
+    calibrate_litevar,
+    distill_feat,
+    remove_litevar,
+)
+from .api.feat import FEATAttnProcessor
 from .context import AttentionContext, attach_attention_context, detach_attention_context, get_attention_context
 from .install import get_attention_stats, remove_attention_acceleration, reset_attention_stats
-from .layout import TokenLayout
-from .processors.rainfusion import RainFusionConfig, RainFusionMethod, apply_rainfusion
-from .processors.feat import FEATAttnProcessor, FEATConfig, apply_feat, distill_feat
+from .layout import ScaleLayout, TokenLayout
+from .methods.feat import FEATConfig
+from .methods.litevar import LiteVARConfig, LiteVARMaskSet
+from .methods.rainfusion import RainFusionConfig, RainFusionMethod
 from .pipelines.feat import FEATTransformer3DModel
-from .stats import AttentionStats
 from .pipelines.var import VARPipeline, VARTransformer, VQVAE
-from .processors.litevar import LiteVARConfig, LiteVARMaskSet, apply_litevar, calibrate_litevar, remove_litevar
+from .stats import AttentionStats
 
 __version__ = "0.1.0"
 
@@ -28,7 +41,9 @@ __all__ = [
     "HunyuanVideoAttnProcessor",
     "RainFusionConfig",
     "RainFusionMethod",
+    "ScaleLayout",
     "TokenLayout",
+    "apply",
     "apply_feat",
     "apply_rainfusion",
     "attach_attention_context",

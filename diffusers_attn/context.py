@@ -11,17 +11,16 @@ from __future__ import annotations
 import inspect
 import logging
 import weakref
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import numpy as np
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
+from .adapters import get_adapter
+from .adapters.base import ModelAdapter
+from .adapters.compile_op import lookup_handle, register_handle
+from .methods.base import CallInfo, MethodRecord
 from .stats import StatsRecorder
-
-if TYPE_CHECKING:
-    from .adapters.base import ModelAdapter
 
 logger = logging.getLogger(__name__)
 
@@ -79,18 +78,6 @@ class StepTracker:
         return new_gen
 
 
-@dataclass
-class Decision:
-    """The last per-head decision of a layer (for inspection, tests and the demo's pattern plot)."""
-
-    step: int
-    patterns: np.ndarray  # (B, H) int8 pattern ids
-    recalls: np.ndarray | None  # (B, H, 3) ARM recalls (spatial, temporal, textural)
-    layout: Any
-    params: Any
-    head_offset: int = 0  # global id of patterns[:, 0] (context parallelism gives each rank a slice of heads)
-
-
 class AttentionContext:
     """Runtime state shared by one transformer's accelerated processors."""
 
@@ -106,15 +93,14 @@ class AttentionContext:
         self.stats = StatsRecorder()
         self.num_inference_steps = num_inference_steps
         self._pipe_ref = weakref.ref(pipeline) if pipeline is not None else None
-        self.last_decisions: dict[int, Decision] = {}
+        self.last_decisions: dict[int, Any] = {}  # layer -> the method's last decision (RainFusion: Decision)
         self.forward_calls = 0
         self.parallel_config: Any = None  # diffusers ParallelConfig when context parallelism is enabled
-        # torch.compile of the whole transformer: the hook's bookkeeping runs as a custom op (diffusers_attn.ops)
+        # torch.compile of the whole transformer: the hook's bookkeeping runs as a custom op (begin_forward_op)
         # found by this handle; its output token orders the attention ops after it.
-        from .ops import register_processor
-
-        self.op_handle = register_processor(self)
+        self.op_handle = register_handle(self)
         self.compile_token: torch.Tensor | None = None
+        self.processor_guard: ProcessorGuard | None = None  # set by the installer
 
     @property
     def pipeline(self) -> Any:
@@ -134,6 +120,37 @@ class AttentionContext:
         pipe = self.pipeline
         n = getattr(pipe, "_num_timesteps", None) if pipe is not None else None
         return int(n) if n else self.num_inference_steps
+
+    def call_info(self, layer_index: int, *, head_offset: int = 0, total_heads: int | None = None) -> CallInfo:
+        """What a method may know about one attention call of this transformer."""
+        return CallInfo(layer_index=layer_index, step=self.step, call_in_step=self.call_in_step,
+                        num_steps=self.num_steps, head_offset=head_offset, total_heads=total_heads,
+                        timer=self.stats.timers.time)
+
+    def record(self, layer_index: int, record: MethodRecord, *, head_offset: int = 0,
+               total_heads: int | None = None) -> None:
+        """Write a method's record of one call into the stats (the only writer of method results)."""
+        self.stats.record(
+            layer_index, head_patterns=record.head_patterns, computed=record.computed, total=record.total,
+            video_computed=record.video_computed, video_total=record.video_total,
+            pattern_names=record.pattern_names, recalls=record.recalls, fallback_reason=record.fallback_reason,
+            head_offset=head_offset, total_heads=total_heads, group=record.group,
+            group_name=record.group_name,
+        )
+        if record.kernel is not None:
+            self.stats.kernel_calls[record.kernel] += 1
+        if record.slow_path is not None:
+            self.stats.slow_path[record.slow_path] += 1
+        if record.decision is not None:
+            self.last_decisions[layer_index] = record.decision
+        if record.info:
+            self.stats.info.update(record.info)
+
+    def begin_generation(self) -> None:
+        """Start a new generation by hand (models whose generation is not a sequence of timestep forwards)."""
+        self.stats.reset()
+        self.last_decisions.clear()
+        self.tracker.reset()
 
     def begin_forward(self, grid: tuple[int, int, int], timestep: Any) -> None:
         self.grid = tuple(int(x) for x in grid)
@@ -186,14 +203,16 @@ class ContextHook(ModelHook):
         return module
 
     def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple[Any], dict[str, Any]]:
+        if self.context.processor_guard is not None and not torch.compiler.is_compiling():
+            self.context.processor_guard.check(self.context)
         bound = self._signature.bind(module, *args, **kwargs).arguments
-        grid = self.context.adapter.latent_grid(module, bound)
-        timestep = bound.get("timestep")
+        inputs = self.context.adapter.forward_inputs(module, bound)
+        if inputs is None:
+            return args, kwargs
+        grid, timestep = inputs
         if torch.compiler.is_compiling():
             # Step counting reads the timestep value on the host: do it at run time inside an opaque op, not
             # while tracing (a data-dependent branch would break the graph).
-            from .ops import begin_forward_op
-
             ctx = self.context
             ctx.grid = tuple(int(x) for x in grid)  # shapes are static in the trace; processors read the grid
             if timestep is None:
@@ -216,8 +235,6 @@ def attach_attention_context(
     Use this when installing processors by hand with ``set_attn_processor``; ``apply_*`` functions call it for
     you. Returns the existing context if one is attached already.
     """
-    from .adapters import get_adapter
-
     registry = HookRegistry.check_if_exists_or_initialize(transformer)
     hook = registry.get_hook(CONTEXT_HOOK_NAME)
     if hook is not None:
@@ -243,3 +260,54 @@ def get_attention_context(transformer: torch.nn.Module) -> AttentionContext | No
     registry = getattr(transformer, "_diffusers_hook", None)
     hook = registry.get_hook(CONTEXT_HOOK_NAME) if registry is not None else None
     return hook.context if hook is not None else None
+
+
+class ProcessorGuard:
+    """Notices when something replaced the installed processors (e.g. ``fuse_qkv_projections()``, which installs
+    diffusers' fused processor on every layer) before each forward, so the output never silently turns stock while
+    the stats still claim the method. A stock processor of the model is replaced by ours again (our processors read
+    fused projections too); anything else is left alone, logged once and named in the stats."""
+
+    def __init__(self, modules: dict[str, torch.nn.Module], processors: dict[str, Any],
+                 native: tuple[type, ...]) -> None:
+        self.modules, self.processors, self.native = modules, processors, native
+        self._warned: set[str] = set()
+
+    def check(self, context: "AttentionContext") -> None:
+        replaced = [k for k, m in self.modules.items() if m.processor is not self.processors[k]]
+        if not replaced:
+            return
+        foreign = []
+        for key in replaced:
+            proc = self.modules[key].processor
+            if isinstance(proc, self.native):
+                self.modules[key].set_processor(self.processors[key])
+            else:
+                foreign.append(f"{key} ({type(proc).__name__})")
+        restored = len(replaced) - len(foreign)
+        if restored:
+            context.stats.static_info["reinstalled_processors"] = restored
+            context.stats.info["reinstalled_processors"] = restored
+            if "restored" not in self._warned:
+                self._warned.add("restored")
+                logger.info("diffusers-attn: %d layers had their stock processor put back (e.g. by "
+                            "fuse_qkv_projections()); %s re-installed (fused projections are supported)",
+                            restored, context.stats.method)
+        if foreign:
+            context.stats.info["foreign_processors"] = foreign
+            if "foreign" not in self._warned:
+                self._warned.add("foreign")
+                logger.warning("diffusers-attn: %d layers now carry another processor (%s): %s does not run there",
+                               len(foreign), ", ".join(foreign[:3]), context.stats.method)
+
+
+@torch.library.custom_op("diffusers_attn::begin_forward", mutates_args=())
+def begin_forward_op(timestep: torch.Tensor, handle: int, frames: int, height: int, width: int) -> torch.Tensor:
+    """The context hook's bookkeeping at run time when the whole transformer is compiled (see ContextHook)."""
+    lookup_handle(handle, "attention context").begin_forward((frames, height, width), timestep)
+    return timestep.new_zeros(1, dtype=torch.float32)
+
+
+@begin_forward_op.register_fake
+def _(timestep, handle, frames, height, width):
+    return timestep.new_empty(1, dtype=torch.float32)

@@ -1,8 +1,9 @@
-"""Installing and removing accelerated attention on a pipeline or transformer: the one place for that logic.
+"""Installing and removing accelerated attention on a pipeline or transformer: the one place for that logic,
+for every method.
 
 Installation builds the ``set_attn_processor`` dict from ``transformer.attn_processors`` (replacing only the
-model's attention layers, never e.g. HunyuanVideo's text refiner), keeps the original dict for restoring, and
-registers the context hook. Nothing is patched globally.
+model's attention layers, never e.g. HunyuanVideo's text refiner), keeps the original dict for restoring, registers
+the context hook and a guard that notices replaced processors. Nothing is patched globally.
 """
 
 from __future__ import annotations
@@ -13,9 +14,15 @@ from typing import Any
 
 import torch
 
-from .adapters import get_adapter
-from .context import AttentionContext, attach_attention_context, detach_attention_context
-from .processors.base import AttentionMethod
+from .adapters import get_adapter, supported_transformers
+from .context import (
+    AttentionContext,
+    ProcessorGuard,
+    attach_attention_context,
+    detach_attention_context,
+    get_attention_context,
+)
+from .methods.base import AttentionMethod
 from .stats import AttentionStats
 
 logger = logging.getLogger(__name__)
@@ -48,30 +55,40 @@ def install_method(
     method: AttentionMethod,
     *,
     num_inference_steps: int | None = None,
-    processor_factory: Any = None,
+    processor_cls: type | None = None,
 ) -> AttentionContext:
     """Install ``method`` on every attention layer of the transformer. Re-installing replaces the previous one.
 
-    ``processor_factory(adapter, method, layer_index, context, original)``, when given, builds each processor
-    instead of ``adapter.make_processor`` (a method that ships its own processor subclasses, e.g. FEAT)."""
+    ``processor_cls``, when given, is a subclass of the adapter's processor to build instead (a method that ships
+    its own processor subclass, e.g. FEAT). A method may define ``on_install(transformer) -> dict`` (its return
+    value is kept in the stats' info, e.g. which linears were quantized) and ``on_remove(transformer)``."""
     transformer, pipe = resolve_transformer(pipe_or_model)
     adapter = get_adapter(transformer)
+    kinds = getattr(method, "layouts", ("video",))
+    if adapter.layout_kind not in kinds:
+        raise ValueError(
+            f"diffusers-attn: {method.name} does not run on {type(transformer).__name__}; supported: "
+            f"{', '.join(n for k in kinds for n in supported_transformers(k))}"
+        )
     if getattr(transformer, _STATE_ATTR, None) is not None:
         logger.info("diffusers-attn: replacing the previously installed attention acceleration")
         remove_attention_acceleration(transformer)
     originals = dict(transformer.attn_processors)
     keys = adapter.attention_layer_keys(originals)
+    on_install = getattr(method, "on_install", None)
+    info = on_install(transformer) if on_install is not None else None
     context = attach_attention_context(transformer, pipeline=pipe, num_inference_steps=num_inference_steps)
-    context.stats.reset()
+    context.stats.static_info = dict(info or {})
     context.stats.method = method.name
-    context.stats.layers_per_forward = len(keys)
+    context.stats.layers_per_forward = adapter.layers_per_forward(keys)
+    context.begin_generation()
     procs = dict(originals)
     for i, key in enumerate(keys):
-        if processor_factory is not None:
-            procs[key] = processor_factory(adapter, method, i, context, originals[key])
-        else:
-            procs[key] = adapter.make_processor(method, i, context, original=originals[key])
+        procs[key] = adapter.make_processor(method, i, context, original=originals[key], processor_cls=processor_cls)
+    ours = {key: procs[key] for key in keys}
     transformer.set_attn_processor(dict(procs))  # set_attn_processor consumes the dict it is given
+    modules = {key: transformer.get_submodule(key[: -len(".processor")]) for key in keys}
+    context.processor_guard = ProcessorGuard(modules, ours, adapter.native_processor_classes())
     setattr(transformer, _STATE_ATTR, InstalledState(originals, method, context, keys))
     logger.info(
         "diffusers-attn: %s installed on %d attention layers of %s",
@@ -81,12 +98,17 @@ def install_method(
 
 
 def remove_attention_acceleration(pipe_or_model: Any) -> bool:
-    """Restore the stock processors and remove the context hook. Returns False if nothing was installed."""
+    """Restore the stock processors (and whatever the method changed at install, e.g. quantized linears) and
+    remove the context hook, whatever method is installed. Returns False if nothing was installed."""
     transformer, _ = resolve_transformer(pipe_or_model)
     state: InstalledState | None = getattr(transformer, _STATE_ATTR, None)
     if state is None:
         return False
     transformer.set_attn_processor(dict(state.originals))
+    on_remove = getattr(state.method, "on_remove", None)
+    if on_remove is not None:
+        on_remove(transformer)
+    state.context.processor_guard = None
     detach_attention_context(transformer)
     delattr(transformer, _STATE_ATTR)
     return True
@@ -99,13 +121,11 @@ def installed_state(pipe_or_model: Any) -> InstalledState | None:
 
 def get_attention_stats(pipe_or_model: Any, *, log: bool = True) -> AttentionStats:
     """Stats of the last generation (see :class:`~diffusers_attn.stats.AttentionStats`); logs a summary at INFO."""
-    from .context import get_attention_context
-
     transformer, _ = resolve_transformer(pipe_or_model)
     context = get_attention_context(transformer)
     if context is None:
         raise ValueError(
-            "diffusers-attn: no accelerated attention is installed on this model (call apply_rainfusion first)"
+            "diffusers-attn: no accelerated attention is installed on this model (call an apply_* function first)"
         )
     stats = context.stats.summary()
     if log:
@@ -114,8 +134,6 @@ def get_attention_stats(pipe_or_model: Any, *, log: bool = True) -> AttentionSta
 
 
 def reset_attention_stats(pipe_or_model: Any) -> None:
-    from .context import get_attention_context
-
     transformer, _ = resolve_transformer(pipe_or_model)
     context = get_attention_context(transformer)
     if context is not None:

@@ -8,6 +8,7 @@ HunyuanVideo's padded prompt) is carried separately as a per-call boolean mask.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -74,3 +75,18 @@ class TokenLayout:
         """[video, text] as in HunyuanVideo."""
         T, H, W = grid
         return cls(T, H, W, video_offset=0, text_offset=T * H * W, text_len=text_len)
+
+
+@dataclass(frozen=True, eq=False)
+class ScaleLayout:
+    """One attention call of a next-scale-prediction model (VAR): queries of scale ``scale`` attend to the keys
+    of scales ``0 .. scale`` (``scale`` None: a teacher-forced forward over all scales at once, with the
+    block-causal additive ``attn_bias``). ``cfg_batch``: the batch is ``[cond; uncond]`` (cond first)."""
+
+    scale: int | None
+    cfg_batch: bool = False
+    attn_bias: Any = None
+
+    @property
+    def teacher_forced(self) -> bool:
+        return self.attn_bias is not None

@@ -16,8 +16,9 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+#: RainFusion's pattern names: the default order of the histogram (other methods add their own names)
 PATTERN_NAMES = ("dense", "spatial", "temporal", "textural")
-FALLBACK = len(PATTERN_NAMES)  # column for "whole call fell back to dense" in per-head counts
+FALLBACK_NAME = "fallback"  # a whole call that ran the stock dense path
 
 
 class _Timers:
@@ -55,25 +56,28 @@ class _Timers:
 @dataclass
 class _LayerAccum:
     calls: int = 0
-    head_counts: np.ndarray | None = None  # (H, len(PATTERN_NAMES) + 1) head-calls per pattern / fallback
+    heads: int = 0
+    head_counts: dict[str, np.ndarray] = field(default_factory=dict)  # pattern -> (H,) head-calls
     computed: float = 0.0  # computed (q, k) pairs x head_dim, summed over heads and batch
     total: float = 0.0
     video_computed: float = 0.0
     video_total: float = 0.0
-    recall_sum: np.ndarray | None = None  # (H, 3) mean-recall accumulator (spatial, temporal, textural)
+    recall_sum: np.ndarray | None = None  # (H, R) mean-recall accumulator
     recall_n: int = 0
 
 
 class StatsRecorder:
-    """Per-transformer accumulator. Reset at the start of every generation."""
+    """Per-transformer accumulator, written only by the processors (methods return records). Reset at the start
+    of every generation."""
 
     def __init__(self) -> None:
         self.method: str | None = None
         self.layers_per_forward = 0  # accelerated attention layers, set when a method is installed
+        self.static_info: dict[str, Any] = {}  # set at install, kept across resets
         self.reset()
 
     def reset(self) -> None:
-        """Clear everything recorded (the method name is kept)."""
+        """Clear everything recorded (the method name and the install-time info are kept)."""
         self.layers: dict[int, _LayerAccum] = {}
         self.fallbacks: Counter[str] = Counter()
         self.timers = _Timers()
@@ -81,14 +85,17 @@ class StatsRecorder:
         self.kernel_calls: Counter[str] = Counter()  # sparse executions per kernel backend
         self.slow_path: Counter[str] = Counter()  # CUDA calls that could not use the GPU kernel, by reason
         self.steps_seen = 0
-        self.info: dict[str, Any] = {}
+        self.pattern_names: list[str] = []  # every pattern name recorded, in order of first appearance
+        self.groups: dict[int, list[float]] = {}  # sub-step group -> [video_computed, video_total, computed, total]
+        self.group_name = "group"
+        self.info: dict[str, Any] = dict(self.static_info)
 
     def _layer(self, layer: int, heads: int) -> _LayerAccum:
         acc = self.layers.get(layer)
         if acc is None:
-            acc = self.layers[layer] = _LayerAccum()
-        if acc.head_counts is None or acc.head_counts.shape[0] != heads:
-            acc.head_counts = np.zeros((heads, len(PATTERN_NAMES) + 1), dtype=np.int64)
+            acc = self.layers[layer] = _LayerAccum(heads=heads)
+        elif acc.heads != heads:
+            acc.heads, acc.head_counts, acc.recall_sum, acc.recall_n = heads, {}, None, 0
         return acc
 
     def record(
@@ -100,12 +107,16 @@ class StatsRecorder:
         total: float,
         video_computed: float,
         video_total: float,
+        pattern_names: tuple[str, ...] = PATTERN_NAMES,
         recalls: np.ndarray | None = None,
         fallback_reason: str | None = None,
         head_offset: int = 0,
         total_heads: int | None = None,
+        group: int | None = None,
+        group_name: str = "group",
     ) -> None:
-        """Record one attention call. ``head_patterns`` is (B, H) of pattern ids (FALLBACK for a dense fallback).
+        """Record one attention call. ``head_patterns`` is (B, H) of indices into ``pattern_names`` (negative:
+        not counted); a call with a ``fallback_reason`` counts every head as ``fallback``.
 
         ``computed``/``total`` count (q, k) pairs times head_dim, summed over batch and heads. Under context
         parallelism a rank records its heads ``[head_offset, head_offset + H)`` of ``total_heads``.
@@ -113,19 +124,35 @@ class StatsRecorder:
         B, H = head_patterns.shape
         acc = self._layer(layer, total_heads or H)
         acc.calls += 1
-        for p in range(acc.head_counts.shape[1]):
-            acc.head_counts[head_offset : head_offset + H, p] += (head_patterns == p).sum(0)
+        names = list(pattern_names) + [FALLBACK_NAME]
+        for name in names:
+            if name not in self.pattern_names:
+                self.pattern_names.append(name)
+            acc.head_counts.setdefault(name, np.zeros(acc.heads, dtype=np.int64))
+        rows = slice(head_offset, head_offset + H)
+        if fallback_reason is not None:
+            acc.head_counts[FALLBACK_NAME][rows] += B
+            self.fallbacks[fallback_reason] += 1
+        else:
+            for p, name in enumerate(pattern_names):
+                acc.head_counts[name][rows] += (head_patterns == p).sum(0)
         acc.computed += computed
         acc.total += total
         acc.video_computed += video_computed
         acc.video_total += video_total
         if recalls is not None:
-            r = np.zeros((total_heads or H, recalls.shape[-1]))
-            r[head_offset : head_offset + H] = recalls.reshape(B, H, -1).sum(0)
+            r = np.zeros((acc.heads, recalls.shape[-1]))
+            r[rows] = recalls.reshape(B, H, -1).sum(0)
             acc.recall_sum = r if acc.recall_sum is None else acc.recall_sum + r
             acc.recall_n += B
-        if fallback_reason is not None:
-            self.fallbacks[fallback_reason] += 1
+        if group is not None:  # a sub-step (VAR: a scale) counts as a step
+            self.group_name = group_name
+            self.steps_seen = max(self.steps_seen, group + 1)
+            g = self.groups.setdefault(group, [0.0, 0.0, 0.0, 0.0])
+            g[0] += video_computed
+            g[1] += video_total
+            g[2] += computed
+            g[3] += total
 
     def summary(self) -> "AttentionStats":
         layers = []
@@ -139,13 +166,13 @@ class StatsRecorder:
             total += acc.total
             vcomp += acc.video_computed
             vtot += acc.video_total
-            names = list(PATTERN_NAMES) + ["fallback"]
-            for p, name in enumerate(names):
-                hist[name] += int(acc.head_counts[:, p].sum())
+            names = [n for n in self.pattern_names if n in acc.head_counts]
+            for name in names:
+                hist[name] += int(acc.head_counts[name].sum())
             per_head = [
-                {names[p]: int(c) for p, c in enumerate(row) if c} for row in acc.head_counts
+                {n: int(acc.head_counts[n][h]) for n in names if acc.head_counts[n][h]} for h in range(acc.heads)
             ]
-            dominant = [names[int(np.argmax(row))] if row.sum() else "none" for row in acc.head_counts]
+            dominant = [max(row, key=row.get) if row else "none" for row in per_head]
             layers.append(
                 LayerStats(
                     layer=idx,
@@ -160,6 +187,11 @@ class StatsRecorder:
                 )
             )
         secs = self.timers.seconds()
+        info = dict(self.info)
+        if self.groups:
+            g = sorted(self.groups.items())
+            info[f"kept_attention_share_per_{self.group_name}"] = {k: round(a[0] / a[1], 6) for k, a in g if a[1]}
+            info[f"computed_score_share_per_{self.group_name}"] = {k: round(a[2] / a[3], 6) for k, a in g if a[3]}
         head_calls = sum(hist.values())
         return AttentionStats(
             method=self.method,
@@ -176,7 +208,7 @@ class StatsRecorder:
             kernel_backends=dict(self.kernel_calls),
             slow_path=dict(self.slow_path),
             layers=layers,
-            info=dict(self.info),
+            info=info,
         )
 
 
@@ -198,7 +230,9 @@ class AttentionStats:
     * ``density``: FLOP-weighted share of (query, key) pairs actually computed, over all tokens, including the
       always-dense text/first-frame region and block rounding (1.0 = dense).
     * ``video_density``: the same restricted to video queries x video keys.
-    * ``pattern_histogram``: head-calls per pattern (``fallback`` = whole call ran the stock dense path).
+    * ``pattern_histogram``: head-calls per pattern (``fallback`` = whole call ran the stock dense path); the
+      names are the method's own (RainFusion: dense/spatial/temporal/textural; LiteVAR: full/windowed/cfg_shared/
+      windowed+cfg_shared).
     * ``dense_fallbacks``: reason -> number of layer calls that ran dense.
     * ``skipped_calls``: layer calls that never reached the processor because a cache hook (FirstBlockCache,
       PyramidAttentionBroadcast, ...) skipped the block or reused its attention output; they compute nothing and
@@ -256,8 +290,12 @@ class AttentionStats:
                 f"  layer {layer.layer:3d}: density {layer.density:.3f}, video {layer.video_density:.3f}, "
                 f"heads [{pats}]"
             )
-        lines.append("  (heads: D dense, S spatial, T temporal, X textural, F fallback)")
+        if self.layers:
+            used = {p for layer in self.layers for p in layer.dominant_patterns} - {"none"}
+            legend = ", ".join(f"{_ABBREV.get(p, '?')} {p}" for p in sorted(used, key=lambda p: _ABBREV.get(p, "?")))
+            lines.append(f"  (heads: {legend})")
         return "\n".join(lines)
 
 
-_ABBREV = {"dense": "D", "spatial": "S", "temporal": "T", "textural": "X", "fallback": "F", "none": "."}
+_ABBREV = {"dense": "D", "spatial": "S", "temporal": "T", "textural": "X", "fallback": "F", "none": ".",
+           "full": "D", "windowed": "W", "cfg_shared": "C", "windowed+cfg_shared": "B"}

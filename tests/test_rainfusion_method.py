@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import rel_err
+from diffusers_attn.adapters import run_method
 from diffusers_attn.context import AttentionContext
 from diffusers_attn.kernels import masked_attention_reference
 from diffusers_attn.layout import TokenLayout
@@ -138,7 +139,7 @@ def test_forced_pattern_matches_explicit_mask(layout, force):
                            block_n=16, force_pattern=force)
     method = RainFusionMethod(cfg)
     ctx = _ctx()
-    out = method(q, k, v, layout=layout, key_padding_mask=kpm, scale=None, layer_index=0, context=ctx,
+    out = run_method(method, q, k, v, layout=layout, key_padding_mask=kpm, scale=None, layer_index=0, context=ctx,
                  dense_fn=lambda: pytest.fail("dense path must not run"))
     plan = method.plan(layout)
     pid = {"spatial": SPATIAL, "temporal": TEMPORAL, "textural": TEXTURAL}[force]
@@ -159,7 +160,7 @@ def test_mixed_arm_patterns_match_per_head_masks():
     cfg = RainFusionConfig(sparsity=0.75, dense_steps=0, dense_layers=0, min_video_tokens=0, block_m=16,
                            block_n=16, arm_threshold=0.0)
     method, ctx = RainFusionMethod(cfg), _ctx()
-    out = method(q, k, v, layout=layout, key_padding_mask=kpm, scale=None, layer_index=3, context=ctx,
+    out = run_method(method, q, k, v, layout=layout, key_padding_mask=kpm, scale=None, layer_index=3, context=ctx,
                  dense_fn=lambda: pytest.fail("dense path must not run"))
     dec = ctx.last_decisions[3]
     assert len(set(dec.patterns.flatten().tolist())) >= 3
@@ -179,7 +180,7 @@ def test_arm_picks_planted_pattern(kind, expected, layout):
                            block_n=16, arm_threshold=0.9)
     method, ctx = RainFusionMethod(cfg), _ctx()
     q, k, v = planted_qkv(layout, 2, [kind, kind])
-    method(q, k, v, layout=layout, key_padding_mask=None, scale=None, layer_index=0, context=ctx,
+    run_method(method, q, k, v, layout=layout, key_padding_mask=None, scale=None, layer_index=0, context=ctx,
            dense_fn=lambda: pytest.fail("a structured head must not run dense"))
     dec = ctx.last_decisions[0]
     assert (dec.patterns == expected).all(), (dec.patterns, dec.recalls)
@@ -192,14 +193,14 @@ def test_arm_falls_back_to_dense_on_unstructured_qk():
     base = dict(sparsity=0.75, dense_steps=0, dense_layers=0, min_video_tokens=0, block_m=16, block_n=16)
     method, ctx = RainFusionMethod(RainFusionConfig(**base, arm_threshold=0.9)), _ctx()
     called = []
-    out = method(q, k, v, layout=layout, key_padding_mask=None, scale=None, layer_index=0, context=ctx,
+    out = run_method(method, q, k, v, layout=layout, key_padding_mask=None, scale=None, layer_index=0, context=ctx,
                  dense_fn=lambda: called.append(1) or torch.zeros_like(q))
     assert called, "all-dense decision must use the stock dense path"
     assert (ctx.last_decisions[0].patterns == DENSE).all()
     assert ctx.stats.summary().pattern_histogram["dense"] == 6
     # threshold 0 always takes the best pattern
     method0, ctx0 = RainFusionMethod(RainFusionConfig(**base, arm_threshold=0.0)), _ctx()
-    method0(q, k, v, layout=layout, key_padding_mask=None, scale=None, layer_index=0, context=ctx0,
+    run_method(method0, q, k, v, layout=layout, key_padding_mask=None, scale=None, layer_index=0, context=ctx0,
             dense_fn=lambda: pytest.fail("threshold 0 never keeps dense"))
     assert (ctx0.last_decisions[0].patterns != DENSE).all()
 
@@ -269,7 +270,7 @@ def test_arm_refresh_reuses_decisions():
     method, ctx = RainFusionMethod(cfg), _ctx()
     q1, k1, v1 = planted_qkv(layout, 1, ["spatial"])
     q2, k2, v2 = planted_qkv(layout, 1, ["temporal"])
-    call = lambda q, k, v: method(q, k, v, layout=layout, key_padding_mask=None, scale=None, layer_index=0,  # noqa
+    call = lambda q, k, v: run_method(method, q, k, v, layout=layout, key_padding_mask=None, scale=None, layer_index=0,  # noqa
                                   context=ctx, dense_fn=lambda: None)
     ctx.tracker.step = 0
     call(q1, k1, v1)
@@ -340,7 +341,7 @@ def test_triton_table_path_matches_grouped_torch_path():
         cfg = RainFusionConfig(sparsity=0.75, dense_steps=0, dense_layers=0, min_video_tokens=0, block_m=16,
                                block_n=16, arm_threshold=0.95, kernel_backend=backend)
         method, ctx = RainFusionMethod(cfg), _ctx()
-        outs[backend] = method(q, k, v, layout=layout, key_padding_mask=kpm, scale=None, layer_index=0,
+        outs[backend] = run_method(method, q, k, v, layout=layout, key_padding_mask=kpm, scale=None, layer_index=0,
                                context=ctx, dense_fn=lambda: pytest.fail("mixed heads never take the stock path"))
         decisions[backend] = ctx.last_decisions[0].patterns
     assert np.array_equal(decisions["torch"], decisions["triton"])

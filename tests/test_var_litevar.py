@@ -6,20 +6,18 @@ import pytest
 import torch
 
 from diffusers_attn import get_attention_stats
-from diffusers_attn.processors.litevar import (
+from diffusers_attn.api.litevar import apply_litevar, calibrate_litevar, remove_litevar
+from diffusers_attn.methods.litevar import (
     LiteVARConfig,
     LiteVARMaskSet,
-    _attend,
-    _Recorder,
-    apply_litevar,
     band_mask,
-    calibrate_litevar,
     choose_widths,
     default_maskable,
-    remove_litevar,
     segment_statistics,
 )
-from diffusers_attn.processors.litevar_quant import FakeQuantLinear, fake_quant, fake_quant_probs, int8_linear, int8_weight
+from diffusers_attn.methods.litevar.calibration import Recorder as _Recorder
+from diffusers_attn.methods.litevar.method import _attend
+from diffusers_attn.methods.litevar.quant import FakeQuantLinear, fake_quant, fake_quant_probs, int8_linear, int8_weight
 from var_tiny import incremental_logits, random_teacher_inputs, tiny_pipe
 
 PN = (1, 2, 3, 4, 6)
@@ -182,12 +180,12 @@ def test_calibrated_masks_keep_threshold_mass_and_roundtrip(tmp_path):
     kinds = torch.cat([masks.seg_kind(k).flatten() for k in masks.widths])
     assert (kinds == 1).any()  # some bands were found
     # recompute the maps per calibration batch with a fresh recorder and check every kept segment's band mass
-    from diffusers_attn.processors.litevar import _CalibrationProcessor
+    from diffusers_attn.adapters.var import VARProbeAttnProcessor
 
     for start in (0, 2):
         rec = _Recorder(PN, masks.maskable, prob_floor=0.003)
         orig = dict(tr.attn_processors)
-        tr.set_attn_processor({k: _CalibrationProcessor(int(k.split(".")[1]), rec) for k in orig})
+        tr.set_attn_processor({k: VARProbeAttnProcessor(int(k.split(".")[1]), rec.maskable, rec.add) for k in orig})
         pipe(labels[start : start + 2], top_k=20, top_p=0.9, generator=torch.Generator().manual_seed(0), output_type="latent")
         tr.set_attn_processor(orig)
         for (k, b), (hist, seg_mass, _) in rec.data.items():

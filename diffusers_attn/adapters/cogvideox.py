@@ -11,13 +11,26 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.embeddings import apply_rotary_emb
 
-from ..layout import TokenLayout
-from .base import AcceleratedAttnProcessor, ModelAdapter
+from .base import ModelAdapter
+from .processor import AcceleratedAttnProcessor
 
 
 class CogVideoXAttnProcessor(AcceleratedAttnProcessor):
     """Drop-in for ``CogVideoXAttnProcessor2_0`` (and its fused-QKV twin) that routes attention to a method."""
+
+    model_name = "CogVideoX"
+    text_first = True
+
+    def key_padding(self, attention_mask, batch, n):
+        if attention_mask is None:
+            return None, None
+        return None, "attention_mask given (CogVideoX never passes one)"
+
+    def dense_global(self, q, k, v, key_padding_mask):
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=0.0,
+                                              is_causal=False)
 
     def __call__(
         self,
@@ -27,7 +40,6 @@ class CogVideoXAttnProcessor(AcceleratedAttnProcessor):
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        ctx = self._require_context()
         text_seq_length = encoder_hidden_states.size(1)
         hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
         batch_size, sequence_length, _ = hidden_states.shape
@@ -55,8 +67,6 @@ class CogVideoXAttnProcessor(AcceleratedAttnProcessor):
             key = attn.norm_k(key)
 
         if image_rotary_emb is not None:
-            from diffusers.models.embeddings import apply_rotary_emb
-
             query[:, :, text_seq_length:] = apply_rotary_emb(query[:, :, text_seq_length:], image_rotary_emb)
             if not attn.is_cross_attention:
                 key[:, :, text_seq_length:] = apply_rotary_emb(key[:, :, text_seq_length:], image_rotary_emb)
@@ -66,31 +76,8 @@ class CogVideoXAttnProcessor(AcceleratedAttnProcessor):
                 query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
             )
 
-        n_video = sequence_length - text_seq_length
-        ex = self._exchange(ctx)
-        if attention_mask is not None:
-            if ex is not None:
-                raise ValueError("diffusers-attn: an attention_mask is not supported under context parallelism")
-            self._dense_fallback("attention_mask given (CogVideoX never passes one)", query, n_video)
-            hidden_states = dense()
-        elif ex is None:
-            layout = TokenLayout.text_first(ctx.require_grid(), text_seq_length)
-            self._check_video_tokens("CogVideoX", layout, n_video)
-            hidden_states = self._call_method(query, key, value, ctx=ctx, layout=layout, key_padding_mask=None,
-                                              dense_fn=dense)
-        else:
-            from ..parallel import global_to_joint, joint_to_global
-
-            layout = TokenLayout.text_first(ctx.require_grid(), text_seq_length)
-            self._check_video_tokens("CogVideoX", layout, n_video, ex.size)
-            qg, kg, vg = (joint_to_global(ex, x.transpose(1, 2), text_seq_length, True).transpose(1, 2)
-                          for x in (query, key, value))
-            out = self._call_method(
-                qg, kg, vg, ctx=ctx, layout=layout, key_padding_mask=None, exchange=ex, total_heads=attn.heads,
-                dense_fn=lambda: F.scaled_dot_product_attention(qg, kg, vg, dropout_p=0.0, is_causal=False),
-            )
-            hidden_states = global_to_joint(ex, out.transpose(1, 2), text_seq_length, True).transpose(1, 2)
-
+        hidden_states = self.attend(query, key, value, text_len=text_seq_length, attention_mask=attention_mask,
+                                    dense_fn=dense)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)

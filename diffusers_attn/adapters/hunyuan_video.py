@@ -10,13 +10,18 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.embeddings import apply_rotary_emb
 
-from ..layout import TokenLayout
-from .base import AcceleratedAttnProcessor, ModelAdapter
+from .base import ModelAdapter
+from .processor import AcceleratedAttnProcessor
 
 
 class HunyuanVideoAttnProcessor(AcceleratedAttnProcessor):
     """Drop-in for ``HunyuanVideoAttnProcessor2_0`` that routes attention to a method."""
+
+    model_name = "HunyuanVideo"
+    text_first = False
 
     def __call__(
         self,
@@ -26,10 +31,6 @@ class HunyuanVideoAttnProcessor(AcceleratedAttnProcessor):
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        from diffusers.models.attention_dispatch import dispatch_attention_fn
-        from diffusers.models.embeddings import apply_rotary_emb
-
-        ctx = self._require_context()
         single_stream = attn.add_q_proj is None and encoder_hidden_states is not None
         if single_stream:
             hidden_states = torch.cat([hidden_states, encoder_hidden_states], dim=1)
@@ -77,49 +78,10 @@ class HunyuanVideoAttnProcessor(AcceleratedAttnProcessor):
             )
 
         text_len = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else 0
-        B, N = query.shape[:2]
-        n_video = N - text_len
-        q_bhsd = query.transpose(1, 2)
-        ex = self._exchange(ctx)
-        kpm = None
-        reason = None
-        if attention_mask is not None:
-            if attention_mask.dtype == torch.bool and attention_mask.numel() == B * N:
-                kpm = attention_mask.reshape(B, N)
-            else:
-                reason = f"unsupported attention_mask {attention_mask.dtype} {tuple(attention_mask.shape)}"
-        if reason is not None:
-            if ex is not None:
-                raise ValueError(f"diffusers-attn: {reason} under context parallelism")
-            self._dense_fallback(reason, q_bhsd, n_video, key_padding_mask=kpm)
-            hidden_states = dense_bshd()
-        elif ex is None:
-            layout = TokenLayout.video_first(ctx.require_grid(), text_len)
-            self._check_video_tokens("HunyuanVideo", layout, n_video)
-            out = self._call_method(
-                q_bhsd, key.transpose(1, 2), value.transpose(1, 2), ctx=ctx, layout=layout, key_padding_mask=kpm,
-                dense_fn=lambda: dense_bshd().transpose(1, 2),
-            )
-            hidden_states = out.transpose(1, 2)
-        else:
-            from ..parallel import global_to_joint, joint_to_global
-
-            layout = TokenLayout.video_first(ctx.require_grid(), text_len)
-            self._check_video_tokens("HunyuanVideo", layout, n_video, ex.size)
-            if kpm is not None:  # only text is ever padded: rebuild the global mask from the replicated text part
-                kpm = torch.cat([kpm.new_ones(B, layout.num_video), kpm[:, N - text_len :]], dim=1)
-            qg, kg, vg = (joint_to_global(ex, x, text_len, False) for x in (query, key, value))
-
-            def dense_global() -> torch.Tensor:
-                mask = kpm[:, None, None, :] if kpm is not None else None
-                return dispatch_attention_fn(qg, kg, vg, attn_mask=mask, dropout_p=0.0, is_causal=False,
-                                             backend=self._attention_backend).transpose(1, 2)
-
-            out = self._call_method(
-                qg.transpose(1, 2), kg.transpose(1, 2), vg.transpose(1, 2), ctx=ctx, layout=layout,
-                key_padding_mask=kpm, exchange=ex, total_heads=attn.heads, dense_fn=dense_global,
-            )
-            hidden_states = global_to_joint(ex, out.transpose(1, 2), text_len, False)
+        hidden_states = self.attend(
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), text_len=text_len,
+            attention_mask=attention_mask, dense_fn=lambda: dense_bshd().transpose(1, 2),
+        ).transpose(1, 2)
         hidden_states = hidden_states.flatten(2, 3)
         hidden_states = hidden_states.to(query.dtype)
 

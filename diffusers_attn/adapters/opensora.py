@@ -14,13 +14,24 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.embeddings import apply_rotary_emb
 
-from ..layout import TokenLayout
-from .base import AcceleratedAttnProcessor, ModelAdapter
+from ..pipelines.opensora.transformer import OpenSoraTransformer3DModel
+from .base import ModelAdapter
+from .processor import AcceleratedAttnProcessor
 
 
 class OpenSoraAttnProcessor(AcceleratedAttnProcessor):
     """Drop-in for diffusers ``FluxAttnProcessor`` on Open-Sora that routes attention to a method."""
+
+    model_name = "Open-Sora"
+    text_first = True
+
+    def key_padding(self, attention_mask, batch, n):
+        if attention_mask is None:
+            return None, None
+        return None, "attention_mask given (Open-Sora never passes one)"
 
     def __call__(
         self,
@@ -30,10 +41,6 @@ class OpenSoraAttnProcessor(AcceleratedAttnProcessor):
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        from diffusers.models.attention_dispatch import dispatch_attention_fn
-        from diffusers.models.embeddings import apply_rotary_emb
-
-        ctx = self._require_context()
         if getattr(attn, "fused_projections", False):
             qkv = attn.to_qkv(hidden_states)
             query, key, value = qkv.chunk(3, dim=-1)
@@ -66,45 +73,20 @@ class OpenSoraAttnProcessor(AcceleratedAttnProcessor):
             return dispatch_attention_fn(query, key, value, attn_mask=attention_mask,
                                          backend=self._attention_backend, parallel_config=self._parallel_config)
 
-        grid = ctx.require_grid()
-        B, N = query.shape[:2]
-        ex = self._exchange(ctx)
-        ranks = ex.size if ex is not None else 1
-        n_video = grid[0] * grid[1] * grid[2] // ranks  # video tokens this rank holds
+        grid = self._require_context().require_grid()
+        N = query.shape[1]
+        ex = self._exchange(self.context)
+        n_video = grid[0] * grid[1] * grid[2] // (ex.size if ex is not None else 1)  # video tokens this rank holds
         text_len = encoder_hidden_states.shape[1] if dual else N - n_video
-        q_bhsd = query.transpose(1, 2)
-        if ex is not None:
-            if attention_mask is not None:
-                raise ValueError("diffusers-attn: an attention_mask is not supported under context parallelism")
-            from ..parallel import global_to_joint, joint_to_global
-
-            layout = TokenLayout.text_first(grid, text_len)
-            self._check_video_tokens("Open-Sora", layout, N - text_len, ranks)
-            qg, kg, vg = (joint_to_global(ex, x, text_len, True) for x in (query, key, value))
-
-            def dense_global() -> torch.Tensor:
-                return dispatch_attention_fn(qg, kg, vg, backend=self._attention_backend).transpose(1, 2)
-
-            out = self._call_method(
-                qg.transpose(1, 2), kg.transpose(1, 2), vg.transpose(1, 2), ctx=ctx, layout=layout,
-                key_padding_mask=None, exchange=ex, total_heads=attn.heads, dense_fn=dense_global,
-            )
-            out = global_to_joint(ex, out.transpose(1, 2), text_len, True)
-        elif attention_mask is not None:
-            self._dense_fallback("attention_mask given (Open-Sora never passes one)", q_bhsd, N - text_len)
-            out = dense_bshd()
-        elif text_len < 0:
+        if text_len < 0:
             raise ValueError(
                 f"diffusers-attn: Open-Sora layer {self.layer_index} holds {N} tokens, fewer than the {n_video} video "
                 f"tokens of the latent grid {grid}"
             )
-        else:
-            layout = TokenLayout.text_first(grid, text_len)
-            self._check_video_tokens("Open-Sora", layout, N - text_len)
-            out = self._call_method(
-                q_bhsd, key.transpose(1, 2), value.transpose(1, 2), ctx=ctx, layout=layout, key_padding_mask=None,
-                dense_fn=lambda: dense_bshd().transpose(1, 2),
-            ).transpose(1, 2)
+        out = self.attend(
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), text_len=text_len,
+            attention_mask=attention_mask, dense_fn=lambda: dense_bshd().transpose(1, 2),
+        ).transpose(1, 2)
         out = out.flatten(2, 3).to(query.dtype)
 
         if encoder_hidden_states is not None:
@@ -122,8 +104,6 @@ class OpenSoraAdapter(ModelAdapter):
     processor_cls = OpenSoraAttnProcessor
 
     def transformer_class(self) -> type:
-        from ..pipelines.opensora.transformer import OpenSoraTransformer3DModel
-
         return OpenSoraTransformer3DModel
 
     def native_processor_classes(self) -> tuple[type, ...]:

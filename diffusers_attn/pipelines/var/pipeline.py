@@ -205,9 +205,6 @@ class VARPipeline(DiffusionPipeline):
         tr, vq = self.transformer, self.vqvae
         device = tr.device
         labels = self._labels(class_labels, batch_size, generator, device)
-        from ...processors.litevar import begin_var_generation
-
-        begin_var_generation(tr)  # resets LiteVAR stats when installed
         B = labels.shape[0]
         SN = len(tr.patch_nums)
         cond = tr.class_cond(torch.cat((labels, torch.full_like(labels, tr.num_classes))))  # [2B, C], cond first

@@ -1,0 +1,159 @@
+"""RainFusion configuration and the mapping of ``sparsity`` to pattern windows."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+DENSE, SPATIAL, TEMPORAL, TEXTURAL = 0, 1, 2, 3
+PATTERN_NAMES = ("dense", "spatial", "temporal", "textural")
+SPARSE_PATTERNS = {"spatial": SPATIAL, "temporal": TEMPORAL, "textural": TEXTURAL}
+
+
+def _round_half_up(x: float) -> int:
+    return int(math.floor(x + 0.5 + 1e-9))
+
+
+@dataclass
+class RainFusionConfig:
+    """Configuration of RainFusion sparse attention.
+
+    Args:
+        sparsity: Target share of video keys skipped, in [0, 1). Maps to each pattern's window so the nominal
+            video-key density is about ``1 - sparsity`` (bandwidth ``b = 1 - sqrt(sparsity)``). ``0`` runs the
+            stock attention unchanged.
+        dense_steps: Dense warm-up: an ``int`` number of first denoising steps, or a ``float`` fraction in [0, 1]
+            of the run (rounded half up). Fractions need the total step count: from the pipeline when
+            ``apply_rainfusion`` gets one, else from ``num_inference_steps``.
+        dense_tail_steps: The last steps that run dense (int count or float fraction), default none.
+        dense_layers: Number of first attention layers that always run dense.
+        skip_layers: Extra layer indices (in installation order) that always run dense.
+        arm_threshold: A head uses its best pattern only if that pattern keeps at least this share of the sampled
+            attention mass; otherwise it stays dense. ``0`` always takes the best pattern.
+        probe_budget: ARM cost as a share of the call's attention FLOPs (probe rows = ceil(2 * budget * N)).
+        probe_min_rows: Minimum number of probe rows.
+        arm_refresh_steps: Re-run ARM every k sparse steps (1 = every step); in between, heads keep their pattern.
+        patterns: Candidate patterns for ARM, a subset of ``("spatial", "temporal", "textural")``.
+        force_pattern: Skip ARM and use this pattern for every head (``"spatial"``, ``"temporal"``,
+            ``"textural"`` or ``"dense"``): for ablations and debugging.
+        spatial_window: Override w (frames on each side) of the spatial pattern.
+        temporal_rows: Override r_h (rows on each side) of the temporal pattern.
+        textural_stride: Override the stride s of the textural pattern.
+        min_video_tokens: Calls with fewer video tokens run dense (reason recorded). ``0`` disables the rule.
+        block_m: Query block size of the block lists.
+        block_n: Key block size of the block lists.
+        num_inference_steps: Total steps, for fractional ``dense_steps`` when no pipeline is available.
+        kernel_backend: Force a block-sparse kernel backend (``"torch"``, ``"triton"``); default automatic.
+    """
+
+    sparsity: float = 0.64
+    dense_steps: int | float = 0.25
+    dense_tail_steps: int | float = 0
+    dense_layers: int = 1
+    skip_layers: tuple[int, ...] = ()
+    arm_threshold: float = 0.9
+    probe_budget: float = 0.002
+    probe_min_rows: int = 32
+    arm_refresh_steps: int = 1
+    patterns: tuple[str, ...] = ("spatial", "temporal", "textural")
+    force_pattern: str | None = None
+    spatial_window: int | None = None
+    temporal_rows: int | None = None
+    textural_stride: int | None = None
+    min_video_tokens: int = 4096
+    block_m: int = 128
+    block_n: int = 64
+    num_inference_steps: int | None = None
+    kernel_backend: str | None = None
+
+    def __post_init__(self) -> None:
+        def err(msg: str) -> None:
+            raise ValueError(f"RainFusionConfig: {msg}")
+
+        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)):
+            err(f"sparsity must be a number in [0, 1), got {self.sparsity!r}")
+        if not 0.0 <= float(self.sparsity) < 1.0:
+            err(f"sparsity must be in [0, 1), got {self.sparsity}")
+        for name in ("dense_steps", "dense_tail_steps"):
+            val = getattr(self, name)
+            if isinstance(val, bool) or not isinstance(val, (int, float)):
+                err(f"{name} must be an int (steps) or a float fraction in [0, 1], got {val!r}")
+            if isinstance(val, int) and val < 0:
+                err(f"{name} must be >= 0, got {val}")
+            if isinstance(val, float) and not 0.0 <= val <= 1.0:
+                err(f"{name} as a float is a fraction of the run and must be in [0, 1], got {val}")
+        for name in ("dense_layers", "probe_min_rows", "min_video_tokens"):
+            val = getattr(self, name)
+            if isinstance(val, bool) or not isinstance(val, int) or val < 0:
+                err(f"{name} must be an int >= 0, got {val!r}")
+        if isinstance(self.arm_refresh_steps, bool) or not isinstance(self.arm_refresh_steps, int) or (
+            self.arm_refresh_steps < 1
+        ):
+            err(f"arm_refresh_steps must be an int >= 1, got {self.arm_refresh_steps!r}")
+        self.skip_layers = tuple(int(x) for x in self.skip_layers)
+        if any(x < 0 for x in self.skip_layers):
+            err(f"skip_layers must be non-negative layer indices, got {self.skip_layers}")
+        if not 0.0 <= float(self.arm_threshold) <= 1.0:
+            err(f"arm_threshold must be in [0, 1], got {self.arm_threshold}")
+        if not 0.0 < float(self.probe_budget) <= 0.5:
+            err(f"probe_budget must be in (0, 0.5], got {self.probe_budget}")
+        self.patterns = tuple(self.patterns)
+        bad = [p for p in self.patterns if p not in SPARSE_PATTERNS]
+        if bad or not self.patterns:
+            err(f"patterns must be a non-empty subset of {tuple(SPARSE_PATTERNS)}, got {self.patterns}")
+        if self.force_pattern is not None and self.force_pattern not in PATTERN_NAMES:
+            err(f"force_pattern must be one of {PATTERN_NAMES} or None, got {self.force_pattern!r}")
+        for name, lo in (("spatial_window", 0), ("temporal_rows", 0), ("textural_stride", 1)):
+            val = getattr(self, name)
+            if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val < lo):
+                err(f"{name} must be None or an int >= {lo}, got {val!r}")
+        for name in ("block_m", "block_n"):
+            val = getattr(self, name)
+            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                err(f"{name} must be a positive int, got {val!r}")
+        if self.num_inference_steps is not None and (
+            not isinstance(self.num_inference_steps, int) or self.num_inference_steps < 1
+        ):
+            err(f"num_inference_steps must be None or a positive int, got {self.num_inference_steps!r}")
+        if self.kernel_backend not in (None, "auto", "torch", "triton"):
+            err(f"kernel_backend must be None, 'auto', 'torch' or 'triton', got {self.kernel_backend!r}")
+
+    def steps_from(self, value: int | float, total: int | None, what: str) -> int:
+        if isinstance(value, int):
+            return value
+        if value in (0.0,):
+            return 0
+        if total is None:
+            raise ValueError(
+                f"RainFusionConfig.{what}={value} is a fraction of the run, but the total number of steps is "
+                "unknown: pass the pipeline to apply_rainfusion, set num_inference_steps, or give an int."
+            )
+        return _round_half_up(value * total)
+
+
+@dataclass(frozen=True)
+class PatternParams:
+    """Pattern windows for one latent grid: spatial w (frames), temporal r_h (rows), textural stride s."""
+
+    window: int
+    rows: int
+    stride: int
+
+
+def pattern_params(config: RainFusionConfig, grid: tuple[int, int, int]) -> PatternParams:
+    """Map ``sparsity`` to pattern windows: b = 1 - sqrt(sparsity), w = round(b (T - 1)), ..."""
+    T, H, _ = grid
+    sigma = float(config.sparsity)
+    b = 1.0 - math.sqrt(sigma)
+    density = 1.0 - sigma
+    w = config.spatial_window
+    if w is None:
+        w = min(max(_round_half_up(b * (T - 1)), 0), T - 1)
+    r = config.temporal_rows
+    if r is None:
+        r = min(max(_round_half_up(b * (H - 1)), 0), H - 1)
+    s = config.textural_stride
+    if s is None:
+        s = max(1, _round_half_up(1.0 / math.sqrt(density)))
+    return PatternParams(window=int(w), rows=int(r), stride=int(s))
+
