@@ -203,11 +203,11 @@ class ContextHook(ModelHook):
         return module
 
     def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple[Any], dict[str, Any]]:
-        if self.context.processor_guard is not None and not torch.compiler.is_compiling():
-            self.context.processor_guard.check(self.context)
         bound = self._signature.bind(module, *args, **kwargs).arguments
         inputs = self.context.adapter.forward_inputs(module, bound)
         if inputs is None:
+            if self.context.processor_guard is not None and not torch.compiler.is_compiling():
+                self.context.processor_guard.check(self.context)
             return args, kwargs
         grid, timestep = inputs
         if torch.compiler.is_compiling():
@@ -221,6 +221,8 @@ class ContextHook(ModelHook):
         else:
             self.context.compile_token = None
             self.context.begin_forward(grid, timestep)
+            if self.context.processor_guard is not None:  # after begin_forward: a new generation resets the stats
+                self.context.processor_guard.check(self.context)
         return args, kwargs
 
 
