@@ -5,9 +5,11 @@ from __future__ import annotations
 import warnings
 
 import pytest
+import torch
 
 from diffusers_attn import _env
 from diffusers_attn._env import env_flag, env_var
+from diffusers_attn.kernels import block_mask_to_lists, block_sparse_attention
 
 
 @pytest.fixture(autouse=True)
@@ -44,3 +46,29 @@ def test_new_name_wins_when_both_are_set(monkeypatch):
     monkeypatch.setenv("DIFFATTN_CHECKS", "0")
     monkeypatch.setenv("DIFFUSERS_ATTN_CHECKS", "1")  # diffusers' own checks, not ours
     assert not env_flag("CHECKS")
+
+
+def _bad_lists():
+    q = torch.randn(1, 1, 32, 8)
+    idx, cnt = block_mask_to_lists(torch.ones(1, 1, 2, 2, dtype=torch.bool))
+    bad = idx.clone()
+    bad[..., 0, :] = torch.tensor([1, 0], dtype=torch.int32)  # descending
+    return q, idx, bad, cnt
+
+
+@pytest.mark.parametrize("prefix", ["DIFFATTN_", "DIFFUSERS_ATTN_"])
+def test_kernel_variables_under_both_names(prefix, monkeypatch):
+    q, idx, bad, cnt = _bad_lists()
+    monkeypatch.setenv(prefix + "CHECKS", "1")
+    monkeypatch.setenv(prefix + "KERNEL", "nope")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(ValueError, match="ascending"):
+            block_sparse_attention(q, q, q, bad, cnt, block_m=16, block_n=16)
+        with pytest.raises(ValueError, match="unknown attention backend 'nope'"):
+            block_sparse_attention(q, q, q, idx, cnt, block_m=16, block_n=16)
+    deprecations = [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
+    if prefix == "DIFFATTN_":
+        assert not deprecations
+    else:
+        assert any("DIFFATTN_CHECKS" in m for m in deprecations) and any("DIFFATTN_KERNEL" in m for m in deprecations)
