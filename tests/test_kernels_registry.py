@@ -3,6 +3,7 @@ explicit requests fail with the backend's reason, unknown names list what is ava
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from diffusers_attn import kernels
 from diffusers_attn.kernels import (
     OPERATIONS,
     available_backends,
@@ -162,6 +164,35 @@ def test_biwkv_torch_alias_picks_the_stable_pytorch_form():
 def test_unknown_operation_is_an_error():
     with pytest.raises(ValueError, match="unknown kernel operation 'conv'.*biwkv"):
         register_backend("conv", "x", lambda: None, None)
+
+
+def test_kernels_import_nothing_outside_the_kernels_package_but_env():
+    """``ops`` (and everything else) calls ``kernels``, never the reverse; ``_env`` is the one bottom module."""
+    bad = []
+    for path in sorted((ROOT / "diffusers_attn" / "kernels").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level >= 2:  # relative, above the kernels package
+                env = node.module == "_env" or (node.module is None and all(a.name == "_env" for a in node.names))
+                if node.level > 2 or not env:
+                    bad.append(f"{path.name}:{node.lineno} from {'.' * node.level}{node.module or ''}")
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                for n in names:
+                    if n.startswith("diffusers_attn") and not n.startswith(("diffusers_attn.kernels",
+                                                                              "diffusers_attn._env")):
+                        bad.append(f"{path.name}:{node.lineno} import {n}")
+    assert not bad, bad
+
+
+def test_compile_ops_live_in_kernels_and_ops_reexports_them():
+    from diffusers_attn import ops
+    from diffusers_attn.kernels import compile_ops
+
+    assert ops.block_sparse_attention_op is compile_ops.block_sparse_attention_op
+    assert ops.block_sparse_attention_table_op is compile_ops.block_sparse_attention_table_op
+    assert hasattr(torch.ops.diffusers_attn, "block_sparse_attention")
+    assert hasattr(torch.ops.diffusers_attn, "block_sparse_attention_table")
+    assert kernels.block_sparse_attention_op is compile_ops.block_sparse_attention_op
 
 
 def test_package_import_leaves_triton_modules_unloaded():

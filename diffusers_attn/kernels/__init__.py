@@ -30,6 +30,7 @@ from .block_format import (
     lists_to_token_mask,
     num_blocks,
 )
+from .compile_ops import block_sparse_attention_op, block_sparse_attention_table_op
 from .dispatch import (
     block_sparse_attention_eager,
     block_sparse_attention_table_eager,
@@ -86,8 +87,6 @@ def block_sparse_attention(
     Under ``torch.compile`` this is the custom op ``diffusers_attn::block_sparse_attention`` (no graph break).
     """
     if torch.compiler.is_compiling():
-        from ..ops import block_sparse_attention_op
-
         out, lse = block_sparse_attention_op(q, k, v, kv_indices, kv_counts, block_m, block_n, key_padding_mask,
                                              scale, return_lse, backend or "auto")
         return (out, lse) if return_lse else out
@@ -116,8 +115,6 @@ def block_sparse_attention_table(
     with the lists expanded per head, without materializing them (the Triton kernel reads the table directly).
     Under ``torch.compile`` this is the custom op ``diffusers_attn::block_sparse_attention_table`` (no LSE)."""
     if torch.compiler.is_compiling():
-        from ..ops import block_sparse_attention_table_op
-
         return block_sparse_attention_table_op(q, k, v, table_indices, table_counts, head_table, block_m, block_n,
                                                key_padding_mask, scale, backend or "auto")
     return block_sparse_attention_table_eager(q, k, v, table_indices, table_counts, head_table, block_m=block_m,
