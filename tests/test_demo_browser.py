@@ -1,7 +1,7 @@
 """A real headless browser (Debian chromium driven by Playwright) opens the demo page, starts a comparison and
 checks that both videos and the latency figures appear; it saves a screenshot.
 
-Set ``DIFFUSERS_ATTN_SCREENSHOT=docs/demo.png`` to write the screenshot there (the README's picture comes from
+Set ``DIFFATTN_SCREENSHOT=docs/demo.png`` to write the screenshot there (the README's picture comes from
 this test); otherwise it goes to the test's temporary folder. Playwright only drives the system chromium
 (``executable_path``); it never downloads a browser.
 """
@@ -14,6 +14,8 @@ import socket
 from pathlib import Path
 
 import pytest
+
+from diffusers_attn._env import env_var
 
 CHROMIUM = os.environ.get("CHROMIUM_PATH") or shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -61,7 +63,7 @@ def test_browser_comparison_shows_both_videos_and_latency(browser, page_url, tmp
     try:
         page.goto(page_url, wait_until="domcontentloaded")
         page.locator("#compare-btn").wait_for(timeout=60_000)
-        if not os.environ.get("DIFFUSERS_ATTN_SCREENSHOT"):  # the README picture keeps the default 16 steps
+        if not env_var("SCREENSHOT"):  # the README picture keeps the default 16 steps
             _set_number(page, "steps", "3")
         _set_number(page, "knob-rainfusion-arm_threshold", "0")  # every head sparse, so the plot shows patterns
         page.locator("#compare-btn").click()
@@ -77,7 +79,7 @@ def test_browser_comparison_shows_both_videos_and_latency(browser, page_url, tmp
         assert "Speedup" in summary and "PSNR" in summary and "SSIM" in summary and "Realized density" in summary
         page.locator("#pattern-plot img").wait_for(timeout=30_000)
         page.wait_for_timeout(500)  # let the video players paint their first frame
-        out = Path(os.environ.get("DIFFUSERS_ATTN_SCREENSHOT") or tmp_path / "demo.png")
+        out = Path(env_var("SCREENSHOT") or tmp_path / "demo.png")
         out.parent.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(out), full_page=True)
         assert out.stat().st_size > 10_000

@@ -147,7 +147,8 @@ def test_lpips_matches_torchmetrics_with_same_weights(tmp_path, monkeypatch):
 
 def test_lpips_missing_weights_is_a_clear_skip(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
-    monkeypatch.delenv("DIFFUSERS_ATTN_LPIPS_BACKBONE", raising=False)
+    monkeypatch.delenv("DIFFATTN_LPIPS_BACKBONE", raising=False)
+    monkeypatch.delenv("DIFFUSERS_ATTN_LPIPS_BACKBONE", raising=False)  # the deprecated name is still read
     with pytest.raises(LPIPSUnavailable, match="LPIPS skipped, weights not present locally: AlexNet backbone "
                                                "alexnet-owt-7be5be79.pth"):
         find_weights()

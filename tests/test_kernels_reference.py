@@ -160,10 +160,10 @@ def test_content_checks_and_backend_override(monkeypatch):
     q, k, v, idx, cnt = _args()
     bad = idx.clone()
     bad[..., 0, :] = torch.tensor([1, 0], dtype=torch.int32)  # descending
-    monkeypatch.setenv("DIFFUSERS_ATTN_CHECKS", "1")
+    monkeypatch.setenv("DIFFATTN_CHECKS", "1")
     with pytest.raises(ValueError, match="ascending"):
         block_sparse_attention(q, k, v, bad, cnt, block_m=16, block_n=16)
-    monkeypatch.delenv("DIFFUSERS_ATTN_CHECKS")
+    monkeypatch.delenv("DIFFATTN_CHECKS")
     with pytest.raises(ValueError, match="unknown or unavailable"):
         block_sparse_attention(q, k, v, idx, cnt, block_m=16, block_n=16, backend="nope")
     out = block_sparse_attention(q, k, v, idx, cnt, block_m=16, block_n=16, backend="torch")

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from diffusers_attn._env import env_var
 from diffusers_attn.pipelines.var import (
     CheckpointMismatchError,
     VARPipeline,
@@ -374,15 +375,15 @@ def test_pipeline_sampling_matches_teacher_forced_on_its_own_tokens(shared_aln, 
     torch.testing.assert_close(out.images, f_hat, rtol=1e-5, atol=1e-5)
 
 
-REAL_DIR = os.environ.get("DIFFUSERS_ATTN_VAR_CHECKPOINTS")
+REAL_DIR = env_var("VAR_CHECKPOINTS")
 
 
-@pytest.mark.skipif(not REAL_DIR, reason="set DIFFUSERS_ATTN_VAR_CHECKPOINTS to a folder with the released .pth files")
+@pytest.mark.skipif(not REAL_DIR, reason="set DIFFATTN_VAR_CHECKPOINTS to a folder with the released .pth files")
 def test_real_checkpoints_load_strictly():
     """With the released files present (vae_ch160v4096z32.pth, var_d16.pth, ...): strict load + a short forward."""
     depths = [d for d in (16, 20, 24, 30) if os.path.exists(os.path.join(REAL_DIR, f"var_d{d}.pth"))]
     if not depths:
-        pytest.skip("no var_d*.pth in DIFFUSERS_ATTN_VAR_CHECKPOINTS")
+        pytest.skip("no var_d*.pth in DIFFATTN_VAR_CHECKPOINTS")
     d = depths[0]
     pipe = VARPipeline.from_var_checkpoint(os.path.join(REAL_DIR, "vae_ch160v4096z32.pth"),
                                            os.path.join(REAL_DIR, f"var_d{d}.pth"), depth=d)

@@ -9,9 +9,9 @@ video, the per-frame values are averaged.
 Weights it needs (neither ships with this package):
 
 * the AlexNet backbone: torchvision's ``alexnet-owt-7be5be79.pth`` (``$TORCH_HOME/hub/checkpoints``, default
-  ``~/.cache/torch``), or the path in ``$DIFFUSERS_ATTN_LPIPS_BACKBONE``;
+  ``~/.cache/torch``), or the path in ``$DIFFATTN_LPIPS_BACKBONE``;
 * the v0.1 linear heads ``alex.pth``: shipped by ``torchmetrics`` and by ``lpips`` (found in their install folders
-  without importing them), or the path in ``$DIFFUSERS_ATTN_LPIPS_HEADS``.
+  without importing them), or the path in ``$DIFFATTN_LPIPS_HEADS``.
 
 torchvision itself is not required. When a file is missing, :class:`LPIPSUnavailable` says which and where it was
 looked for; callers report LPIPS as skipped.
@@ -27,6 +27,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .._env import env_var
 
 BACKBONE_FILE = "alexnet-owt-7be5be79.pth"
 HEADS_FILE = "alex.pth"
@@ -48,9 +50,9 @@ def find_weights(backbone: str | os.PathLike | None = None,
                  heads: str | os.PathLike | None = None) -> tuple[Path, Path]:
     """Paths of the backbone and heads files; :class:`LPIPSUnavailable` lists what was tried."""
     torch_home = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch"))
-    b_cands = [Path(p) for p in (backbone, os.environ.get("DIFFUSERS_ATTN_LPIPS_BACKBONE")) if p]
+    b_cands = [Path(p) for p in (backbone, env_var("LPIPS_BACKBONE")) if p]
     b_cands.append(torch_home / "hub" / "checkpoints" / BACKBONE_FILE)
-    h_cands = [Path(p) for p in (heads, os.environ.get("DIFFUSERS_ATTN_LPIPS_HEADS")) if p]
+    h_cands = [Path(p) for p in (heads, env_var("LPIPS_HEADS")) if p]
     for cand in (_package_file("torchmetrics", "functional", "image", "lpips_models", HEADS_FILE),
                  _package_file("lpips", "weights", "v0.1", HEADS_FILE)):
         if cand is not None:

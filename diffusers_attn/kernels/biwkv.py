@@ -18,24 +18,22 @@ Implementations (all exact, none approximates):
   prefix/suffix states carried between chunks; stable for any ``w`` and any length (the processor's case).
 * ``biwkv_triton`` (``biwkv_triton.py``): a Triton kernel (forward and backward) of the log-scaled recurrence.
 
-:func:`biwkv` dispatches: CUDA -> Triton when importable, else ``cumsum`` when it is stable, else ``chunked``;
-``backend=`` or ``DIFFUSERS_ATTN_KERNEL`` override as for the attention kernels.
+:func:`biwkv` dispatches through the kernel registry (operation ``"biwkv"``): CUDA -> Triton when importable,
+else ``cumsum`` when it is stable, else ``chunked``; ``backend=`` or ``DIFFATTN_KERNEL`` override as for the
+attention kernels (``"torch"``: the stable PyTorch form; ``"reference"`` only when asked for).
 """
 
 from __future__ import annotations
 
-import logging
-import os
-
 import torch
 
-logger = logging.getLogger(__name__)
+from . import registry
+from .registry import BIWKV
 
 __all__ = ["biwkv", "biwkv_reference", "biwkv_cumsum", "biwkv_chunked", "select_biwkv_backend", "CUMSUM_MAX_DECAY"]
 
 #: |w| * T above which the global cumsum form could overflow fp32 (exponents reach ~|w| T + |w|).
 CUMSUM_MAX_DECAY = 60.0
-_BACKENDS = ("torch", "cumsum", "chunked", "triton", "reference")
 
 
 def _acc_dtype(x: torch.Tensor) -> torch.dtype:
@@ -185,31 +183,50 @@ def biwkv_chunked(
     return out.to(out_dtype)
 
 
-def _triton_importable() -> str | None:
-    try:
-        from . import biwkv_triton  # noqa: F401
-    except ImportError as e:  # pragma: no cover - depends on the install
-        return f"triton is not importable ({e}); install the 'triton' extra"
-    return None
+def _cumsum_stable(k: torch.Tensor, w: torch.Tensor) -> bool:
+    span = float(w.detach().abs().max()) * k.shape[1] if w.numel() else 0.0
+    return span <= CUMSUM_MAX_DECAY
+
+
+def _load_triton() -> None:
+    """the 'triton' backend needs the triton package (install the 'triton' extra)"""
+    from . import biwkv_triton
+
+    def run(k, v, w, u, *, delta, chunk):
+        return biwkv_triton.biwkv_triton(k, v, w, u, delta=delta, chunk=chunk or biwkv_triton.DEFAULT_CHUNK)
+
+    # selection sees k and w only; the launch re-checks v
+    registry.register_backend(BIWKV, "triton", run, lambda k, w: biwkv_triton.supports(k, k),
+                              auto=lambda k, w: k.is_cuda, order=0)
+
+
+# Registry entry points: one call signature for every backend (``chunk`` None = the backend's default).
+def _run_cumsum(k, v, w, u, *, delta, chunk):
+    return biwkv_cumsum(k, v, w, u, delta)
+
+
+def _run_chunked(k, v, w, u, *, delta, chunk):
+    return biwkv_chunked(k, v, w, u, delta, chunk=chunk or 64)
+
+
+def _run_reference(k, v, w, u, *, delta, chunk):
+    return biwkv_reference(k, v, w, u, delta)
+
+
+def _register_builtin() -> None:
+    registry.register_backend(BIWKV, "cumsum", _run_cumsum, auto=_cumsum_stable, order=10)
+    registry.register_backend(BIWKV, "chunked", _run_chunked, order=20)
+    registry.register_backend(BIWKV, "reference", _run_reference, auto=lambda k, w: False, order=30)  # oracle
+    registry.add_loader(BIWKV, _load_triton)
+
+
+_register_builtin()
 
 
 def select_biwkv_backend(k: torch.Tensor, w: torch.Tensor, backend: str | None = None) -> str:
-    """The implementation :func:`biwkv` would run (``"cumsum"``, ``"chunked"``, ``"triton"`` or ``"reference"``)."""
-    requested = backend or os.environ.get("DIFFUSERS_ATTN_KERNEL", "auto")
-    if requested not in ("auto",) + _BACKENDS:
-        raise ValueError(f"unknown Bi-WKV backend {requested!r}; available: 'auto', {', '.join(_BACKENDS)}")
-    if requested == "triton":
-        reason = _triton_importable()
-        if reason is not None:
-            raise ValueError(f"Bi-WKV backend 'triton' is unavailable: {reason}")
-        return "triton"
-    if requested in ("cumsum", "chunked", "reference"):
-        return requested
-    if requested == "auto" and k.is_cuda and _triton_importable() is None:
-        return "triton"
-    # "torch" or automatic CPU choice: the vectorised closed form when it is stable, else the chunked form
-    span = float(w.detach().abs().max()) * k.shape[1] if w.numel() else 0.0
-    return "cumsum" if span <= CUMSUM_MAX_DECAY else "chunked"
+    """The implementation :func:`biwkv` would run (``"cumsum"``, ``"chunked"``, ``"triton"``, ``"reference"`` or a
+    registered one)."""
+    return registry.select(BIWKV, (k, w), backend)
 
 
 def biwkv(
@@ -228,12 +245,4 @@ def biwkv(
     (default 256)."""
     _validate(k, v, w, u, delta)
     name = select_biwkv_backend(k, w, backend)
-    if name == "triton":
-        from .biwkv_triton import DEFAULT_CHUNK, biwkv_triton
-
-        return biwkv_triton(k, v, w, u, delta=delta, chunk=chunk or DEFAULT_CHUNK)
-    if name == "reference":
-        return biwkv_reference(k, v, w, u, delta)
-    if name == "cumsum":
-        return biwkv_cumsum(k, v, w, u, delta)
-    return biwkv_chunked(k, v, w, u, delta, chunk=chunk or 64)
+    return registry.backend_fn(BIWKV, name)(k, v, w, u, delta=delta, chunk=chunk)
