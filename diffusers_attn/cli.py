@@ -15,6 +15,9 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+# The command handlers import what they run (torch, diffusers, the pipelines) inside themselves: building the
+# parser, e.g. for ``diffusers-attn --help``, needs none of it.
+
 DEFAULT_PROMPT = "a red fox running through fresh snow at sunrise"
 
 
@@ -95,10 +98,9 @@ def _dense_steps_value(text: str) -> int | float:
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     from .compare import load_pipeline, resolve_device_dtype, run_comparison, side_by_side_frames, write_video
-    from .pipelines.tiny import TINY_MODELS
+    from .pipelines.tiny import TINY_MODELS, TINY_VAR_MODELS
     from .processors.rainfusion import apply_rainfusion
-
-    from .pipelines.tiny import TINY_VAR_MODELS
+    from .reference_models import REFERENCE_MODELS
     from .reference_models.var import DEFAULT_CLASS_LABELS, REFERENCE_VAR_MODELS
 
     if args.model in TINY_VAR_MODELS or args.model in REFERENCE_VAR_MODELS:
@@ -108,8 +110,6 @@ def _cmd_compare(args: argparse.Namespace) -> int:
             f"{args.model}) or from Python: diffusers_attn.demo.DemoRunner().run(DemoRequest(model='{args.model}', "
             f"method='litevar', prompt='{DEFAULT_CLASS_LABELS}'))"
         )
-    from .reference_models import REFERENCE_MODELS
-
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     reference = args.model in REFERENCE_MODELS
     tiny = args.model in TINY_MODELS or reference  # small latent grids: same RainFusion size defaults

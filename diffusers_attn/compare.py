@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import imageio
 import numpy as np
 import torch
+from diffusers import DiffusionPipeline
+from diffusers.utils import deprecation_utils
+from PIL import Image, ImageDraw
 
+from .adapters import get_adapter, supported_transformers
 from .eval.metrics import psnr, ssim
+from .install import get_attention_stats, remove_attention_acceleration
+from .pipelines.tiny import TINY_MODELS, TINY_VAR_MODELS, build_tiny_pipeline, build_tiny_var
+from .pipelines.var import VARPipeline
+from .reference_models import DEFAULT_PROMPT, REFERENCE_MODELS, load_reference_pipeline
+from .reference_models.var import DEFAULT_CALL, DEFAULT_CLASS_LABELS, REFERENCE_VAR_MODELS, load_reference_var_pipeline
 from .stats import AttentionStats
 
 logger = logging.getLogger(__name__)
@@ -109,12 +120,6 @@ def resolve_device_dtype(device: str | None, dtype: str | None) -> tuple[torch.d
 def load_pipeline(model: str, device: torch.device, dtype: torch.dtype, seed: int = 0) -> LoadedPipeline:
     """A built-in trained reference model or tiny random pipeline by name, or a diffusers pipeline from a hub id /
     local folder."""
-    from .adapters import get_adapter, supported_transformers
-    from .pipelines.tiny import TINY_MODELS, TINY_VAR_MODELS, build_tiny_pipeline
-    from .reference_models import DEFAULT_PROMPT, REFERENCE_MODELS, load_reference_pipeline
-
-    from .reference_models.var import REFERENCE_VAR_MODELS
-
     if model in TINY_VAR_MODELS or model in REFERENCE_VAR_MODELS:
         return load_var_pipeline(model, device, dtype, seed=seed)
     if model in REFERENCE_MODELS:
@@ -127,8 +132,6 @@ def load_pipeline(model: str, device: torch.device, dtype: torch.dtype, seed: in
         if dtype != torch.float32:
             spec.pipe.to(dtype=dtype)
         return LoadedPipeline(spec.pipe, model, spec.prompt_kwargs, dict(spec.defaults or {}), tiny=True)
-
-    from diffusers import DiffusionPipeline
 
     # Check the transformer class from the (small) config before loading any weights.
     try:
@@ -144,8 +147,6 @@ def load_pipeline(model: str, device: torch.device, dtype: torch.dtype, seed: in
         raise ValueError(
             f"model {model!r} has transformer {cls_name!r}; supported: {', '.join(supported_transformers())}"
         )
-    from diffusers.utils import deprecation_utils
-
     # diffusers renamed torch_dtype -> dtype (the old name warns); older releases only know torch_dtype.
     dtype_key = "dtype" if hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else "torch_dtype"
     pipe = DiffusionPipeline.from_pretrained(model, **{dtype_key: dtype}).to(device)
@@ -197,11 +198,6 @@ def load_var_pipeline(model: str, device: torch.device, dtype: torch.dtype, seed
     """``ref-var`` (the trained reference VAR shipped with the package), ``tiny-var`` (random, built offline) or a
     folder written by ``VARPipeline.save_pretrained``. The released ``.pth`` files load with
     :meth:`VARPipeline.from_var_checkpoint`; wrap the result with :func:`var_loaded`."""
-    from .pipelines.tiny import TINY_VAR_MODELS, build_tiny_var
-    from .pipelines.var import VARPipeline
-    from .reference_models.var import (DEFAULT_CALL, DEFAULT_CLASS_LABELS, REFERENCE_VAR_MODELS,
-                                       load_reference_var_pipeline)
-
     if model in REFERENCE_VAR_MODELS:
         loaded = var_loaded(load_reference_var_pipeline(model, device, dtype), model, True)
         loaded.defaults = dict(DEFAULT_CALL)  # its 64-entry codebook: the ImageNet top_k=900 would keep every token
@@ -227,8 +223,6 @@ def load_var_pipeline(model: str, device: torch.device, dtype: torch.dtype, seed
 
 
 def _accepts(pipe: Any, name: str) -> bool:
-    import inspect
-
     return name in inspect.signature(pipe.__call__).parameters
 
 
@@ -351,8 +345,6 @@ def run_comparison(
 
     ``progress(phase, done, total)`` reports steps of each phase (``warm-up``, ``dense``, the method name).
     """
-    from .install import get_attention_stats, remove_attention_acceleration
-
     pipe = loaded.pipe
     kwargs = {**loaded.prompt_kwargs(prompt, negative_prompt), **call_kwargs}
     # VAR has a fixed number of scales: its warm-up is a full run.
@@ -397,8 +389,6 @@ def run_comparison(
 
 
 def _label_strip(text: str, width: int, height: int = 20) -> np.ndarray:
-    from PIL import Image, ImageDraw
-
     img = Image.new("RGB", (width, height), (24, 24, 24))
     ImageDraw.Draw(img).text((4, 4), text, fill=(240, 240, 240))
     return np.asarray(img)
@@ -421,8 +411,6 @@ def side_by_side_frames(a: np.ndarray, b: np.ndarray, labels: tuple[str, str]) -
 
 
 def write_video(path: str | Path, frames: np.ndarray, fps: int = 8) -> Path:
-    import imageio
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     imageio.mimwrite(path, list(frames), fps=fps, macro_block_size=16)

@@ -20,13 +20,19 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
+from .cli import add_rainfusion_args, rainfusion_config_from_args
+from .compare import generate, load_pipeline, resolve_device_dtype, write_video
+from .install import get_attention_stats
+from .parallel import enable_context_parallel
+from .pipelines.tiny import TINY_MODELS
+from .reference_models import REFERENCE_MODELS
+
 
 def build_parser() -> argparse.ArgumentParser:
-    from .cli import add_rainfusion_args
-
     p = argparse.ArgumentParser(prog="python -m diffusers_attn.generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny-cogvideox")
@@ -50,18 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .compare import generate, load_pipeline, resolve_device_dtype, write_video
-    from .install import get_attention_stats
-    from .pipelines.tiny import TINY_MODELS
-    from .cli import rainfusion_config_from_args
     from .processors.rainfusion import apply_rainfusion
 
     args = build_parser().parse_args(argv)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    from .reference_models import REFERENCE_MODELS
-
     tiny = args.model in TINY_MODELS or args.model in REFERENCE_MODELS  # small grids: small-model defaults
     use_cuda = torch.cuda.is_available()
     config = rainfusion_config_from_args(args, tiny)
@@ -75,8 +75,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         loaded = load_pipeline(args.model, device, dtype, seed=args.seed)
         apply_rainfusion(loaded.pipe, config)
         if world > 1:
-            from .parallel import enable_context_parallel
-
             enable_context_parallel(loaded.pipe, ulysses_degree=args.ulysses or world)
         if args.compile:
             loaded.pipe.transformer.compile(fullgraph=True)  # in place: the pipeline keeps the same module
@@ -100,8 +98,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                     {"model": args.model, "world_size": world, "total_s": result.total_s,
                      "denoise_s": result.denoise_s, "stats": stats.to_dict()}, indent=2, default=str))
                 np_path = Path(args.json).with_suffix(".npy")
-                import numpy as np
-
                 np.save(np_path, result.frames)
     finally:
         if world > 1:

@@ -1,5 +1,6 @@
-"""FEAT and LiteVAR entries of the demo's method registry (RainFusion is in :mod:`.methods`).
+"""The demo's built-in methods: RainFusion, LiteVAR and FEAT (registered by :func:`register_builtin_methods`).
 
+* **RainFusion** picks a per-head Spatial / Temporal / Textural block-sparse pattern online (ARM).
 * **LiteVAR** runs on VAR (class labels instead of a prompt, images instead of videos). Its masks are calibrated
   once per loaded model and mask threshold on a few class labels (cached with the model); the figure shows the
   kept attention share per block and scale.
@@ -10,14 +11,70 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any, Callable
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw
 
+from ..adapters import get_adapter
 from ..compare import LoadedPipeline, load_var_pipeline
+from ..pipelines.tiny import TINY_MODELS, TINY_VAR_MODELS
+from ..pipelines.var import VARPipeline
+from ..reference_models import REFERENCE_MODELS
+from ..reference_models.var import REFERENCE_VAR_MODELS
 from .methods import ApplyCall, DemoInputError, DemoMethod, Knob, register_method
+
+# ------------------------------------------------------------------------------------------------ RainFusion
+
+
+def _rainfusion_config(knobs: dict[str, Any], loaded: LoadedPipeline):
+    from ..processors.rainfusion import RainFusionConfig
+
+    # Same rule as `diffusers-attn compare`: the tiny models need small blocks and no token floor for the sparse
+    # path to run at all.
+    return RainFusionConfig(
+        sparsity=knobs["sparsity"],
+        dense_steps=knobs["dense_steps"],
+        dense_layers=knobs["dense_layers"],
+        arm_threshold=knobs["arm_threshold"],
+        min_video_tokens=0 if loaded.tiny else 4096,
+        block_m=16 if loaded.tiny else 128,
+        block_n=16 if loaded.tiny else 64,
+    )
+
+
+def _rainfusion_apply(knobs: dict[str, Any], loaded: LoadedPipeline) -> Callable[[Any], None]:
+    from ..processors.rainfusion import apply_rainfusion
+
+    config = _rainfusion_config(knobs, loaded)
+    return lambda pipe: apply_rainfusion(pipe, config)
+
+
+def _rainfusion_describe(knobs: dict[str, Any], loaded: LoadedPipeline) -> dict[str, Any]:
+    return dataclasses.asdict(_rainfusion_config(knobs, loaded))
+
+
+def rainfusion_method() -> DemoMethod:
+    return DemoMethod(
+        key="rainfusion",
+        label="RainFusion (sparse attention)",
+        knobs=(
+            Knob("sparsity", "Sparsity", "float", 0.75, 0.0, 0.95, 0.05,
+                 info="share of video keys skipped (0 = stock attention)"),
+            Knob("dense_steps", "Dense warm-up (fraction of steps)", "float", 0.25, 0.0, 1.0, 0.05),
+            Knob("dense_layers", "Dense first layers", "int", 1, 0, 8, 1),
+            Knob("arm_threshold", "ARM threshold", "float", 0.9, 0.0, 1.0, 0.05,
+                 info="a head keeps its best pattern only if it keeps this share of the sampled mass; else dense"),
+        ),
+        make_apply=_rainfusion_apply,
+        describe=_rainfusion_describe,
+        models=(*REFERENCE_MODELS, *TINY_MODELS),  # trained reference models first: they show real motion
+        description="Per-head Spatial / Temporal / Textural block-sparse patterns chosen online (ARM).",
+    )
+
 
 # ------------------------------------------------------------------------------------------------ LiteVAR
 
@@ -67,8 +124,6 @@ def litevar_masks(loaded: LoadedPipeline, threshold: float,
 
 
 def _litevar_check(knobs: dict[str, Any], loaded: LoadedPipeline) -> None:
-    from ..pipelines.var import VARPipeline
-
     if not isinstance(loaded.pipe, VARPipeline):
         raise DemoInputError(f"LiteVAR runs on VAR models (e.g. tiny-var); {loaded.name!r} is a "
                              f"{type(loaded.pipe).__name__}")
@@ -121,8 +176,6 @@ def scale_plot(stats: Any, knobs: dict[str, Any], loaded: LoadedPipeline, cell_w
     """RGB image: kept attention share of LiteVAR's masks per block (rows) and scale (columns), then the run's
     realized kept share and computed-score share per scale (the latter halves where CFG sharing reuses the
     conditional half's attention map); drawn at 2x."""
-    from PIL import Image, ImageDraw
-
     tr = loaded.pipe.transformer
     SN, depth = len(tr.patch_nums), len(tr.blocks)
     masks = loaded.cache.get(f"litevar_masks@{knobs['mask_threshold']:.4f}") if knobs.get("masks") else None
@@ -164,8 +217,6 @@ def scale_plot(stats: Any, knobs: dict[str, Any], loaded: LoadedPipeline, cell_w
 # ------------------------------------------------------------------------------------------------ FEAT
 
 def _attention_layers(pipe: Any) -> int:
-    from ..adapters import get_adapter
-
     adapter = get_adapter(pipe.transformer)
     return len(adapter.attention_layer_keys(dict(pipe.transformer.attn_processors)))
 
@@ -214,8 +265,6 @@ def _feat_describe(knobs: dict[str, Any], loaded: LoadedPipeline) -> dict[str, A
 def feat_plot(stats: Any, knobs: dict[str, Any], loaded: LoadedPipeline, bar_h: int = 14) -> np.ndarray | None:
     """RGB image: per attention layer, the FEAT output's relative error vs softmax before (grey) and after (green)
     the distillation, on a log axis; hybrid softmax layers are marked exact. Drawn at 2x."""
-    from PIL import Image, ImageDraw
-
     rep = loaded.cache.get("feat_report")
     if not rep:
         return None
@@ -254,12 +303,9 @@ def feat_plot(stats: Any, knobs: dict[str, Any], loaded: LoadedPipeline, bar_h: 
     return np.asarray(img.resize((img.width * 2, img.height * 2), Image.NEAREST))
 
 
-def _register() -> None:
-    from ..pipelines.tiny import TINY_VAR_MODELS
-    from ..reference_models.var import REFERENCE_VAR_MODELS
-
+def litevar_method() -> DemoMethod:
     choices, unavailable = _quant_choices()
-    register_method(DemoMethod(
+    return DemoMethod(
         key="litevar",
         label="LiteVAR (VAR: masks, CFG sharing, quantization)",
         conditioning="class_labels",
@@ -290,11 +336,11 @@ def _register() -> None:
             "change the math but run as masked dense attention (the kept share is what a sparse kernel would "
             "need)."
         ),
-    ))
-    from ..pipelines.tiny import TINY_MODELS
-    from ..reference_models import REFERENCE_MODELS
+    )
 
-    register_method(DemoMethod(
+
+def feat_method() -> DemoMethod:
+    return DemoMethod(
         key="feat",
         label="FEAT (linear attention, distilled)",
         knobs=(
@@ -317,7 +363,11 @@ def _register() -> None:
             "(a quick demonstration, not a trained adapter: the output is not expected to match dense). The "
             "figures show the per-layer error before / after the distillation."
         ),
-    ))
+    )
 
 
-_register()
+def register_builtin_methods() -> None:
+    """Register RainFusion, LiteVAR and FEAT, in that order (the order of the page's dropdown and of the knob
+    inputs of its ``/compare`` API); called once by the :mod:`diffusers_attn.demo` package."""
+    for make in (rainfusion_method, litevar_method, feat_method):
+        register_method(make())

@@ -11,7 +11,8 @@ is added to the demo by one :func:`register_method` call, with no change to the 
             lambda pipe: apply_rainfusion(pipe, RainFusionConfig(sparsity=knobs["sparsity"]))),
     ))
 
-The built-in FEAT and LiteVAR entries are in :mod:`.builtin_methods`.
+The built-in entries (RainFusion, LiteVAR, FEAT) are in :mod:`.builtin_methods`, registered when the
+:mod:`diffusers_attn.demo` package is imported.
 
 A VAR-style method sets ``conditioning="class_labels"`` and a ``load`` function returning a
 :class:`~diffusers_attn.compare.LoadedPipeline` whose ``prompt_kwargs`` parses the class-label text
@@ -159,59 +160,3 @@ def get_method(key: str) -> DemoMethod:
         return METHODS[key]
     except KeyError:
         raise DemoInputError(f"unknown method {key!r}; available: {', '.join(METHODS)}") from None
-
-
-def _rainfusion_config(knobs: dict[str, Any], loaded: LoadedPipeline):
-    from ..processors.rainfusion import RainFusionConfig
-
-    # Same rule as `diffusers-attn compare`: the tiny models need small blocks and no token floor for the sparse
-    # path to run at all.
-    return RainFusionConfig(
-        sparsity=knobs["sparsity"],
-        dense_steps=knobs["dense_steps"],
-        dense_layers=knobs["dense_layers"],
-        arm_threshold=knobs["arm_threshold"],
-        min_video_tokens=0 if loaded.tiny else 4096,
-        block_m=16 if loaded.tiny else 128,
-        block_n=16 if loaded.tiny else 64,
-    )
-
-
-def _rainfusion_apply(knobs: dict[str, Any], loaded: LoadedPipeline) -> Callable[[Any], None]:
-    from ..processors.rainfusion import apply_rainfusion
-
-    config = _rainfusion_config(knobs, loaded)
-    return lambda pipe: apply_rainfusion(pipe, config)
-
-
-def _rainfusion_describe(knobs: dict[str, Any], loaded: LoadedPipeline) -> dict[str, Any]:
-    import dataclasses
-
-    return dataclasses.asdict(_rainfusion_config(knobs, loaded))
-
-
-def _register_builtin() -> None:
-    from ..pipelines.tiny import TINY_MODELS
-    from ..reference_models import REFERENCE_MODELS
-
-    register_method(DemoMethod(
-        key="rainfusion",
-        label="RainFusion (sparse attention)",
-        knobs=(
-            Knob("sparsity", "Sparsity", "float", 0.75, 0.0, 0.95, 0.05,
-                 info="share of video keys skipped (0 = stock attention)"),
-            Knob("dense_steps", "Dense warm-up (fraction of steps)", "float", 0.25, 0.0, 1.0, 0.05),
-            Knob("dense_layers", "Dense first layers", "int", 1, 0, 8, 1),
-            Knob("arm_threshold", "ARM threshold", "float", 0.9, 0.0, 1.0, 0.05,
-                 info="a head keeps its best pattern only if it keeps this share of the sampled mass; else dense"),
-        ),
-        make_apply=_rainfusion_apply,
-        describe=_rainfusion_describe,
-        models=(*REFERENCE_MODELS, *TINY_MODELS),  # trained reference models first: they show real motion
-        description="Per-head Spatial / Temporal / Textural block-sparse patterns chosen online (ARM).",
-    ))
-
-
-_register_builtin()
-
-from . import builtin_methods as _builtin_methods  # noqa: E402,F401 - registers FEAT and LiteVAR

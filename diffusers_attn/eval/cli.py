@@ -17,6 +17,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .prompts import load_suite
+from .vbench import aggregate, default_cache_dir, doctor, format_aggregate, format_doctor, run_vbench, setup_venv
+
+# As in diffusers_attn.cli: the sampling and fidelity engines (torch, diffusers) are imported by their command
+# handlers, so building the parser (``diffusers-attn --help``) does not load them. prompts and vbench are light.
+
 
 def _knob(text: str) -> tuple[str, Any]:
     if "=" not in text:
@@ -102,8 +108,6 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_prompts(args: argparse.Namespace) -> int:
-    from .prompts import load_suite
-
     prompts = load_suite(args.suite)
     for p in prompts:
         print(p.text + (f"\t[{', '.join(p.dimensions)}]" if p.dimensions else ""))
@@ -112,12 +116,11 @@ def _cmd_prompts(args: argparse.Namespace) -> int:
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
+    from ..reference_models import REFERENCE_MODELS
     from .sample import SampleConfig, sample
 
     call = {"num_inference_steps": args.steps, "num_frames": args.frames, "height": args.height,
             "width": args.width, "guidance_scale": args.guidance_scale}
-    from ..reference_models import REFERENCE_MODELS
-
     suite = args.suite or ("reference" if args.model in REFERENCE_MODELS else "quick")
     cfg = SampleConfig(model=args.model, out=Path(args.out), suite=suite, method=args.method,
                        knobs=dict(args.knob), videos_per_prompt=args.videos_per_prompt, seed=args.seed,
@@ -138,8 +141,6 @@ def _cmd_fidelity(args: argparse.Namespace) -> int:
 
 
 def _cmd_vbench(args: argparse.Namespace) -> int:
-    from .vbench import aggregate, format_aggregate, run_vbench
-
     out = run_vbench(args.root, args.dimensions, mode=args.mode, out=args.out, venv=args.venv, exe=args.vbench,
                      cache_dir=args.cache_dir, local=not args.allow_downloads)
     print(format_aggregate(aggregate(out)))
@@ -147,8 +148,6 @@ def _cmd_vbench(args: argparse.Namespace) -> int:
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
-    from .vbench import default_cache_dir, doctor, format_doctor
-
     cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     python = str(Path(args.venv) / "bin" / "python") if args.venv else None
     statuses = doctor(cache, python)
@@ -160,8 +159,6 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def _cmd_aggregate(args: argparse.Namespace) -> int:
-    from .vbench import aggregate, format_aggregate
-
     report = aggregate(args.results, baseline=args.baseline)
     print(format_aggregate(report))
     if args.json:
@@ -170,7 +167,5 @@ def _cmd_aggregate(args: argparse.Namespace) -> int:
 
 
 def _cmd_setup(args: argparse.Namespace) -> int:
-    from .vbench import setup_venv
-
     setup_venv(args.venv, dry_run=args.dry_run)
     return 0

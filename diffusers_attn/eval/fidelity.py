@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .lpips import LPIPSUnavailable
+from .lpips import AlexLPIPS, LPIPSUnavailable, lpips
 from .metrics import psnr, ssim
 from .sample import MANIFEST
 
@@ -59,8 +59,6 @@ def fidelity(root: str | Path, *, use_lpips: bool = True, lpips_backbone: str | 
     lpips_net = None
     lpips_note = "disabled (--no-lpips)"
     if use_lpips:
-        from .lpips import AlexLPIPS
-
         try:
             lpips_net = AlexLPIPS.from_files(lpips_backbone, lpips_heads)
             lpips_note = "computed"
@@ -80,8 +78,6 @@ def fidelity(root: str | Path, *, use_lpips: bool = True, lpips_backbone: str | 
         b = np.load(root / accel_arm / "frames" / f"{name}.npz")["frames"].astype(np.float64) / 255.0
         lp = None
         if lpips_net is not None:
-            from .lpips import lpips
-
             lp = lpips(a, b, net=lpips_net)
         rows.append({
             "name": name, "prompt": acc["prompt"], "index": acc["index"], "seed": acc["seed"],

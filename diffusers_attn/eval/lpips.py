@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .._env import env_var
+from .metrics import _pair
 
 BACKBONE_FILE = "alexnet-owt-7be5be79.pth"
 HEADS_FILE = "alex.pth"
@@ -125,8 +126,6 @@ _CACHE: dict[tuple[str, str], AlexLPIPS] = {}
 def lpips(a: Any, b: Any, *, backbone: str | None = None, heads: str | None = None, device: str | None = None,
           batch: int = 8, net: AlexLPIPS | None = None) -> float:
     """Mean per-frame LPIPS-Alex between two images/videos in [0, 1] (layouts as :func:`~.metrics.psnr`)."""
-    from .metrics import _pair
-
     ta, tb = _pair(a, b)
     if ta.shape[1] != 3:
         raise ValueError(f"LPIPS needs RGB frames, got {ta.shape[1]} channel(s)")

@@ -57,6 +57,8 @@ def load_suite(spec: str) -> list[Prompt]:
                 picked.setdefault(p.text, p)
         return list(picked.values())
     if spec == "reference":
+        # Deferred: the reference_models package loads torch and diffusers, which listing the other suites (and
+        # the CLI parser, which imports this module) does without.
         from ..reference_models.data import caption_vocabulary
 
         vocab = caption_vocabulary()

@@ -24,9 +24,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import diffusers
+import imageio
 import numpy as np
 import torch
 
+from .. import __version__, compare  # compare.generate is looked up per call: tests patch it to simulate a crash
+from ..demo.methods import DemoMethod, get_method
+from ..install import get_attention_stats, remove_attention_acceleration
+from ..pipelines.tiny import TINY_MODELS
+from ..reference_models import REFERENCE_MODELS
 from .prompts import Prompt, load_suite, video_name
 
 logger = logging.getLogger(__name__)
@@ -93,19 +100,17 @@ def _to_uint8(frames: np.ndarray) -> np.ndarray:
 
 def _write_mp4(frames_u8: np.ndarray, fps: int) -> Callable[[Path], None]:
     def write(p: Path) -> None:
-        import imageio
-
         imageio.mimwrite(p, list(frames_u8), fps=fps, macro_block_size=16, format="FFMPEG")
 
     return write
 
 
 def _versions() -> dict[str, str]:
-    import diffusers
-
-    from .. import __version__
-
     return {"torch": torch.__version__, "diffusers": diffusers.__version__, "diffusers_attn": __version__}
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
 @dataclass
@@ -120,19 +125,7 @@ class SampleSummary:
 def sample(cfg: SampleConfig, *, loader: Callable[..., Any] | None = None,
            log: Callable[[str], None] = print) -> SampleSummary:
     """Generate the missing videos of ``cfg`` (see the module docstring)."""
-    from ..compare import generate, load_pipeline, resolve_device_dtype
-    from ..demo.methods import get_method
-    from ..install import get_attention_stats, remove_attention_acceleration
-    from ..pipelines.tiny import TINY_MODELS
-    from ..reference_models import REFERENCE_MODELS
-
-    method = get_method(cfg.method)
-    if method.conditioning != "prompt":
-        raise ValueError(f"method {cfg.method!r} is class-conditioned; eval sample runs text prompt suites")
-    if method.wants_call:
-        raise ValueError(f"method {cfg.method!r} prepares on each demo request (FEAT: a short distillation on the "
-                         "request's own prompt), which an evaluation must not do; evaluate a distilled FEAT adapter "
-                         "from Python (apply_feat + load_feat_adapter) instead")
+    method = _evaluable_method(cfg.method)
     knobs = method.validate_knobs(cfg.knobs)
     if cfg.videos_per_prompt < 1:
         raise ValueError(f"videos_per_prompt must be >= 1, got {cfg.videos_per_prompt}")
@@ -141,41 +134,64 @@ def sample(cfg: SampleConfig, *, loader: Callable[..., Any] | None = None,
     names = [(p, i, video_name(p.text, i)) for p in prompts for i in range(cfg.videos_per_prompt)]  # check first
     root = Path(cfg.out)
     arms = ("dense", method.key)
-    device, dtype = resolve_device_dtype(cfg.device, cfg.dtype)
+    device, dtype = compare.resolve_device_dtype(cfg.device, cfg.dtype)
 
     todo = [(p, i, n) for p, i, n in names if not all((root / a / "records" / f"{n}.json").exists() for a in arms)]
     skipped = len(names) - len(todo)
-    loaded = None
-
-    def get_loaded():
-        nonlocal loaded
-        if loaded is None:
-            loaded = (loader or (lambda m, d, t: load_pipeline(m, d, t, seed=0)))(cfg.model, device, dtype)
-        return loaded
-
     # The manifest needs the loaded model's defaults (call settings); a fully finished run never loads it.
     manifest_path = root / MANIFEST
-    if manifest_path.exists():
-        existing = json.loads(manifest_path.read_text())
-    else:
-        existing = None
+    existing = json.loads(manifest_path.read_text()) if manifest_path.exists() else None
     if not todo:
         if existing is None:
             raise ValueError(f"{root}: nothing to do but no {MANIFEST}; is this a sample folder?")
         log(f"{root}: all {len(names)} videos x {len(arms)} arms already finished")
         return SampleSummary(root, 0, skipped, arms, len(prompts))
 
-    lp = get_loaded()
+    lp = (loader or (lambda m, d, t: compare.load_pipeline(m, d, t, seed=0)))(cfg.model, device, dtype)
     call = {**lp.defaults, **{k: v for k, v in cfg.call.items() if v is not None}}
     call.setdefault("num_inference_steps", 50)
     method_config = method.describe(knobs, lp) if method.describe else knobs
-    manifest = {
+    manifest = _manifest(cfg, lp, method.key, knobs, method_config, call, device, dtype, arms)
+    _check_or_write_manifest(root, manifest, existing)
+
+    apply_fn = method.make_apply(knobs, lp)
+    warmed: set[str] = set()
+    generated = 0
+    for k, (prompt, index, name) in enumerate(todo):
+        kwargs = {**lp.prompt_kwargs(prompt.text, None), **call}
+        for arm in arms:
+            if (root / arm / "records" / f"{name}.json").exists():
+                continue
+            warmup = cfg.warmup and arm not in warmed
+            _sample_arm(root, arm, lp, apply_fn if arm != "dense" else None, kwargs, prompt, index, name,
+                        cfg.seed + index, device, warmup, cfg.fps)
+            warmed.add(arm)
+            generated += 1
+        log(f"[{skipped + k + 1}/{len(names)}] {name}")
+    return SampleSummary(root, generated, skipped, arms, len(prompts))
+
+
+def _evaluable_method(key: str) -> DemoMethod:
+    """The registry entry ``key``, refused when it cannot run a text prompt suite as it is."""
+    method = get_method(key)
+    if method.conditioning != "prompt":
+        raise ValueError(f"method {key!r} is class-conditioned; eval sample runs text prompt suites")
+    if method.wants_call:
+        raise ValueError(f"method {key!r} prepares on each demo request (FEAT: a short distillation on the "
+                         "request's own prompt), which an evaluation must not do; evaluate a distilled FEAT adapter "
+                         "from Python (apply_feat + load_feat_adapter) instead")
+    return method
+
+
+def _manifest(cfg: SampleConfig, lp: Any, method_key: str, knobs: dict[str, Any], method_config: dict[str, Any],
+              call: dict[str, Any], device: torch.device, dtype: torch.dtype, arms: tuple[str, str]) -> dict[str, Any]:
+    return {
         "format": 1,
         "model": cfg.model,
         "tiny_random_weights": cfg.model in TINY_MODELS,
         "reference_model": cfg.model in REFERENCE_MODELS,  # trained offline on procedural clips, not a real model
         "transformer": type(lp.pipe.transformer).__name__,
-        "method": method.key,
+        "method": method_key,
         "knobs": knobs,
         "method_config": method_config,
         "dense_warmup": {k: method_config[k] for k in ("dense_steps", "dense_tail_steps", "dense_layers",
@@ -194,8 +210,12 @@ def sample(cfg: SampleConfig, *, loader: Callable[..., Any] | None = None,
         "videos_per_prompt": cfg.videos_per_prompt,
         "arms": list(arms),
         "versions": _versions(),
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": _now(),
     }
+
+
+def _check_or_write_manifest(root: Path, manifest: dict[str, Any], existing: dict[str, Any] | None) -> None:
+    """A resumed run must match what was sampled (:data:`FINGERPRINT_KEYS`); a new one writes its manifest."""
     if existing is not None:
         diff = [k for k in FINGERPRINT_KEYS if json.dumps(existing.get(k), sort_keys=True, default=str)
                 != json.dumps(manifest.get(k), sort_keys=True, default=str)]
@@ -204,44 +224,34 @@ def sample(cfg: SampleConfig, *, loader: Callable[..., Any] | None = None,
                              "use a new --out folder (finished videos are never overwritten)")
     else:
         root.mkdir(parents=True, exist_ok=True)
-        _atomic_write(manifest_path, lambda p: p.write_text(json.dumps(manifest, indent=2, default=str)))
+        _atomic_write(root / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=2, default=str)))
 
-    apply_fn = method.make_apply(knobs, lp)
-    warmed: set[str] = set()
-    generated = 0
-    for k, (prompt, index, name) in enumerate(todo):
-        seed = cfg.seed + index
-        kwargs = {**lp.prompt_kwargs(prompt.text, None), **call}
-        for arm in arms:
-            rec_path = root / arm / "records" / f"{name}.json"
-            if rec_path.exists():
-                continue
-            accelerated = arm != "dense"
-            if accelerated:
-                apply_fn(lp.pipe)
-            try:
-                if cfg.warmup and arm not in warmed:
-                    generate(lp.pipe, {**kwargs, "num_inference_steps": 1}, seed, device)
-                    warmed.add(arm)
-                res = generate(lp.pipe, kwargs, seed, device)
-                stats = get_attention_stats(lp.pipe, log=False) if accelerated else None
-            finally:
-                if accelerated:
-                    remove_attention_acceleration(lp.pipe)
-            u8 = _to_uint8(res.frames)
-            _atomic_write(root / arm / "frames" / f"{name}.npz", lambda p: np.savez_compressed(p, frames=u8))
-            _atomic_write(root / arm / "videos" / f"{name}.mp4", _write_mp4(u8, cfg.fps))
-            record = {
-                "name": name, "prompt": prompt.text, "index": index, "seed": seed, "arm": arm,
-                "dimensions": list(prompt.dimensions), "total_s": res.total_s, "denoise_s": res.denoise_s,
-                "frames_shape": list(u8.shape), "device": str(device),
-                "density": stats.density if stats else 1.0,
-                "video_density": stats.video_density if stats else 1.0,
-                "pattern_histogram": stats.pattern_histogram if stats else {},
-                "dense_fallbacks": stats.dense_fallbacks if stats else {},
-                "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            }
-            _atomic_write(rec_path, lambda p: p.write_text(json.dumps(record, indent=2)))
-            generated += 1
-        log(f"[{skipped + k + 1}/{len(names)}] {name}")
-    return SampleSummary(root, generated, skipped, arms, len(prompts))
+
+def _sample_arm(root: Path, arm: str, lp: Any, apply_fn: Callable[[Any], Any] | None, kwargs: dict[str, Any],
+                prompt: Prompt, index: int, name: str, seed: int, device: torch.device, warmup: bool,
+                fps: int) -> None:
+    """One video of one arm (``apply_fn`` installs the method; ``None``: dense): frames, mp4, then the record."""
+    if apply_fn is not None:
+        apply_fn(lp.pipe)
+    try:
+        if warmup:
+            compare.generate(lp.pipe, {**kwargs, "num_inference_steps": 1}, seed, device)
+        res = compare.generate(lp.pipe, kwargs, seed, device)
+        stats = get_attention_stats(lp.pipe, log=False) if apply_fn is not None else None
+    finally:
+        if apply_fn is not None:
+            remove_attention_acceleration(lp.pipe)
+    u8 = _to_uint8(res.frames)
+    _atomic_write(root / arm / "frames" / f"{name}.npz", lambda p: np.savez_compressed(p, frames=u8))
+    _atomic_write(root / arm / "videos" / f"{name}.mp4", _write_mp4(u8, fps))
+    record = {
+        "name": name, "prompt": prompt.text, "index": index, "seed": seed, "arm": arm,
+        "dimensions": list(prompt.dimensions), "total_s": res.total_s, "denoise_s": res.denoise_s,
+        "frames_shape": list(u8.shape), "device": str(device),
+        "density": stats.density if stats else 1.0,
+        "video_density": stats.video_density if stats else 1.0,
+        "pattern_histogram": stats.pattern_histogram if stats else {},
+        "dense_fallbacks": stats.dense_fallbacks if stats else {},
+        "finished": _now(),
+    }
+    _atomic_write(root / arm / "records" / f"{name}.json", lambda p: p.write_text(json.dumps(record, indent=2)))

@@ -13,6 +13,10 @@ from typing import Any
 
 import torch
 
+from .opensora import OpenSoraPipeline, OpenSoraTransformer3DModel
+from .opensora.convert import scheduler_for_opensora
+from .var import VQVAE, VARPipeline, VARTransformer
+
 TINY_MODELS = ("tiny-cogvideox", "tiny-cogvideox-1.5", "tiny-hunyuan", "tiny-opensora")
 # Class-conditional image models (VAR): separate from TINY_MODELS, whose entries are text-to-video pipelines.
 TINY_VAR_MODELS = ("tiny-var",)
@@ -200,9 +204,6 @@ def build_tiny_opensora(seed: int = 0, *, num_layers: int = 1, num_single_layers
     (t, h, w) RoPE) and an 8-channel HunyuanVideo VAE; the real scheduler configuration."""
     from diffusers import AutoencoderKLHunyuanVideo
 
-    from .opensora import OpenSoraPipeline, OpenSoraTransformer3DModel
-    from .opensora.convert import scheduler_for_opensora
-
     torch.manual_seed(seed)
     text_len, text_dim, pooled_dim = 16, 32, 16
     transformer = OpenSoraTransformer3DModel(
@@ -244,8 +245,6 @@ def build_tiny_var(seed: int = 0, *, patch_nums: tuple[int, ...] = TINY_VAR_PATC
     64-entry codebook) and a 32-channel VQVAE with 8x downsampling: 64x64 images from ``patch_nums`` (1, 2, 3, 4,
     6, 8), so LiteVAR has maskable scales 3-5. Random weights; every weight matrix is rescaled to a visible scale
     (random init leaves the adaLN gates near zero, which would make attention irrelevant to the output)."""
-    from .var import VQVAE, VARPipeline, VARTransformer
-
     torch.manual_seed(seed)
     tr = VARTransformer(depth=depth, embed_dim=128, num_heads=2, vocab_size=64, z_channels=8, patch_nums=patch_nums)
     with torch.no_grad():

@@ -19,9 +19,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import torch
 
 from ..pipelines.tiny import TinyPipelineSpec
+from .autoencoder import PixelShuffleAutoencoder
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 REFERENCE_MODELS = ("ref-cogvideox", "ref-hunyuan")
@@ -88,10 +90,6 @@ def build_reference_pipeline(name: str = DEFAULT_REFERENCE_MODEL, *, pretrained:
     """The stock pipeline of ``name`` with trained weights (``pretrained=True``, from ``path`` or the shipped
     folder) or freshly initialised ones (``pretrained=False``, for training)."""
     arch = _check_name(name)
-    import diffusers
-
-    from .autoencoder import PixelShuffleAutoencoder
-
     if arch["family"] == "cogvideox":
         model_cls, sched_cls, pipe_cls = (diffusers.CogVideoXTransformer3DModel, diffusers.CogVideoXDDIMScheduler,
                                           diffusers.CogVideoXPipeline)

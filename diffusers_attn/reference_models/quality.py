@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ..eval.metrics import psnr, ssim
+from ..install import get_attention_stats, remove_attention_acceleration
 from ..pipelines.tiny import TinyPipelineSpec
 
 #: Held-out-by-seed prompts from the caption grammar (every colour, shape, motion and background appears).
@@ -52,7 +53,6 @@ def fidelity_sweep(
     ``config`` overrides :class:`RainFusionConfig` fields on top of :data:`SMALL_GRID`. ``dense_cache`` (prompt ->
     dense frames, for this seed and call) lets several sweeps share the dense runs.
     """
-    from ..install import get_attention_stats, remove_attention_acceleration
     from ..processors.rainfusion import RainFusionConfig, apply_rainfusion
 
     call = dict(call or {})

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..pipelines.tiny import pooled_embedding, prompt_embeddings
 from . import ARCH, REFERENCE_MODELS, build_reference_pipeline, weights_path
 from .data import sample_batch
 
@@ -35,8 +36,6 @@ def encode_batch(spec, videos: torch.Tensor) -> torch.Tensor:
 
 def caption_embeddings(spec, captions: list[str], drop: torch.Tensor) -> dict[str, torch.Tensor]:
     """Transformer text inputs for a batch (dropped captions become the empty prompt)."""
-    from ..pipelines.tiny import pooled_embedding, prompt_embeddings
-
     texts = ["" if d else c for c, d in zip(captions, drop)]
     embs = [prompt_embeddings(t, spec.text_len, spec.text_dim) for t in texts]
     kw = {"encoder_hidden_states": torch.cat([e for e, _ in embs])}

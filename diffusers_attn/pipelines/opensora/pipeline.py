@@ -3,8 +3,8 @@
 Components: T5 v1.1-XXL (``tokenizer``/``text_encoder``; padded to 512 tokens, encoded without a mask), CLIP-L
 pooled text (``tokenizer_2``/``text_encoder_2``), the HunyuanVideo VAE (``AutoencoderKLHunyuanVideo``),
 :class:`OpenSoraTransformer3DModel` and ``FlowMatchEulerDiscreteScheduler`` with the reference's
-resolution/frame-dependent linear shift. Guidance follows the reference sampler (spec ``opensora.md`` section 4.4):
-text CFG for t2v; for image conditioning three branches ``[prompt + cond, negative + cond, negative + no cond]``,
+resolution/frame-dependent linear shift. Guidance follows the reference sampler (:mod:`.sampling`): text CFG for
+t2v; for image conditioning three branches ``[prompt + cond, negative + cond, negative + no cond]``,
 ``v = v3 + g_img (v2 - v3) + g_txt (v1 - v2)``, oscillation (from step 10, odd steps use scale 1) and temporal
 image guidance. Text encoders are optional when embeddings are passed (offline use).
 """
@@ -24,62 +24,27 @@ from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
 
+from .convert import convert_hunyuan_vae, scheduler_for_opensora, transformer_from_original
+from .sampling import (
+    CONDITION_TYPES,
+    OSCILLATION_START,
+    RESOLUTIONS,
+    add_prompt_suffix,
+    guided_velocity,
+    oscillated_scale,
+    reference_sigmas,
+    resolution_to_size,
+    shift_alpha,
+)
 from .transformer import OpenSoraTransformer3DModel
 
 logger = logging.get_logger(__name__)
-
-CONDITION_TYPES = ("t2v", "i2v_head", "i2v_tail", "i2v_loop")
-RESOLUTIONS = {"256px": 256, "768px": 768}
-OSCILLATION_START = 10  # reference: get_oscillation_gs(..., force_num=10)
-
 
 @dataclass
 class OpenSoraPipelineOutput(BaseOutput):
     """``frames``: list of PIL frame lists, an np array [B, F, H, W, 3], a tensor [B, F, 3, H, W], or latents."""
 
     frames: Any
-
-
-def shift_alpha(tokens_per_frame: int, latent_frames: int) -> float:
-    """Reference time-shift alpha = (m S + b) sqrt(T_lat), the line through (256, 1) and (4096, 3)."""
-    m = 2.0 / 3840.0
-    b = 1.0 - 256.0 * m
-    return (m * tokens_per_frame + b) * math.sqrt(latent_frames)
-
-
-def reference_sigmas(num_steps: int, alpha: float) -> np.ndarray:
-    """The reference schedule: linspace(1, 0, N + 1) shifted by alpha s / (1 + (alpha - 1) s)."""
-    s = np.linspace(1.0, 0.0, num_steps + 1)
-    return alpha * s / (1.0 + (alpha - 1.0) * s)
-
-
-def oscillated_scale(scale: float, step: int, enabled: bool) -> float:
-    if enabled and step >= OSCILLATION_START and step % 2 == 1:
-        return 1.0
-    return scale
-
-
-def resolution_to_size(resolution: str, aspect_ratio: str) -> tuple[int, int]:
-    """(height, width) of the reference's ``256px``/``768px`` buckets for ``aspect_ratio`` 'W:H'."""
-    if resolution not in RESOLUTIONS:
-        raise ValueError(f"resolution must be one of {tuple(RESOLUTIONS)}, got {resolution!r}")
-    try:
-        w_r, h_r = (float(x) for x in str(aspect_ratio).split(":"))
-        ratio = w_r / h_r
-    except (ValueError, ZeroDivisionError):
-        raise ValueError(f"aspect_ratio must look like '16:9', got {aspect_ratio!r}") from None
-    pixels = RESOLUTIONS[resolution] ** 2
-    width = int(math.sqrt(pixels * ratio) // 16) * 16
-    height = int((pixels / width) // 16) * 16
-    return height, width
-
-
-def add_prompt_suffix(prompt: str, fps: int, motion_score: int | str) -> str:
-    """``"raining, sea"`` -> ``"raining, sea. 24 FPS. 4 motion score."`` as the reference script does."""
-    p = prompt.strip()
-    if not p.endswith("."):
-        p += "."
-    return f"{p} {fps} FPS. {motion_score} motion score."
 
 
 class OpenSoraPipeline(DiffusionPipeline):
@@ -129,8 +94,6 @@ class OpenSoraPipeline(DiffusionPipeline):
 
         ``vae`` may be an ``AutoencoderKLHunyuanVideo`` or the path of ``hunyuan_vae.safetensors``; text encoders
         are transformers models (or omit them and pass embeddings to the call)."""
-        from .convert import convert_hunyuan_vae, scheduler_for_opensora, transformer_from_original
-
         transformer = transformer_from_original(checkpoint, torch_dtype=torch_dtype, config_overrides=config_overrides)
         if isinstance(vae, (str, os.PathLike)):
             vae = convert_hunyuan_vae(vae, torch_dtype=torch_dtype)
@@ -428,17 +391,12 @@ class OpenSoraPipeline(DiffusionPipeline):
                     timestep=sigma.expand(x_in.shape[0]), condition=cond_in, attention_kwargs=attention_kwargs,
                     return_dict=False,
                 )[0].float()
-                text_gs = oscillated_scale(guidance_scale, i, text_guidance_oscillation)
-                if n_branch == 3:
-                    v1, v2, v3 = v.chunk(3)
-                    image_gs: float | torch.Tensor = oscillated_scale(image_guidance_scale, i, image_guidance_oscillation)
-                    if temporal_image_guidance and image_gs > 1.0:
-                        upper = torch.linspace(image_gs, 1.0, num_inference_steps + 1)[i]
-                        image_gs = torch.linspace(1.0, float(upper), t_lat).to(device).view(1, 1, t_lat, 1, 1)
-                    v = v3 + image_gs * (v2 - v3) + text_gs * (v1 - v2)
-                elif n_branch == 2:
-                    v_pos, v_neg = v.chunk(2)
-                    v = v_neg + text_gs * (v_pos - v_neg)
+                v = guided_velocity(
+                    v, n_branch, i, num_inference_steps, guidance_scale=guidance_scale,
+                    image_guidance_scale=image_guidance_scale, text_guidance_oscillation=text_guidance_oscillation,
+                    image_guidance_oscillation=image_guidance_oscillation,
+                    temporal_image_guidance=temporal_image_guidance,
+                )
                 latents = self.scheduler.step(v, t, latents, return_dict=False)[0]
 
                 if callback_on_step_end is not None:
@@ -473,3 +431,8 @@ class OpenSoraPipeline(DiffusionPipeline):
 
 
 add_prompt_suffix_fn = add_prompt_suffix  # the call argument of the same name shadows the function
+
+__all__ = [
+    "CONDITION_TYPES", "OSCILLATION_START", "RESOLUTIONS", "OpenSoraPipeline", "OpenSoraPipelineOutput",
+    "add_prompt_suffix", "oscillated_scale", "reference_sigmas", "resolution_to_size", "shift_alpha",
+]

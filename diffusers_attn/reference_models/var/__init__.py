@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ...pipelines.var import VARPipeline
 from .data import CLASS_NAMES, NUM_CLASSES
 
 REFERENCE_VAR_MODELS = ("ref-var",)
@@ -35,8 +36,6 @@ def reference_var_path(name: str = "ref-var") -> Path:
 def load_reference_var_pipeline(name: str = "ref-var", device: str | torch.device = "cpu",
                                 dtype: torch.dtype = torch.float32):
     """The trained reference :class:`~diffusers_attn.pipelines.var.VARPipeline` (eval mode, progress bar off)."""
-    from ...pipelines.var import VARPipeline
-
     folder = reference_var_path(name)
     if not (folder / "model_index.json").is_file():
         raise FileNotFoundError(f"no trained weights for {name!r} at {folder}; train them with "

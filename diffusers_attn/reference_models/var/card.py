@@ -16,9 +16,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from ...pipelines.var import VARTransformer
 from . import DEFAULT_CALL, load_reference_var_pipeline, reference_var_path
 from .data import CLASS_NAMES, NUM_CLASSES, PLACEMENTS, make_dataset
-from .quality import PARTS, calibrate, guidance_sweep, measure, part_config, sample
+from .quality import calibrate, guidance_sweep, measure, part_config, sample
 from .train import VAR_CONFIG, teacher_forced_loss, tokenize
 
 
@@ -26,8 +27,6 @@ from .train import VAR_CONFIG, teacher_forced_loss, tokenize
 def class_image_loss(pipe, untrained_seed: int = 0) -> dict[str, float]:
     """Teacher-forced next-scale cross-entropy (nats/token) on the class images, one per class (the data has no
     held-out set: every class is one image), trained vs freshly initialised."""
-    from ...pipelines.var import VARTransformer
-
     x, y = make_dataset(NUM_CLASSES)
     ids, teacher = tokenize(pipe.vqvae, x)
     torch.manual_seed(untrained_seed)
