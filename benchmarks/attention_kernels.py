@@ -147,7 +147,7 @@ def rainfusion_call(name, args, device, dtype, timing):
     from diffusers_attn.adapters import run_method
     from diffusers_attn.context import AttentionContext
     from diffusers_attn.layout import TokenLayout
-    from diffusers_attn.processors.rainfusion import RainFusionConfig, RainFusionMethod
+    from diffusers_attn.methods.rainfusion import RainFusionConfig, RainFusionMethod
     from diffusers_attn.testing import planted_qkv
 
     layouts = {

@@ -32,7 +32,7 @@ from _common import environment, timeit  # noqa: E402
 
 from diffusers_attn.kernels.biwkv import biwkv  # noqa: E402
 from diffusers_attn.layout import TokenLayout  # noqa: E402
-from diffusers_attn.processors.feat import FEATConfig, FEATMethod  # noqa: E402
+from diffusers_attn.methods.feat import FEATConfig, FEATMethod  # noqa: E402
 
 GPU_TOKENS = (4096, 16384, 32768, 119056)
 CPU_TOKENS = (1024, 4096, 8192)
@@ -136,7 +136,7 @@ def bench_step(args, device, dtype, timing):
     from step_e2e import build
 
     from diffusers_attn import remove_attention_acceleration
-    from diffusers_attn.processors.feat import apply_feat
+    from diffusers_attn.api.feat import apply_feat
 
     out = []
     for name in args.models:

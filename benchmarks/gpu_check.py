@@ -155,7 +155,7 @@ def main(argv=None):
             kpm[:, -min(200, n_k // 10) :] = False
             all_ok &= check_case(f"{name} {dtype}", q, k, v, idx, cnt, bm, bn, kpm)
         for name, layout, H, D, valid_text in layouts:
-            from diffusers_attn.processors.rainfusion import RainFusionConfig, RainFusionMethod
+            from diffusers_attn.methods.rainfusion import RainFusionConfig, RainFusionMethod
 
             plan = RainFusionMethod(RainFusionConfig(sparsity=0.75)).plan(layout)
             t_idx, t_cnt = (t.to(device) for t in plan.pattern_tables())

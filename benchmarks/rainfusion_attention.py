@@ -24,8 +24,8 @@ from _common import environment, timeit  # noqa: E402
 from diffusers_attn.adapters import run_method  # noqa: E402
 from diffusers_attn.context import AttentionContext  # noqa: E402
 from diffusers_attn.layout import TokenLayout  # noqa: E402
-from diffusers_attn.processors.rainfusion import (  # noqa: E402
-    RainFusionConfig,
+from diffusers_attn.methods.rainfusion import (
+    # noqa: E402     RainFusionConfig,
     RainFusionMethod,
     arm_recalls,
     choose_patterns,

@@ -26,9 +26,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import environment, timeit  # noqa: E402
-from diffusers_attn import LiteVARConfig, LiteVARMaskSet, VARPipeline, VARTransformer, VQVAE, apply_litevar  # noqa: E402
-from diffusers_attn import get_attention_stats  # noqa: E402
-from diffusers_attn.processors.litevar import DEFAULT_PATCH_NUMS as DEFAULT_PN, default_maskable  # noqa: E402
+from diffusers_attn import (  # noqa: E402
+    VQVAE,
+    LiteVARConfig,
+    LiteVARMaskSet,
+    VARPipeline,
+    VARTransformer,
+    apply_litevar,
+    get_attention_stats,  # noqa: E402
+)
+from diffusers_attn.methods.litevar import DEFAULT_PATCH_NUMS as DEFAULT_PN  # noqa: E402
+from diffusers_attn.methods.litevar import default_maskable
 
 
 def analytic_flops(depth: int, C: int, patch_nums, V: int = 4096, Cvae: int = 32) -> dict[str, float]:

@@ -14,7 +14,8 @@ import json
 
 import torch
 
-from diffusers_attn.processors.litevar import LiteVARConfig, apply_litevar, remove_litevar
+from diffusers_attn.api.litevar import apply_litevar, remove_litevar
+from diffusers_attn.methods.litevar import LiteVARConfig
 from diffusers_attn.reference_models.var import load_reference_var_pipeline
 from diffusers_attn.reference_models.var import quality as Q
 

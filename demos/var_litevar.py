@@ -20,8 +20,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffusers_attn import (  # noqa: E402
-    LiteVARConfig, LiteVARMaskSet, VARPipeline, VARTransformer, VQVAE, apply_litevar, calibrate_litevar,
-    get_attention_stats, remove_litevar,
+    VQVAE,
+    LiteVARConfig,
+    LiteVARMaskSet,
+    VARPipeline,
+    VARTransformer,
+    apply_litevar,
+    calibrate_litevar,
+    get_attention_stats,
+    remove_litevar,
 )
 from diffusers_attn.eval.metrics import psnr  # noqa: E402
 

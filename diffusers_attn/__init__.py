@@ -26,7 +26,7 @@ from .methods.feat import FEATConfig
 from .methods.litevar import LiteVARConfig, LiteVARMaskSet
 from .methods.rainfusion import RainFusionConfig, RainFusionMethod
 from .pipelines.feat import FEATTransformer3DModel
-from .pipelines.var import VARPipeline, VARTransformer, VQVAE
+from .pipelines.var import VQVAE, VARPipeline, VARTransformer
 from .stats import AttentionStats
 
 __version__ = "0.1.0"

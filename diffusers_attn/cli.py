@@ -70,7 +70,7 @@ def add_rainfusion_args(p: argparse.ArgumentParser) -> None:
 
 def rainfusion_config_from_args(args: argparse.Namespace, tiny: bool):
     """``RainFusionConfig`` from :func:`add_rainfusion_args` options (validated before anything loads)."""
-    from .processors.rainfusion import RainFusionConfig
+    from .methods.rainfusion import RainFusionConfig
 
     return RainFusionConfig(
         sparsity=args.sparsity,
@@ -97,9 +97,9 @@ def _dense_steps_value(text: str) -> int | float:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
+    from .api import apply_rainfusion
     from .compare import load_pipeline, resolve_device_dtype, run_comparison, side_by_side_frames, write_video
     from .pipelines.tiny import TINY_MODELS, TINY_VAR_MODELS
-    from .processors.rainfusion import apply_rainfusion
     from .reference_models import REFERENCE_MODELS
     from .reference_models.var import DEFAULT_CLASS_LABELS, REFERENCE_VAR_MODELS
 

@@ -15,6 +15,6 @@ are not supported: a replayed graph would skip them.
 
 from __future__ import annotations
 
-from .adapters.compile_op import accelerated_attention_op, register_handle as register_processor  # noqa: F401
+from .adapters.compile_op import accelerated_attention_op  # noqa: F401
 from .context import begin_forward_op  # noqa: F401
 from .kernels.compile_ops import block_sparse_attention_op, block_sparse_attention_table_op  # noqa: F401

@@ -11,6 +11,7 @@ import torch.distributed as dist
 def run(rank: int, world: int, init_file: str, model: str, sparsities: tuple, out_dir: str) -> None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
     from conftest import cogvideox_inputs, hunyuan_inputs, make_cogvideox, make_hunyuan
+
     from diffusers_attn import RainFusionConfig, apply_rainfusion, get_attention_context
     from diffusers_attn.parallel import enable_context_parallel
 

@@ -4,8 +4,8 @@ LoRA on the projections, save / load of the adapter."""
 from __future__ import annotations
 
 import json
-import math
 import logging
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable

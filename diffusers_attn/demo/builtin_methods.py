@@ -31,7 +31,7 @@ from .methods import ApplyCall, DemoInputError, DemoMethod, Knob, register_metho
 
 
 def _rainfusion_config(knobs: dict[str, Any], loaded: LoadedPipeline):
-    from ..processors.rainfusion import RainFusionConfig
+    from ..methods.rainfusion import RainFusionConfig
 
     # Same rule as `diffusers-attn compare`: the tiny models need small blocks and no token floor for the sparse
     # path to run at all.
@@ -47,7 +47,7 @@ def _rainfusion_config(knobs: dict[str, Any], loaded: LoadedPipeline):
 
 
 def _rainfusion_apply(knobs: dict[str, Any], loaded: LoadedPipeline) -> Callable[[Any], None]:
-    from ..processors.rainfusion import apply_rainfusion
+    from ..api import apply_rainfusion
 
     config = _rainfusion_config(knobs, loaded)
     return lambda pipe: apply_rainfusion(pipe, config)
@@ -83,7 +83,7 @@ _INT8_REASON = ("the real int8 path (torch._int_mm) needs a CUDA device; on CPU 
 
 
 def _quant_choices() -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
-    from ..processors.litevar_quant import QUANT_PRESETS
+    from ..methods.litevar.quant import QUANT_PRESETS
 
     presets = ("none", *QUANT_PRESETS)
     if torch.cuda.is_available():
@@ -100,7 +100,8 @@ def litevar_masks(loaded: LoadedPipeline, threshold: float,
                   progress: Callable[[str], None] | None = None) -> tuple[Any, dict[str, Any]]:
     """Calibrated MDWA masks of ``loaded`` at ``threshold``: computed on the first request, then cached with the
     loaded model. Returns (mask set, what was done)."""
-    from ..processors.litevar import DEFAULT_PATCH_NUMS, calibrate_litevar, default_maskable
+    from ..api.litevar import calibrate_litevar
+    from ..methods.litevar import DEFAULT_PATCH_NUMS, default_maskable
 
     key = f"litevar_masks@{threshold:.4f}"
     tr = loaded.pipe.transformer
@@ -133,7 +134,8 @@ def _litevar_check(knobs: dict[str, Any], loaded: LoadedPipeline) -> None:
 
 
 def _litevar_apply(knobs: dict[str, Any], loaded: LoadedPipeline) -> Callable[[Any, ApplyCall], dict[str, Any]]:
-    from ..processors.litevar import LiteVARConfig, apply_litevar
+    from ..api.litevar import apply_litevar
+    from ..methods.litevar import LiteVARConfig
 
     _litevar_check(knobs, loaded)
 
@@ -160,7 +162,7 @@ def _litevar_describe(knobs: dict[str, Any], loaded: LoadedPipeline) -> dict[str
 
 
 def _remove_litevar(pipe: Any) -> None:
-    from ..processors.litevar import remove_litevar
+    from ..api.litevar import remove_litevar
 
     remove_litevar(pipe)
 
@@ -222,7 +224,9 @@ def _attention_layers(pipe: Any) -> int:
 
 
 def _feat_apply(knobs: dict[str, Any], loaded: LoadedPipeline) -> Callable[[Any, ApplyCall], dict[str, Any]]:
-    from ..processors.feat import FEATConfig, apply_feat, collect_transformer_inputs, distill_feat
+    from ..api.feat import apply_feat
+    from ..api.feat_training import collect_transformer_inputs, distill_feat
+    from ..methods.feat import FEATConfig
 
     try:
         n_layers = _attention_layers(loaded.pipe)

@@ -23,8 +23,16 @@ from ..compare import ComparisonResult, LoadedPipeline, load_pipeline, resolve_d
 from ..pipelines.tiny import TINY_MODELS, TINY_VAR_MODELS
 from ..reference_models import REFERENCE_MODELS
 from .methods import METHODS, ApplyCall, DemoInputError, get_method
-from .report import (PATTERN_COLORS, PATTERN_LABELS, image_row, latency_caption, pattern_plot, summarize,
-                     summary_markdown, to_uint8)
+from .report import (
+    PATTERN_COLORS,
+    PATTERN_LABELS,
+    image_row,
+    latency_caption,
+    pattern_plot,
+    summarize,
+    summary_markdown,
+    to_uint8,
+)
 
 logger = logging.getLogger(__name__)
 

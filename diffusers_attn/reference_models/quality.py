@@ -53,7 +53,8 @@ def fidelity_sweep(
     ``config`` overrides :class:`RainFusionConfig` fields on top of :data:`SMALL_GRID`. ``dense_cache`` (prompt ->
     dense frames, for this seed and call) lets several sweeps share the dense runs.
     """
-    from ..processors.rainfusion import RainFusionConfig, apply_rainfusion
+    from ..api import apply_rainfusion
+    from ..methods.rainfusion import RainFusionConfig
 
     call = dict(call or {})
     rows = []

@@ -18,7 +18,6 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor

@@ -11,8 +11,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
-
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.attention import AttentionMixin
@@ -26,6 +24,7 @@ from diffusers.models.transformers.transformer_flux import (
     FluxSingleTransformerBlock,
     FluxTransformerBlock,
 )
+from torch import nn
 
 
 def pack_latents(x: torch.Tensor, p: int) -> torch.Tensor:

@@ -64,7 +64,7 @@ def loss_png(history: dict, path: Path) -> None:
 def sample_grid(pipe, masks, path: Path, seed: int = 0, scale: int = 3) -> None:
     """Rows: training data, dense (sampled, seed), LiteVAR all parts (same seed), dense greedy; one column per
     class."""
-    from ...processors.litevar import apply_litevar, remove_litevar
+    from ...api.litevar import apply_litevar, remove_litevar
 
     labels = list(range(len(CLASS_NAMES)))
     x, y = make_dataset(len(labels) * 4, 7)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import rel_err
-from diffusers_attn.kernels.biwkv import biwkv, biwkv_reference, select_biwkv_backend
 from test_biwkv import make
+
+from diffusers_attn.kernels.biwkv import biwkv, biwkv_reference, select_biwkv_backend
 
 triton = pytest.importorskip("triton")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"

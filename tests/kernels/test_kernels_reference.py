@@ -6,12 +6,12 @@ import math
 
 import pytest
 import torch
-
 from conftest import rel_err
+
 from diffusers_attn.kernels import (
     block_mask_to_lists,
-    block_sparse_attention_torch,
     block_sparse_attention,
+    block_sparse_attention_torch,
     lists_to_block_mask,
     lists_to_token_mask,
     masked_attention_reference,

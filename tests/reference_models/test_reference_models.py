@@ -14,7 +14,7 @@ import torch
 
 from diffusers_attn.reference_models import REFERENCE_MODELS, build_reference_pipeline, load_reference_pipeline
 from diffusers_attn.reference_models.autoencoder import PixelShuffleAutoencoder
-from diffusers_attn.reference_models.data import caption_vocabulary, render_clip, random_spec, sample_batch
+from diffusers_attn.reference_models.data import caption_vocabulary, random_spec, render_clip, sample_batch
 from diffusers_attn.reference_models.quality import fidelity_sweep, run, summarize
 
 SPARSITIES = [0.6, 0.75, 0.9]

@@ -5,14 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import rel_err
+
 from diffusers_attn.adapters import run_method
 from diffusers_attn.context import AttentionContext
 from diffusers_attn.kernels import masked_attention_reference
 from diffusers_attn.layout import TokenLayout
-from diffusers_attn.testing import planted_qkv
-from diffusers_attn.processors.rainfusion import (
+from diffusers_attn.methods.rainfusion import (
     DENSE,
     SPATIAL,
     TEMPORAL,
@@ -24,6 +23,7 @@ from diffusers_attn.processors.rainfusion import (
     arm_recalls,
     pattern_params,
 )
+from diffusers_attn.testing import planted_qkv
 
 
 # --------------------------------------------------------------------------- mapping (spec 2.4 worked examples)

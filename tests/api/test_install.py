@@ -7,8 +7,9 @@ import logging
 
 import pytest
 import torch
-
 from conftest import cogvideox_inputs, make_cogvideox, rel_err
+from var_tiny import tiny_pipe
+
 from diffusers_attn import (
     FEATConfig,
     LiteVARConfig,
@@ -24,7 +25,6 @@ from diffusers_attn.install import installed_state
 from diffusers_attn.methods.feat import FEATMethod
 from diffusers_attn.methods.litevar import LiteVARMethod
 from diffusers_attn.methods.rainfusion import RainFusionMethod
-from var_tiny import tiny_pipe
 
 SPARSE = dict(dense_steps=0, dense_layers=0, min_video_tokens=0, num_inference_steps=10, arm_threshold=0.0,
               block_m=16, block_n=16, sparsity=0.75)

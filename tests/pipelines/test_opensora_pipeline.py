@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from conftest import rel_err
+
 from diffusers_attn import OpenSoraPipeline
 from diffusers_attn.pipelines.opensora.pipeline import add_prompt_suffix, resolution_to_size
 from diffusers_attn.pipelines.tiny import build_tiny_opensora
@@ -200,11 +200,11 @@ def test_save_and_from_pretrained_roundtrip(spec, tmp_path):
 def test_from_original_checkpoint_and_text_encoders(spec, tmp_path):
     """Original checkpoint -> pipeline in memory; real (tiny) T5 + CLIP encoders exercise the text path."""
     from safetensors.torch import save_file
+    from test_opensora_convert import AXES, POOLED, TXT_DIM, original_state_dict
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
     from diffusers_attn.pipelines.tiny import tiny_t5
-    from test_opensora_convert import AXES, POOLED, TXT_DIM, original_state_dict
 
     path = tmp_path / "Open_Sora_v2.safetensors"
     save_file(original_state_dict(seed=2), str(path))

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import rel_err
+
 from diffusers_attn import (
     OpenSoraTransformer3DModel,
     RainFusionConfig,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from var_tiny import incremental_logits, random_teacher_inputs, tiny_pipe
 
 from diffusers_attn import get_attention_stats
 from diffusers_attn.api.litevar import apply_litevar, calibrate_litevar, remove_litevar
@@ -18,7 +19,6 @@ from diffusers_attn.methods.litevar import (
 from diffusers_attn.methods.litevar.calibration import Recorder as _Recorder
 from diffusers_attn.methods.litevar.method import _attend
 from diffusers_attn.methods.litevar.quant import FakeQuantLinear, fake_quant, fake_quant_probs, int8_linear, int8_weight
-from var_tiny import incremental_logits, random_teacher_inputs, tiny_pipe
 
 PN = (1, 2, 3, 4, 6)
 
@@ -39,7 +39,7 @@ def test_default_layout_matches_litevar():
 
 
 def test_litevar_candidate_lists_fit_the_layout():
-    from diffusers_attn.processors.litevar import LITEVAR_CANDIDATE_WIDTHS
+    from diffusers_attn.methods.litevar import LITEVAR_CANDIDATE_WIDTHS
 
     lay = default_maskable((1, 2, 3, 4, 5, 6, 8, 10, 13, 16))
     for heads in (16, 30):
@@ -308,7 +308,7 @@ def test_int8_path_cpu_error_and_math():
     with pytest.raises(ValueError, match="quant 'int4'"):
         LiteVARConfig(quant="int4")
     # the whole int8 conversion on the tiny model (kernel through torch._int_mm on CPU): logits stay close
-    from diffusers_attn.processors.litevar_quant import Int8Linear, quantizable_linears, to_int8_linear
+    from diffusers_attn.methods.litevar.quant import Int8Linear, quantizable_linears, to_int8_linear
 
     pipe = tiny_pipe(PN)
     tr = pipe.transformer

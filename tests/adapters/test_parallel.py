@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-
 from conftest import make_cogvideox, rel_err
+
 from diffusers_attn import RainFusionConfig, apply_rainfusion
 
 

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
-
 from conftest import rel_err
+
 from diffusers_attn.kernels import (
     available_backends,
     block_mask_to_lists,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import rel_err
+
 from diffusers_attn.kernels.biwkv import (
     CUMSUM_MAX_DECAY,
     biwkv,

@@ -29,7 +29,7 @@ from diffusers_attn.kernels import (
     unregister_backend,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _attn_inputs():

@@ -13,8 +13,12 @@ import math
 import pytest
 import torch
 
-from diffusers_attn.reference_models.var import (DEFAULT_CALL, REFERENCE_VAR_MODELS, load_reference_var_pipeline,
-                                                 reference_var_path)
+from diffusers_attn.reference_models.var import (
+    DEFAULT_CALL,
+    REFERENCE_VAR_MODELS,
+    load_reference_var_pipeline,
+    reference_var_path,
+)
 from diffusers_attn.reference_models.var import quality as Q
 from diffusers_attn.reference_models.var.card import class_image_loss
 from diffusers_attn.reference_models.var.data import NUM_CLASSES
@@ -92,7 +96,7 @@ def test_litevar_all_parts_close_to_dense(pipe, masks):
     rep = {}
     for mode, seed, kw in (("sampled", 0, {}), ("greedy", 0, {"top_k": 1})):
         dense = Q.sample(pipe, labels, seed, **kw)
-        from diffusers_attn.processors.litevar import apply_litevar, remove_litevar
+        from diffusers_attn.api.litevar import apply_litevar, remove_litevar
 
         apply_litevar(pipe, Q.part_config("all", masks))
         try:
@@ -111,7 +115,7 @@ def test_litevar_all_parts_close_to_dense(pipe, masks):
 @pytest.mark.parametrize("name", sorted(Q.DEGRADED))
 def test_fixture_detects_degraded_litevar(pipe, masks, name):
     # The same protocol must score a worse approximation below the fixture's thresholds (else it could not fail).
-    from diffusers_attn.processors.litevar import apply_litevar, remove_litevar
+    from diffusers_attn.api.litevar import apply_litevar, remove_litevar
 
     dense = Q.sample(pipe, Q.EVAL_LABELS, 0)
     apply_litevar(pipe, Q.degraded_config(pipe, masks, name))
@@ -124,7 +128,7 @@ def test_fixture_detects_degraded_litevar(pipe, masks, name):
 
 @pytest.mark.parametrize("part,floor", [("masks", "PSNR_MIN_MASKS"), ("w8a8", "PSNR_MIN_W8A8")])
 def test_litevar_single_parts_close_to_dense(pipe, masks, part, floor):
-    from diffusers_attn.processors.litevar import apply_litevar, remove_litevar
+    from diffusers_attn.api.litevar import apply_litevar, remove_litevar
 
     dense = Q.sample(pipe, Q.EVAL_LABELS, 0)
     apply_litevar(pipe, Q.part_config(part, masks))
@@ -142,8 +146,8 @@ def test_masks_actually_sparsify(masks):
 
 
 def test_ref_var_is_the_demo_default_for_litevar():
-    from diffusers_attn.compare import load_pipeline
     import diffusers_attn.demo  # noqa: F401  (registers the built-in methods)
+    from diffusers_attn.compare import load_pipeline
     from diffusers_attn.demo.methods import METHODS
 
     assert METHODS["litevar"].models[0] == "ref-var" == REFERENCE_VAR_MODELS[0]
@@ -165,7 +169,7 @@ def test_prefix_logits_reproduce_the_pipeline(pipe):
 
 @pytest.mark.parametrize("part", ["masks", "w8a8", "all"])
 def test_litevar_logits_on_dense_prefix(pipe, masks, part):
-    from diffusers_attn.processors.litevar import apply_litevar, remove_litevar
+    from diffusers_attn.api.litevar import apply_litevar, remove_litevar
 
     labels = Q.EVAL_LABELS
     _, ids = Q.sample(pipe, labels, 0)

@@ -6,22 +6,19 @@ import math
 
 import pytest
 import torch
-
 from conftest import cogvideox_inputs, hunyuan_inputs, make_cogvideox, make_hunyuan, rel_err
+
 from diffusers_attn import get_attention_stats, remove_attention_acceleration
-from diffusers_attn.kernels.biwkv import biwkv_reference
-from diffusers_attn.layout import TokenLayout
-from diffusers_attn.processors.feat import (
-    FEATAttnProcessor,
-    FEATConfig,
-    FEATMethod,
-    apply_feat,
+from diffusers_attn.api.feat import FEATAttnProcessor, apply_feat, get_feat_method
+from diffusers_attn.api.feat_training import (
     collect_transformer_inputs,
     distill_feat,
-    get_feat_method,
     load_feat_adapter,
     save_feat_adapter,
 )
+from diffusers_attn.kernels.biwkv import biwkv_reference
+from diffusers_attn.layout import TokenLayout
+from diffusers_attn.methods.feat import FEATConfig, FEATMethod
 
 
 def run(model, kw):
@@ -195,7 +192,7 @@ def test_lora_stage_and_pipeline_inputs(tmp_path):
 
 
 def test_remove_feat_lora_restores_stock():
-    from diffusers_attn.processors.feat import add_lora, remove_feat_lora
+    from diffusers_attn.api.feat_training import add_lora, remove_feat_lora
 
     model = make_cogvideox()
     kw = cogvideox_inputs(model, frames=3)
@@ -233,7 +230,7 @@ def test_processor_class_for_a_later_adapter():
     from types import SimpleNamespace
 
     from diffusers_attn.adapters import CogVideoXAttnProcessor
-    from diffusers_attn.processors.feat import _PROCESSORS, _processor_cls
+    from diffusers_attn.api.feat import _PROCESSORS, _processor_cls
 
     adapter = SimpleNamespace(name="later-model", processor_cls=CogVideoXAttnProcessor,
                               transformer_class_name="LaterModel")

@@ -8,18 +8,18 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from var_tiny import incremental_logits, random_teacher_inputs, tiny_pipe, tiny_vqvae
 
 from diffusers_attn._env import env_var
 from diffusers_attn.pipelines.var import (
+    VQVAE,
     CheckpointMismatchError,
     VARPipeline,
     VARTransformer,
-    VQVAE,
     phi_index_for_scale,
     sample_top_k_top_p,
     top_k_top_p_filter_,
 )
-from var_tiny import incremental_logits, random_teacher_inputs, tiny_pipe, tiny_transformer, tiny_vqvae
 
 
 def official_var_keys(depth: int, C: int, H: int, L: int, V: int, Cvae: int, SN: int, nc: int = 1000) -> dict:
@@ -347,7 +347,7 @@ def test_pipeline_sampling_matches_teacher_forced_on_its_own_tokens(shared_aln, 
     tr = pipe.transformer
     if litevar:
         from diffusers_attn import LiteVARConfig, LiteVARMaskSet, apply_litevar
-        from diffusers_attn.processors.litevar import default_maskable
+        from diffusers_attn.methods.litevar import default_maskable
 
         lay = default_maskable((1, 2, 3, 4, 6))
         widths = {k: torch.tensor([2, 3, 1][: len(segs)]).expand(2, 2, -1).clone() for k, segs in lay.items()}

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import cogvideox_inputs, hunyuan_inputs, make_cogvideox, make_hunyuan, rel_err
+
 from diffusers_attn import (
     CogVideoXAttnProcessor,
     RainFusionConfig,

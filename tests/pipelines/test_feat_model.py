@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import rel_err
+
 from diffusers_attn.kernels.biwkv import biwkv_reference
 from diffusers_attn.pipelines.feat import FEAT_PRESETS, FEATTransformer3DModel, feat_parameter_count
 

@@ -13,8 +13,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import rel_err
+
 from diffusers_attn.pipelines.opensora import OpenSoraTransformer3DModel
 from diffusers_attn.pipelines.opensora.convert import (
     CONVERSION_STEPS,

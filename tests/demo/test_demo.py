@@ -9,8 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from diffusers_attn.demo import METHODS, DemoInputError, DemoMethod, DemoRequest, DemoRunner, Knob, pattern_plot
-from diffusers_attn.demo import register_method
+from diffusers_attn.demo import (
+    METHODS,
+    DemoInputError,
+    DemoMethod,
+    DemoRequest,
+    DemoRunner,
+    Knob,
+    pattern_plot,
+    register_method,
+)
 from diffusers_attn.stats import AttentionStats, LayerStats
 
 SMALL = dict(model="tiny-cogvideox", steps=3, frames=9, height=64, width=64, warmup=False)
