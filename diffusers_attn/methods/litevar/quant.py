@@ -1,4 +1,4 @@
-"""Post-training quantization for LiteVAR (spec B.4 / B.6): fake-quant presets and a real int8 path on CUDA.
+"""Post-training quantization for LiteVAR (LiteVAR, arXiv 2411.17178): fake-quant presets and a real int8 path on CUDA.
 
 Fake-quant (accuracy studies only, no speed-up): asymmetric min-max, ``scale = (max - min) / divisor``,
 ``zp = min / scale`` (unrounded), ``q = clamp(round(x / scale - zp), 0, 2^b - 1)``, dequantized ``(q + zp) * scale``.
