@@ -313,7 +313,7 @@ class FEATTransformer3DModel(ModelMixin, ConfigMixin):
         needs internet). The ``.pt`` layout is unverified: ``"ema"``/``"model"``/``"state_dict"`` wrappers and a
         ``module.`` prefix are unwrapped and Restormer ``norm*.body.`` names mapped; every key that still does not
         match is returned (and raises with ``strict=True``). Outputs also differ from the official code on the
-        spatial path, whose CUDA kernel does not compute the exact Bi-WKV (see the spec, A.5).
+        spatial path, whose CUDA kernel does not compute the exact Bi-WKV.
         Returns ``(model, {"missing": [...], "unexpected": [...], "shape_mismatch": [...]})``.
         """
         if ":" in checkpoint and not os.path.exists(checkpoint):

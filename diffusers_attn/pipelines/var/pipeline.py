@@ -1,4 +1,5 @@
-"""``VARPipeline``: class-conditional VAR sampling with the reference sampler semantics (spec A.6)."""
+"""``VARPipeline``: class-conditional VAR sampling with the reference sampler semantics (the official VAR
+repository, github.com/FoundationVision/VAR)."""
 
 from __future__ import annotations
 
