@@ -64,6 +64,23 @@ class TokenLayout:
             ranges.append((self.text_offset, self.text_offset + self.text_len))
         return sorted(ranges)
 
+    def token_coords(self) -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor", "torch.Tensor"]:
+        """``(t, h, w, is_text)`` per position of the sequence, in sequence order (int64; -1 for non-video).
+
+        Methods locate tokens only through this (and the offsets), so a layout that orders the video tokens
+        differently (e.g. in spatio-temporal tiles) changes no method code."""
+        import torch
+
+        pos = torch.arange(self.seq_len)
+        rel = pos - self.video_offset
+        vid = (rel >= 0) & (rel < self.num_video)
+        hw = self.frame_tokens
+        t = torch.where(vid, rel // hw, -1)
+        h = torch.where(vid, (rel % hw) // self.width, -1)
+        w = torch.where(vid, rel % self.width, -1)
+        txt = (pos >= self.text_offset) & (pos < self.text_offset + self.text_len)
+        return t, h, w, txt
+
     @classmethod
     def text_first(cls, grid: tuple[int, int, int], text_len: int) -> "TokenLayout":
         """[text, video] as in CogVideoX and Open-Sora 2.0."""

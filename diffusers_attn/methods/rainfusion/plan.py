@@ -37,12 +37,8 @@ class RainFusionPlan:
         self.num_m, self.num_k, self.n = M, K, N
 
         pos = torch.arange(N)
-        rel = pos - layout.video_offset
-        vid = (rel >= 0) & (rel < layout.num_video)
-        t = torch.where(vid, rel // HW, -1)
-        hh = torch.where(vid, (rel % HW) // W, -1)
-        ww = torch.where(vid, rel % W, -1)
-        txt = (pos >= layout.text_offset) & (pos < layout.text_offset + layout.text_len)
+        t, hh, ww, txt = layout.token_coords()
+        vid = t >= 0
         dense_tok = (vid & (t == 0)) | txt
         s_tok = vid & (t >= 1)
         qb, kb = pos // block_m, pos // block_n
