@@ -1,7 +1,7 @@
 """Open-Sora 2.0 converter: the converted diffusers model equals an independent reference forward pass.
 
-The reference below is written from the spec's equations (``shared/specs/opensora.md`` section 2) on the
-*original* key layout: rotate-half RoPE with tiled angles, fused single-block ``v_mlp``, (shift, scale) final
+The reference below is written from the model's equations (Open-Sora 2.0, arXiv:2503.09642; the MMDiT of
+https://github.com/hpcaitech/Open-Sora) on the *original* key layout: rotate-half RoPE with tiled angles, fused single-block ``v_mlp``, (shift, scale) final
 adaLN. It shares no code with ``diffusers_attn.pipelines.opensora``.
 """
 
@@ -32,7 +32,7 @@ DEPTH, DEPTH_SINGLE = 2, 2
 
 
 def original_state_dict(seed: int = 0, depth: int = DEPTH, depth_single: int = DEPTH_SINGLE) -> dict[str, torch.Tensor]:
-    """Random weights in the original Open_Sora_v2.safetensors key layout (spec section 3.2)."""
+    """Random weights in the original Open_Sora_v2.safetensors key layout."""
     g = torch.Generator().manual_seed(seed)
     sd: dict[str, torch.Tensor] = {}
 

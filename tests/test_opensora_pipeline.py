@@ -48,7 +48,7 @@ def test_t2v_end_to_end_output_types(spec):
 
 
 def _reference_sigmas(n, h_lat, w_lat, t_lat, p=2):
-    """Spec 4.4: alpha = (m S + b) sqrt(T_lat), the line through (256, 1) and (4096, 3); sigma <- a s / (1 + (a-1) s)."""
+    """Reference sampler: alpha = (m S + b) sqrt(T_lat), the line through (256, 1) and (4096, 3); sigma <- a s / (1 + (a-1) s)."""
     s_tok = (h_lat // p) * (w_lat // p)
     m = (3 - 1) / (4096 - 256)
     alpha = (m * s_tok + (1 - 256 * m)) * math.sqrt(t_lat)
@@ -67,7 +67,7 @@ def test_scheduler_sigmas_equal_reference_formula(spec):
     pipe(**_kw(spec), **dict(SMALL, num_inference_steps=7), output_type="latent", callback_on_step_end=cb)
     ref, _ = _reference_sigmas(7, 4, 6, 3)
     np.testing.assert_allclose(seen["sigmas"].double().numpy(), ref, atol=1e-6)
-    # full-size values quoted in the spec: alpha ~ 5.73 (256px 16:9) and ~ 11.87 (768px), 33 latent frames
+    # full-size values: alpha ~ 5.73 (256px 16:9) and ~ 11.87 (768px), 33 latent frames
     assert abs(_reference_sigmas(1, 24, 42, 33)[1] - 5.73) < 0.01
     assert abs(_reference_sigmas(1, 72, 128, 33)[1] - 11.87) < 0.01
     from diffusers_attn.pipelines.opensora.pipeline import reference_sigmas, shift_alpha

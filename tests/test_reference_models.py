@@ -41,7 +41,7 @@ MEASURED = {
                         t08_sparse_share=0.24, t08_psnr_min=30.71, t08_ssim_min=0.9691),
 }
 THRESHOLDS = {
-    # cogvideox meets the issue-10 target (>= 30 dB, SSIM >= 0.9) even with every head sparse
+    # cogvideox meets the fidelity target (>= 30 dB, SSIM >= 0.9 at sparsity 0.6) even with every head sparse
     "ref-cogvideox": dict(sparse_share=0.10, t0_psnr_min=30.0, t0_ssim_min=0.95, t0_density=0.9,
                           t08_sparse_share=0.5),
     # hunyuan does NOT meet it with every head sparse (measured 24.75 dB worst): a regression guard only; at ARM
@@ -153,7 +153,7 @@ def test_rainfusion_fidelity_with_every_head_sparse(sweeps):
 
 def test_rainfusion_fidelity_with_a_real_mix_at_threshold_0_8(sweeps):
     """ARM threshold 0.8 (a head goes sparse when its best pattern keeps >= 80% of the sampled mass; the default
-    0.9 keeps most heads of these small models dense): the issue's 30 dB / SSIM 0.9 at sparsity 0.6 with a real
+    0.9 keeps most heads of these small models dense): the target 30 dB / SSIM 0.9 at sparsity 0.6 with a real
     share of sparse head-calls, on both models. Measured in MEASURED (``t08_*``, 6 prompts)."""
     name, runs = sweeps
     row, lim = runs["arm_t08"][0], THRESHOLDS[name]

@@ -26,7 +26,7 @@ TRAINED_CE_MAX = 0.05
 # ceiling 37.7 dB); an untrained transformer on the same VQVAE: 14.3 dB.
 SAMPLE_VS_CLASS_MIN, SAMPLE_VS_CLASS_WORST_MIN = 34.0, 29.0
 # LiteVAR "all" (masks + CFG sharing on every scale + W8A8) vs dense, all 36 classes: sampled seeds 0-2
-# 44.65 / 46.79 / 46.60 dB, greedy 48.81 dB (the issue asks >= 30 dB); the sampler's own seed-to-seed noise is
+# 44.65 / 46.79 / 46.60 dB, greedy 48.81 dB (the target is >= 30 dB); the sampler's own seed-to-seed noise is
 # 45.97 dB and a wrong image (another placement) 15.5 dB. Thresholds ~4.5 dB under the measurement: the degraded
 # variants measured with the same protocol (W4A4 30.5-37.3 dB, 4-bit attention 24.9-26.1 dB, masks at threshold
 # 0.3 31.9 dB at seed 0) fall below them (checked in test_fixture_detects_degraded_litevar).

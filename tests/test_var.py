@@ -22,7 +22,8 @@ from var_tiny import incremental_logits, random_teacher_inputs, tiny_pipe, tiny_
 
 
 def official_var_keys(depth: int, C: int, H: int, L: int, V: int, Cvae: int, SN: int, nc: int = 1000) -> dict:
-    """Key -> shape of a released ``var_d*.pth`` (spec A.4), written from the spec, not from our model."""
+    """Key -> shape of a released ``var_d*.pth``, written from the released checkpoints' layout, not from our
+    model."""
     keys = {
         "word_embed.weight": (C, Cvae), "word_embed.bias": (C,), "class_emb.weight": (nc + 1, C),
         "pos_start": (1, 1, C), "pos_1LC": (1, L, C), "lvl_embed.weight": (SN, C), "lvl_1L": (1, L),

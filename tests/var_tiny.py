@@ -1,4 +1,4 @@
-"""Tiny VAR configurations for the CPU tests (spec D: T1 and T2)."""
+"""Tiny VAR configurations for the CPU tests."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """VAR transformer (next-scale prediction; FoundationVision/VAR, MIT), written clean-room.
 
-Parameter names and shapes mirror the released ``var_d{16,20,24,30,36}.pth`` (spec A.3 / A.4). Every attention
+Parameter names and shapes mirror the released ``var_d{16,20,24,30,36}.pth`` (arXiv:2404.02905). Every attention
 module (:class:`VARSelfAttention`) takes a processor, and the model exposes diffusers' ``attn_processors`` /
 ``set_attn_processor`` (via ``AttentionMixin``), so LiteVAR and later methods swap in per module.
 

@@ -1,8 +1,9 @@
 """Multi-scale VQVAE of VAR (FoundationVision/VAR, MIT), written clean-room from the architecture description.
 
-Module and parameter names mirror the official ``vae_ch160v4096z32.pth`` so it loads key for key
-(see ``/work/shared/specs/var-litevar.md`` A.2 / A.4). Buffers of the official file that carry no model state
-(``quantize.ema_vocab_hit_SV``, a training statistic) are not registered here and are filtered on load.
+Module and parameter names mirror the official ``vae_ch160v4096z32.pth`` (released with
+https://github.com/FoundationVision/VAR; arXiv:2404.02905) so it loads key for key. Buffers of the official file
+that carry no model state (``quantize.ema_vocab_hit_SV``, a training statistic) are not registered here and are
+filtered on load.
 """
 
 from __future__ import annotations

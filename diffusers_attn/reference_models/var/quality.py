@@ -25,7 +25,7 @@ from ...processors.litevar import LiteVARConfig, apply_litevar, calibrate_liteva
 from . import DEFAULT_CALL
 from .data import NUM_CLASSES, other_placement
 
-#: The LiteVAR parts measured one by one and combined (the issue's fixture is "all").
+#: The LiteVAR parts measured one by one and combined (the quality fixture is "all").
 PARTS = ("masks", "share_cfg", "w8a8", "all")
 CALIBRATION_LABELS = tuple(range(NUM_CLASSES))
 EVAL_LABELS = tuple(range(NUM_CLASSES))
