@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from diffusers_attn.reference_models import REFERENCE_MODELS, build_reference_pipeline, load_reference_pipeline
+from diffusers_attn.reference_models import (REFERENCE_MODELS, build_reference_pipeline, load_reference_pipeline,
+                                             weights_path)
 from diffusers_attn.reference_models.autoencoder import PixelShuffleAutoencoder
-from diffusers_attn.reference_models.data import caption_vocabulary, random_spec, render_clip, sample_batch
+from diffusers_attn.reference_models.card import render_card
+from diffusers_attn.reference_models.data import caption_vocabulary, render_clip, random_spec, sample_batch
 from diffusers_attn.reference_models.quality import fidelity_sweep, run, summarize
 
 SPARSITIES = [0.6, 0.75, 0.9]
@@ -199,3 +201,13 @@ def test_cli_compare_defaults_to_the_reference_model(tmp_path, capsys):
     assert rep["settings"]["model"] == "ref-cogvideox"
     assert rep["settings"]["transformer"] == "CogVideoXTransformer3DModel"
     assert "trained reference model" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", REFERENCE_MODELS)
+def test_model_card_is_the_template_filled_from_the_stored_inputs(name):
+    """The shipped card is ``card_template.md`` + ``card_notes/<name>.md`` filled from ``train_log.json`` and
+    ``quality.json`` (the prose lives in Markdown, the numbers in the stored files)."""
+    folder = weights_path(name)
+    quality = json.loads((folder / "quality.json").read_text())
+    log = json.loads((folder / "train_log.json").read_text())
+    assert render_card(name, quality, log) == (folder / "README.md").read_text()

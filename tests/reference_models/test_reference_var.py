@@ -8,7 +8,9 @@ honest regression (e.g. broken masks or quantisation) fails while run-to-run flo
 
 from __future__ import annotations
 
+import json
 import math
+import re
 
 import pytest
 import torch
@@ -20,7 +22,7 @@ from diffusers_attn.reference_models.var import (
     reference_var_path,
 )
 from diffusers_attn.reference_models.var import quality as Q
-from diffusers_attn.reference_models.var.card import class_image_loss
+from diffusers_attn.reference_models.var.card import class_image_loss, render_card
 from diffusers_attn.reference_models.var.data import NUM_CLASSES
 
 # Measured 2026-12-02 (ref-var README / quality.json, 36 classes, sampler guidance 1.0 / top_k 16 / top_p 0.9).
@@ -223,3 +225,17 @@ def test_data_and_training_are_deterministic():
     ids, teacher = T.tokenize(a, x)
     c, d = (T.train_var(y, ids, teacher, 3, batch=8) for _ in range(2))
     assert all(torch.equal(p, q) for p, q in zip(c.parameters(), d.parameters()))
+
+
+def test_model_card_is_the_template_filled_from_the_stored_inputs():
+    """The shipped card is ``card_template.md`` filled from ``training.json`` and ``quality.json``; only the last
+    paragraph (measuring time, machine and torch version) depends on where it is rendered."""
+    folder = reference_var_path()
+    training = json.loads((folder / "training.json").read_text())
+    quality = json.loads((folder / "quality.json").read_text())
+    shipped = (folder / "README.md").read_text()
+    measured_at = re.search(r"^Measured (.+ UTC) on ", shipped, re.MULTILINE).group(1)
+    text = render_card(training, quality, quality["class_image_cross_entropy"], quality["guidance_sweep"],
+                       measured_at=measured_at)
+    assert text.split("\nMeasured ")[0] == shipped.split("\nMeasured ")[0]
+    assert text.startswith("# ref-var") and f"Measured {measured_at} on " in text

@@ -2,8 +2,8 @@
 
 Module and parameter names mirror the official ``vae_ch160v4096z32.pth`` (released with
 https://github.com/FoundationVision/VAR; arXiv:2404.02905) so it loads key for key. Buffers of the official file
-that carry no model state
-(``quantize.ema_vocab_hit_SV``, a training statistic) are not registered here and are filtered on load.
+that carry no model state (``quantize.ema_vocab_hit_SV``, a training statistic) are not registered here and are
+filtered on load.
 """
 
 from __future__ import annotations
