@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from ...api.litevar import apply_litevar, calibrate_litevar, remove_litevar
+from ...api.litevar import apply_litevar, begin_var_generation, calibrate_litevar, remove_litevar
 from ...eval.metrics import psnr, ssim
 from ...methods.litevar import LiteVARConfig
 from . import DEFAULT_CALL
@@ -79,8 +79,6 @@ def guided_logits_on_prefix(pipe: Any, labels: Sequence[int], token_ids: Sequenc
     tokens) instead of the model's own samples: a flip-free comparison of the per-scale distributions.
 
     Same maths as ``VARPipeline.__call__`` (CFG batch [cond; uncond], ramp ``t = g * si / (SN - 1)``, KV cache)."""
-    from ...api.litevar import begin_var_generation
-
     g = DEFAULT_CALL["guidance_scale"] if guidance_scale is None else guidance_scale
     tr, vq = pipe.transformer, pipe.vqvae
     lab = torch.as_tensor(list(labels), device=tr.device)
