@@ -19,6 +19,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from .adapters import get_adapter
 from .adapters.base import ModelAdapter
 from .adapters.compile_op import lookup_handle, register_handle
+from .adapters.token_order import TokenPermuter
 from .methods.base import CallInfo, MethodRecord
 from .stats import StatsRecorder
 
@@ -101,6 +102,11 @@ class AttentionContext:
         self.op_handle = register_handle(self)
         self.compile_token: torch.Tensor | None = None
         self.processor_guard: ProcessorGuard | None = None  # set by the installer
+        # Token order of the video tokens for this forward (set before each forward from the method's choice)
+        self.order_method: Any = None  # the installed method, asked for its token order once per forward
+        self.order_sites: Any = None  # the adapter's TokenOrderSites while order hooks are installed
+        self.permuter: TokenPermuter | None = None
+        self._permuters: dict[tuple, TokenPermuter] = {}
 
     @property
     def pipeline(self) -> Any:
@@ -178,6 +184,30 @@ class AttentionContext:
             return float(value.reshape(-1)[0].item())
         return float(value)
 
+    @property
+    def token_order(self) -> tuple[int, int, int] | None:
+        """Tile sizes of this forward's video token order (None: raster)."""
+        return self.permuter.tile if self.permuter is not None else None
+
+    def set_token_order(self, grid: tuple[int, int, int], device: torch.device) -> None:
+        """Ask the method for this forward's token order (a function of the grid only, so every layer agrees)."""
+        tile = None
+        if self.order_sites is not None and self.order_method is not None:
+            tile = self.order_method.token_order(tuple(int(x) for x in grid))
+        if tile is not None and torch.compiler.is_compiling():
+            # The permutation state is Python-side and per shape; inside a traced graph the run keeps the model's
+            # order (the plans follow, so the output stays exact), and the stats say so.
+            self.stats.info["token_order"] = "raster (torch.compile: tile order not supported yet)"
+            tile = None
+        if tile is None:
+            self.permuter = None
+            return
+        key = (tuple(grid), tuple(tile), device)
+        p = self._permuters.get(key)
+        if p is None:
+            p = self._permuters[key] = TokenPermuter(tuple(int(x) for x in grid), tuple(tile), device)
+        self.permuter = p
+
     def require_grid(self) -> tuple[int, int, int]:
         if self.grid is None:
             raise RuntimeError(
@@ -210,6 +240,10 @@ class ContextHook(ModelHook):
                 self.context.processor_guard.check(self.context)
             return args, kwargs
         grid, timestep = inputs
+        ctx = self.context
+        ctx.set_token_order(grid, _device_of(module))
+        if ctx.permuter is not None and ctx.order_sites.forward_kwargs:
+            args, kwargs = self._permute_inputs(module, args, kwargs, ctx)
         if torch.compiler.is_compiling():
             # Step counting reads the timestep value on the host: do it at run time inside an opaque op, not
             # while tracing (a data-dependent branch would break the graph).
@@ -224,6 +258,19 @@ class ContextHook(ModelHook):
             if self.context.processor_guard is not None:  # after begin_forward: a new generation resets the stats
                 self.context.processor_guard.check(self.context)
         return args, kwargs
+
+    def _permute_inputs(self, module, args, kwargs, ctx):
+        """Put the transformer inputs built outside it (e.g. CogVideoX's RoPE tables) into the token order."""
+        bound = self._signature.bind(module, *args, **kwargs)
+        for name, dim in ctx.order_sites.forward_kwargs.items():
+            if bound.arguments.get(name) is not None:
+                bound.arguments[name] = ctx.permuter.permute(bound.arguments[name], dim)
+        return bound.args[1:], bound.kwargs
+
+
+def _device_of(module: torch.nn.Module) -> torch.device:
+    p = next(module.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
 
 
 def attach_attention_context(

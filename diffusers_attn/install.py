@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from .adapters import get_adapter, supported_transformers
+from .adapters.token_order import register_order_hooks, remove_order_hooks
 from .context import (
     AttentionContext,
     ProcessorGuard,
@@ -89,6 +90,10 @@ def install_method(
     transformer.set_attn_processor(dict(procs))  # set_attn_processor consumes the dict it is given
     modules = {key: transformer.get_submodule(key[: -len(".processor")]) for key in keys}
     context.processor_guard = ProcessorGuard(modules, ours, adapter.native_processor_classes())
+    sites = adapter.token_order_sites(transformer) if hasattr(method, "token_order") else None
+    if sites is not None:  # the method may run the video tokens in its own order (decided per forward)
+        register_order_hooks(transformer, sites, context)
+        context.order_method, context.order_sites = method, sites
     setattr(transformer, _STATE_ATTR, InstalledState(originals, method, context, keys))
     logger.info(
         "diffusers-attn: %s installed on %d attention layers of %s",
@@ -109,6 +114,9 @@ def remove_attention_acceleration(pipe_or_model: Any) -> bool:
     if on_remove is not None:
         on_remove(transformer)
     state.context.processor_guard = None
+    if state.context.order_sites is not None:
+        remove_order_hooks(transformer, state.context.order_sites)
+        state.context.order_method = state.context.order_sites = state.context.permuter = None
     detach_attention_context(transformer)
     delattr(transformer, _STATE_ATTR)
     return True

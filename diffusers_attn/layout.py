@@ -1,14 +1,42 @@
 """TokenLayout: where video and text sit in a joint attention sequence.
 
-This is the only description of a model that attention methods see. Video tokens are in (t, h, w) raster order
-starting at ``video_offset``; text tokens occupy ``[text_offset, text_offset + text_len)``. Key padding (e.g.
-HunyuanVideo's padded prompt) is carried separately as a per-call boolean mask.
+This is the only description of a model that attention methods see. Video tokens start at ``video_offset``, in
+(t, h, w) raster order, or, with ``order=(tt, th, tw)``, with the first latent frame in raster order followed by the
+frames t >= 1 in spatio-temporal tiles of tt x th x tw tokens (tile by tile, raster inside a tile; edge tiles are
+smaller), so that a block of consecutive tokens is a compact 3-D window. Text tokens occupy ``[text_offset,
+text_offset + text_len)``. Key padding (e.g. HunyuanVideo's padded prompt) is carried separately as a per-call
+boolean mask.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
+
+import torch
+
+
+@lru_cache(maxsize=64)
+def tile_permutation(grid: tuple[int, int, int], tile: tuple[int, int, int]) -> torch.Tensor:
+    """``perm`` (T*H*W,) int64: the raster index of the video token at each position of the tiled order.
+
+    The first frame keeps its raster positions (models address it by position, e.g. HunyuanVideo's I2V token
+    replacement); frames t >= 1 are ordered tile by tile (tiles of ``tile`` = (tt, th, tw) starting at t = 1, row-major
+    over (tile t, tile row, tile column)), raster inside a tile."""
+    T, H, W = grid
+    tt, th, tw = tile
+    if min(tile) < 1:
+        raise ValueError(f"tile sizes must be positive, got {tile}")
+    t = torch.arange(1, T).view(-1, 1, 1).expand(T - 1, H, W)
+    h = torch.arange(H).view(1, -1, 1).expand(T - 1, H, W)
+    w = torch.arange(W).view(1, 1, -1).expand(T - 1, H, W)
+    ht, wt = -(-H // th), -(-W // tw)
+    tile_id = (((t - 1) // tt) * ht + h // th) * wt + w // tw
+    inner = (((t - 1) % tt) * th + h % th) * tw + w % tw
+    key = (tile_id * (tt * th * tw) + inner).reshape(-1)
+    rest = H * W + torch.argsort(key, stable=True)
+    return torch.cat([torch.arange(H * W), rest])
 
 
 @dataclass(frozen=True)
@@ -21,6 +49,7 @@ class TokenLayout:
     video_offset: int
     text_offset: int
     text_len: int
+    order: tuple[int, int, int] | None = None  # tile sizes (tt, th, tw) of frames t >= 1; None = raster
 
     def __post_init__(self) -> None:
         if min(self.frames, self.height, self.width) < 1:
@@ -69,11 +98,11 @@ class TokenLayout:
 
         Methods locate tokens only through this (and the offsets), so a layout that orders the video tokens
         differently (e.g. in spatio-temporal tiles) changes no method code."""
-        import torch
-
         pos = torch.arange(self.seq_len)
         rel = pos - self.video_offset
         vid = (rel >= 0) & (rel < self.num_video)
+        if self.order is not None:  # position -> raster index of the token there
+            rel = torch.where(vid, tile_permutation(self.grid, self.order)[rel.clamp(0, self.num_video - 1)], rel)
         hw = self.frame_tokens
         t = torch.where(vid, rel // hw, -1)
         h = torch.where(vid, (rel % hw) // self.width, -1)
@@ -82,16 +111,18 @@ class TokenLayout:
         return t, h, w, txt
 
     @classmethod
-    def text_first(cls, grid: tuple[int, int, int], text_len: int) -> "TokenLayout":
+    def text_first(cls, grid: tuple[int, int, int], text_len: int,
+                   order: tuple[int, int, int] | None = None) -> "TokenLayout":
         """[text, video] as in CogVideoX and Open-Sora 2.0."""
         T, H, W = grid
-        return cls(T, H, W, video_offset=text_len, text_offset=0, text_len=text_len)
+        return cls(T, H, W, video_offset=text_len, text_offset=0, text_len=text_len, order=order)
 
     @classmethod
-    def video_first(cls, grid: tuple[int, int, int], text_len: int) -> "TokenLayout":
+    def video_first(cls, grid: tuple[int, int, int], text_len: int,
+                    order: tuple[int, int, int] | None = None) -> "TokenLayout":
         """[video, text] as in HunyuanVideo."""
         T, H, W = grid
-        return cls(T, H, W, video_offset=0, text_offset=T * H * W, text_len=text_len)
+        return cls(T, H, W, video_offset=0, text_offset=T * H * W, text_len=text_len, order=order)
 
 
 @dataclass(frozen=True, eq=False)

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from .adapters import get_adapter
+from .adapters.token_order import register_order_hooks
 from .adapters.ulysses import UlyssesExchange, global_to_joint, joint_to_global
 from .install import installed_state, resolve_transformer
 
@@ -87,7 +88,11 @@ def enable_context_parallel(
         apply_context_parallel(transformer, cp_config, plan)
         transformer._parallel_config = config
     state.context.parallel_config = config
+    if state.context.order_sites is not None:
+        # The inverse permutation must see the gathered sequence: re-register it outside the gather hooks.
+        register_order_hooks(transformer, state.context.order_sites, state.context, which="unpermute")
     logger.info("diffusers-attn: Ulysses context parallelism over %d ranks", ulysses_degree)
     return config
+
 
 __all__ = ["UlyssesExchange", "cp_plan_for", "enable_context_parallel", "global_to_joint", "joint_to_global"]

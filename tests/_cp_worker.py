@@ -8,7 +8,8 @@ import torch
 import torch.distributed as dist
 
 
-def run(rank: int, world: int, init_file: str, model: str, sparsities: tuple, out_dir: str) -> None:
+def run(rank: int, world: int, init_file: str, model: str, sparsities: tuple, out_dir: str,
+        token_order: str = "raster") -> None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
     from conftest import cogvideox_inputs, hunyuan_inputs, make_cogvideox, make_hunyuan
 
@@ -27,7 +28,8 @@ def run(rank: int, world: int, init_file: str, model: str, sparsities: tuple, ou
                 m = make_hunyuan(heads=4, head_dim=10, num_layers=1, num_single_layers=1)
                 inputs = hunyuan_inputs(batch=2, frames=4, size=8, text_len=12, valid=(5, 12))
             cfg = RainFusionConfig(sparsity=sparsity, dense_steps=0, dense_layers=0, min_video_tokens=0,
-                                   arm_threshold=0.0, block_m=16, block_n=16, num_inference_steps=10)
+                                   arm_threshold=0.0, block_m=16, block_n=16, num_inference_steps=10,
+                                   token_order=token_order)
             apply_rainfusion(m, cfg)
             ctx = get_attention_context(m)
             with torch.no_grad():
@@ -36,7 +38,8 @@ def run(rank: int, world: int, init_file: str, model: str, sparsities: tuple, ou
                 enable_context_parallel(m, ulysses_degree=world)
                 out = m(**inputs).sample
             dec = {k: (v.patterns.copy(), v.head_offset) for k, v in ctx.last_decisions.items()}
-            torch.save({"ref": ref, "out": out, "ref_dec": ref_dec, "dec": dec, "density": ctx.stats.summary().density},
+            torch.save({"ref": ref, "out": out, "ref_dec": ref_dec, "dec": dec, "density": ctx.stats.summary().density,
+                        "token_order": ctx.token_order},
                        os.path.join(out_dir, f"{sparsity}-rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

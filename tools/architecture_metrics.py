@@ -22,8 +22,9 @@ PACKAGE = "diffusers_attn"
 #: Layers from the bottom up; a module may import its own layer and the ones below, never above. Modules not
 #: listed (cli, demo, eval, compare, generate, reference models, ...) sit on top and may import anything.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
+    ("env", ("diffusers_attn._env",)),
     ("kernels", ("diffusers_attn.kernels",)),
-    ("core", ("diffusers_attn.layout", "diffusers_attn.stats", "diffusers_attn.env")),
+    ("core", ("diffusers_attn.layout", "diffusers_attn.stats")),
     ("methods", ("diffusers_attn.methods",)),
     ("adapters", ("diffusers_attn.adapters",)),
     ("install", ("diffusers_attn.install", "diffusers_attn.context", "diffusers_attn.parallel",

@@ -9,6 +9,7 @@ import torch
 
 from ..methods.base import AttentionMethod
 from .processor import AcceleratedAttnProcessor
+from .token_order import TokenOrderSites
 
 if TYPE_CHECKING:
     from ..context import AttentionContext
@@ -71,6 +72,11 @@ class ModelAdapter:
         """Attention calls one transformer forward makes (the stats' count of calls a cache skipped); 0 when
         the model's generation does not go through forward (VAR)."""
         return len(keys)
+
+    def token_order_sites(self, transformer: torch.nn.Module) -> TokenOrderSites | None:
+        """Where the video tokens enter and leave the transformer, for methods that run them in their own order
+        (see ``diffusers_attn.adapters.token_order``); None: the family does not support a token order."""
+        return None
 
     def cp_plan(self, transformer: torch.nn.Module) -> dict[str, Any] | None:
         """diffusers context-parallel plan that shards only the video tokens (see ``diffusers_attn.parallel``)."""

@@ -15,6 +15,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 
 from .base import ModelAdapter
 from .processor import AcceleratedAttnProcessor
+from .token_order import TokenOrderSites
 
 
 class CogVideoXAttnProcessor(AcceleratedAttnProcessor):
@@ -102,6 +103,11 @@ class CogVideoXAdapter(ModelAdapter):
         from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0, FusedCogVideoXAttnProcessor2_0
 
         return (CogVideoXAttnProcessor2_0, FusedCogVideoXAttnProcessor2_0)
+
+    def token_order_sites(self, transformer: torch.nn.Module) -> TokenOrderSites:
+        # patch_embed returns [text, video]; the pipeline builds the RoPE tables and passes them in
+        return TokenOrderSites(permute={"patch_embed": 1}, unpermute={"proj_out": 1},
+                               forward_kwargs={"image_rotary_emb": 0})
 
     def cp_plan(self, transformer: torch.nn.Module) -> dict[str, Any]:
         from diffusers.models._modeling_parallel import ContextParallelInput as In

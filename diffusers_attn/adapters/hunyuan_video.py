@@ -15,6 +15,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 
 from .base import ModelAdapter
 from .processor import AcceleratedAttnProcessor
+from .token_order import TokenOrderSites
 
 
 class HunyuanVideoAttnProcessor(AcceleratedAttnProcessor):
@@ -113,6 +114,10 @@ class HunyuanVideoAdapter(ModelAdapter):
         from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0
 
         return (HunyuanVideoAttnProcessor2_0,)
+
+    def token_order_sites(self, transformer: torch.nn.Module) -> TokenOrderSites:
+        # The first frame keeps its positions (token-replace I2V addresses it by position).
+        return TokenOrderSites(permute={"x_embedder": 1, "rope": 0}, unpermute={"proj_out": 1})
 
     def cp_plan(self, transformer: torch.nn.Module) -> dict[str, Any]:
         from diffusers.models._modeling_parallel import ContextParallelInput as In

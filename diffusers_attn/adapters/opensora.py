@@ -20,6 +20,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 from ..pipelines.opensora.transformer import OpenSoraTransformer3DModel
 from .base import ModelAdapter
 from .processor import AcceleratedAttnProcessor
+from .token_order import TokenOrderSites
 
 
 class OpenSoraAttnProcessor(AcceleratedAttnProcessor):
@@ -110,6 +111,12 @@ class OpenSoraAdapter(ModelAdapter):
         from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
         return (FluxAttnProcessor,)
+
+    def token_order_sites(self, transformer: torch.nn.Module) -> TokenOrderSites:
+        permute = {"x_embedder": 1, "pos_embed": 0}
+        if transformer.cond_embedder is not None:
+            permute["cond_embedder"] = 1  # summed with the image tokens, so permuted the same way
+        return TokenOrderSites(permute=permute, unpermute={"proj_out": 1})
 
     def cp_plan(self, transformer: torch.nn.Module) -> dict[str, Any]:
         from diffusers.models._modeling_parallel import ContextParallelInput as In

@@ -131,7 +131,7 @@ class AcceleratedAttnProcessor:
                                                       n_video=n_video))
             return dense_fn()
         make = TokenLayout.text_first if self.text_first else TokenLayout.video_first
-        layout = make(ctx.require_grid(), text_len)
+        layout = make(ctx.require_grid(), text_len, order=ctx.token_order)
         self._check_video_tokens(layout, n_video, ex.size if ex is not None else 1)
         if ex is None:
             return self._call_method(query, key, value, ctx=ctx, layout=layout, key_padding_mask=kpm,

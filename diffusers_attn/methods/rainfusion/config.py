@@ -44,6 +44,14 @@ class RainFusionConfig:
         block_n: Key block size of the block lists.
         num_inference_steps: Total steps, for fractional ``dense_steps`` when no pipeline is available.
         kernel_backend: Force a block-sparse kernel backend (``"torch"``, ``"triton"``); default automatic.
+        token_order: ``"raster"`` (the model's (t, h, w) order) or ``"tiles"``: the transformer runs the video
+            tokens of frames t >= 1 in spatio-temporal tiles of ``tile`` = (tt, th, tw) tokens, permuted once where
+            they are embedded and restored at the output projection (never per layer), so that each query block
+            is a compact 3-D window and block lists follow the patterns instead of cutting across rows.
+        tile: Tile sizes (frames, rows, columns) for ``token_order="tiles"``; default one frame of about
+            sqrt(block_m / 2) rows by twice as many columns (128: ``(1, 8, 16)``):
+            one frame per tile keeps the spatial pattern's blocks inside a frame, and tt * th * tw = ``block_m``
+            aligns query blocks with tiles.
     """
 
     sparsity: float = 0.64
@@ -65,6 +73,8 @@ class RainFusionConfig:
     block_n: int = 64
     num_inference_steps: int | None = None
     kernel_backend: str | None = None
+    token_order: str = "raster"
+    tile: tuple[int, int, int] | None = None
 
     def __post_init__(self) -> None:
         def err(msg: str) -> None:
@@ -115,8 +125,21 @@ class RainFusionConfig:
             not isinstance(self.num_inference_steps, int) or self.num_inference_steps < 1
         ):
             err(f"num_inference_steps must be None or a positive int, got {self.num_inference_steps!r}")
+        if self.token_order not in ("raster", "tiles"):
+            err(f"token_order must be 'raster' or 'tiles', got {self.token_order!r}")
+        if self.tile is not None:
+            self.tile = tuple(self.tile)
+            if len(self.tile) != 3 or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in self.tile):
+                err(f"tile must be None or three positive ints (frames, rows, columns), got {self.tile!r}")
         if self.kernel_backend not in (None, "auto", "torch", "triton"):
             err(f"kernel_backend must be None, 'auto', 'torch' or 'triton', got {self.kernel_backend!r}")
+
+    @property
+    def resolved_tile(self) -> tuple[int, int, int]:
+        if self.tile is not None:
+            return self.tile
+        th = 1 << max(0, int(math.log2(max(self.block_m / 2, 1))) // 2)  # 128 -> 8 x 16, 64 -> 4 x 16, 16 -> 2 x 8
+        return (1, th, max(1, self.block_m // th))
 
     def steps_from(self, value: int | float, total: int | None, what: str) -> int:
         if isinstance(value, int):
@@ -133,11 +156,22 @@ class RainFusionConfig:
 
 @dataclass(frozen=True)
 class PatternParams:
-    """Pattern windows for one latent grid: spatial w (frames), temporal r_h (rows), textural stride s."""
+    """Pattern windows for one latent grid: spatial w (frames), temporal r_h (rows), textural stride s.
+
+    Tile-order plans refine them so the executed density can meet the budget: spatial also keeps the frames at
+    distance w + 1 within ``edge_radius`` rows/columns of the query (-1: none); temporal limits columns to
+    ``cols`` (None: every column); textural strides columns by ``stride_w`` (None: ``stride``)."""
 
     window: int
     rows: int
     stride: int
+    edge_radius: int = -1
+    cols: int | None = None
+    stride_w: int | None = None
+
+    @property
+    def col_stride(self) -> int:
+        return self.stride if self.stride_w is None else self.stride_w
 
 
 def pattern_params(config: RainFusionConfig, grid: tuple[int, int, int]) -> PatternParams:

@@ -26,10 +26,19 @@ import torch
 from ...kernels import fast_kernel_unavailable, select_backend
 from ...layout import TokenLayout
 from ..base import CallInfo, MethodRecord, dense_record, valid_key_counts
-from .config import DENSE, PATTERN_NAMES, SPARSE_PATTERNS, TEXTURAL, RainFusionConfig, pattern_params
+from .config import (
+    DENSE,
+    PATTERN_NAMES,
+    SPARSE_PATTERNS,
+    TEXTURAL,
+    PatternParams,
+    RainFusionConfig,
+    pattern_params,
+)
 from .execution import execute_grouped, execute_tables
 from .plan import RainFusionPlan
 from .recognition import arm_recalls, choose_patterns
+from .windows import Solution, solve_params
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +74,8 @@ class RainFusionMethod:
         self._plans: dict[tuple, RainFusionPlan] = {}
         self._arm_cache: dict[tuple[int, int], _ArmCacheEntry] = {}
         self._warned: set[str] = set()
+        self._solutions: dict[tuple, Solution] = {}
+        self.budget_unmet: dict[tuple[int, int, int], list[str]] = {}  # grid -> patterns that exceed the budget
 
     # ----------------------------------------------------------------- schedule
     def fallback_reason(self, layout: TokenLayout, layer_index: int, progress: Any) -> str | None:
@@ -92,9 +103,43 @@ class RainFusionMethod:
             return f"fewer than min_video_tokens={cfg.min_video_tokens} video tokens"
         return None
 
+    def token_order(self, grid: tuple[int, int, int]) -> tuple[int, int, int] | None:
+        """Tile sizes the transformer should run its video tokens in for this grid (None: the model's order).
+        Only where some call may be sparse: a permutation buys nothing for dense runs."""
+        cfg = self.config
+        if cfg.token_order != "tiles" or cfg.sparsity == 0 or grid[0] <= 2:
+            return None
+        if cfg.min_video_tokens and grid[0] * grid[1] * grid[2] < cfg.min_video_tokens:
+            return None
+        return cfg.resolved_tile
+
+    def params(self, layout: TokenLayout) -> PatternParams:
+        """Pattern windows for this layout: in tile order, the densest windows within the budget (solved once per
+        shape; a budget no window can meet is logged once and kept in ``budget_unmet``); in raster order, the
+        frame/row bands of ``pattern_params``."""
+        cfg = self.config
+        if layout.order is None:
+            return pattern_params(cfg, layout.grid)
+        key = (layout, cfg.block_m, cfg.block_n)
+        sol = self._solutions.get(key)
+        if sol is None:
+            sol = self._solutions[key] = solve_params(
+                layout, cfg.sparsity, cfg.block_m, cfg.block_n, window=cfg.spatial_window, rows=cfg.temporal_rows,
+                stride=cfg.textural_stride,
+            )
+            unmet = sorted(p for p, ok in sol.met.items() if not ok)
+            if unmet:
+                self.budget_unmet[layout.grid] = unmet
+                logger.warning(
+                    "diffusers-attn: RainFusion cannot meet sparsity=%s on grid %s with %s (the first frame, text "
+                    "and block rounding alone exceed 1 - sparsity); they run at their smallest window",
+                    cfg.sparsity, layout.grid, ", ".join(unmet),
+                )
+        return sol.params
+
     def plan(self, layout: TokenLayout) -> RainFusionPlan:
         cfg = self.config
-        params = pattern_params(cfg, layout.grid)
+        params = self.params(layout)
         key = (layout, params, cfg.block_m, cfg.block_n, cfg.probe_budget, cfg.probe_min_rows)
         plan = self._plans.get(key)
         if plan is None:

@@ -11,6 +11,25 @@ import torch
 from ...kernels import block_mask_to_lists, expand_block_mask, num_blocks
 from ...layout import TokenLayout
 from .config import DENSE, SPATIAL, TEMPORAL, TEXTURAL, PatternParams
+from .windows import BlockBoxes, spatial_mask, temporal_mask
+
+
+def _raster_masks(t, hh, qb, kb, s_tok, sizes, params, always):
+    """Frame-band and row-band block masks in raster order, from which frames / rows each block holds."""
+    M, K, T, H = sizes
+
+    def incidence(blocks: torch.Tensor, idx: torch.Tensor, n_rows: int, n_cols: int) -> torch.Tensor:
+        m = torch.zeros(n_rows, n_cols)
+        m[blocks[s_tok], idx[s_tok]] = 1.0
+        return m
+
+    q_frames, k_frames = incidence(qb, t, M, T), incidence(kb, t, K, T)
+    q_rows, k_rows = incidence(qb, hh, M, H), incidence(kb, hh, K, H)
+    band_t = ((torch.arange(T)[:, None] - torch.arange(T)[None, :]).abs() <= params.window).float()
+    band_h = ((torch.arange(H)[:, None] - torch.arange(H)[None, :]).abs() <= params.rows).float()
+    need_sp = ((((q_frames @ band_t) > 0).float() @ k_frames.T) > 0) | always
+    need_tp = ((((q_rows @ band_h) > 0).float() @ k_rows.T) > 0) | always
+    return need_sp, need_tp
 
 
 class RainFusionPlan:
@@ -48,23 +67,19 @@ class RainFusionPlan:
         k_always = torch.zeros(K, dtype=torch.bool)
         k_always[kb[dense_tok]] = True
 
-        def incidence(blocks: torch.Tensor, idx: torch.Tensor, n_rows: int, n_cols: int) -> torch.Tensor:
-            m = torch.zeros(n_rows, n_cols)
-            m[blocks[s_tok], idx[s_tok]] = 1.0
-            return m
-
-        q_frames, k_frames = incidence(qb, t, M, T), incidence(kb, t, K, T)
-        q_rows, k_rows = incidence(qb, hh, M, H), incidence(kb, hh, K, H)
-        band_t = ((torch.arange(T)[:, None] - torch.arange(T)[None, :]).abs() <= params.window).float()
-        band_h = ((torch.arange(H)[:, None] - torch.arange(H)[None, :]).abs() <= params.rows).float()
         always = k_always[None, :] | q_dense[:, None]
-        need_sp = ((((q_frames @ band_t) > 0).float() @ k_frames.T) > 0) | always
-        need_tp = ((((q_rows @ band_h) > 0).float() @ k_rows.T) > 0) | always
+        if layout.order is not None:  # tiles: blocks are 3-D boxes, windows are unions of boxes
+            qbox = BlockBoxes.of((t, hh, ww), s_tok, block_m, M, layout.order)
+            kbox = BlockBoxes.of((t, hh, ww), s_tok, block_n, K, layout.order)
+            need_sp = spatial_mask(qbox, kbox, params.window, params.edge_radius) | always
+            need_tp = temporal_mask(qbox, kbox, params.rows, params.cols) | always
+        else:
+            need_sp, need_tp = _raster_masks(t, hh, qb, kb, s_tok, (M, K, T, H), params, always)
         self.block_masks = {SPATIAL: need_sp, TEMPORAL: need_tp}
         self._q_dense = q_dense
         self.tables = {p: block_mask_to_lists(m) for p, m in self.block_masks.items()}
 
-        strided = s_tok & (hh % params.stride == 0) & (ww % params.stride == 0)
+        strided = s_tok & (hh % params.stride == 0) & (ww % params.col_stride == 0)
         self.textural_keys = dense_tok | strided  # token-exact key set of S rows
         self.gather_index = self.textural_keys.nonzero().squeeze(-1)
 
