@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
+from diffusers_attn.cli import main
 from diffusers_attn.layout import TokenLayout
 from diffusers_attn.methods.rainfusion import PATTERN_NAMES, RainFusionConfig, RainFusionPlan, pattern_params
-from diffusers_attn.model_shapes import get_model_shape
+from diffusers_attn.model_shapes import MODEL_SHAPES, get_model_shape
 from diffusers_attn.plan_report import forced_video_share, plan_report
 
+ROOT = Path(__file__).resolve().parents[2]
 HAS_RF2 = "mode" in {f.name for f in dataclasses.fields(RainFusionConfig)}
 
 GRIDS = [  # (model, frames, height, width) -> post-patch (T, H, W), tokens (video, text)
@@ -110,3 +116,50 @@ def test_overrides_go_to_the_config_and_unknown_ones_are_refused():
 def test_rf2_is_not_available_yet():
     with pytest.raises(ValueError, match="not available yet"):
         plan_report("cogvideox-5b", sparsity=0.75, mode="rf2")
+
+
+def test_cli_prints_the_table_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--model", "cogvideox-5b", "--sparsity", "0.9", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "13 x 30 x 45" in text and "17,550 video + 226 text" in text and "speedup bound" in text
+    report = json.loads(out.read_text())
+    assert report["grid"] == [13, 30, 45] and report["sparsity"] == 0.9
+
+
+@pytest.mark.parametrize("argv", [
+    ["--model", "nope", "--sparsity", "0.5"],
+    ["--model", "cogvideox-5b", "--sparsity", "0.5", "--frames", "50"],
+    ["--model", "hunyuanvideo", "--sparsity", "0.5", "--width", "1000"],
+    ["--model", "cogvideox-5b", "--sparsity", "1.5"],
+    ["--model", "cogvideox-5b", "--sparsity", "0.5", "--block-n", "0"],
+    ["--model", "cogvideox-5b"],
+    ["--model", "cogvideox-5b", "--sparsity", "0.5", "--frames", "x"],
+])
+def test_cli_bad_input_is_one_line_and_exit_2(argv, capsys):
+    try:
+        rc = main(["plan", *argv])
+    except SystemExit as e:  # argparse's own errors
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert len(err.strip().splitlines()) == 1 and "error:" in err, err
+
+
+def test_help_does_not_import_torch():
+    code = (
+        "import sys\n"
+        "from diffusers_attn.cli import main\n"
+        "for argv in (['--help'], ['plan', '--help']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print('HEAVY', sorted(m for m in ('torch', 'diffusers', 'numpy') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr
+    assert "HEAVY []" in out.stdout, out.stdout
+    for name in MODEL_SHAPES:
+        assert name in out.stdout  # the families are listed in `plan --help`
