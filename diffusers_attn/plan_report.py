@@ -9,6 +9,7 @@ the executed densities (block relaxation and the always-dense first frame and te
 from __future__ import annotations
 
 import dataclasses
+import textwrap
 import time
 from types import SimpleNamespace
 from typing import Any
@@ -158,10 +159,7 @@ def format_plan_table(report: dict[str, Any]) -> str:
         mark = "  (densest)" if p == r["worst_pattern"] else ""
         lines.append(f"{p:<10}{r['executed_video_density'][p]:>24.4f}{r['executed_density'][p]:>31.4f}"
                      f"{r['speedup_bound'][p]:>14.2f}x{mark}")
-    lines += [
-        "",
-        ("executed density counts the pairs the kernels compute (whole blocks, first frame and text dense); the "
-         "bound is 1 / (f + (1 - f) d) over attention pairs only (no ARM probes, no heads kept dense, no kernel "
-         f"efficiency). Plan built in {r['plan_build_seconds']:.2f} s."),
-    ]
-    return "\n".join(lines)
+    note = ("executed density counts the pairs the kernels compute (whole blocks, first frame and text dense); the "
+            "bound is 1 / (f + (1 - f) d) over attention pairs only (no ARM probes, no heads kept dense, no kernel "
+            f"efficiency). Plan built in {r['plan_build_seconds']:.2f} s.")
+    return "\n".join([*lines, "", *textwrap.wrap(note, 110)])
