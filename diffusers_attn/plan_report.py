@@ -31,10 +31,11 @@ def model_layout(shape: ModelShape, grid: tuple[int, int, int]) -> TokenLayout:
 
 
 def forced_video_share(layout: TokenLayout) -> float:
-    """Share of video x video pairs every pattern computes: only sparse rows x sparse keys (video t >= 1 on
-    both sides) may be skipped; first-frame rows attend everything and every row attends the first frame."""
-    s0, s1 = layout.sparse_rows
-    n_v, n_s = layout.num_video, s1 - s0
+    """Share of video x video pairs every pattern computes: only pairs of video tokens with t >= 1 on both sides
+    may be skipped; first-frame rows attend everything and every row attends the first frame. Counted, not
+    located, so it holds for any token order."""
+    n_v = layout.num_video
+    n_s = n_v - layout.frame_tokens
     return (n_v * n_v - n_s * n_s) / (n_v * n_v)
 
 
@@ -53,11 +54,11 @@ def _config(sparsity: float, mode: str, block_m: int, block_n: int, steps: int,
             overrides: dict[str, Any]) -> RainFusionConfig:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    fields = {f.name for f in dataclasses.fields(RainFusionConfig)}
     if mode != "rf1":
-        if "mode" not in fields:
-            raise ValueError(f"mode={mode!r} is not available yet: this RainFusion has only the rf1 planner")
-        overrides = {**overrides, "mode": mode}
+        # rf2 picks blocks per call from q and k; its shape-only part (budget, forced regions, top-k count) is not
+        # in this RainFusion, and rf1's plan must not be reported under its name.
+        raise ValueError(f"mode={mode!r} is not available yet: the plan report reads rf1 plans only")
+    fields = {f.name for f in dataclasses.fields(RainFusionConfig)}
     unknown = sorted(set(overrides) - fields)
     if unknown:
         raise ValueError(f"unknown RainFusionConfig field(s): {', '.join(unknown)}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -18,7 +17,6 @@ from diffusers_attn.model_shapes import MODEL_SHAPES, get_model_shape
 from diffusers_attn.plan_report import forced_video_share, plan_report
 
 ROOT = Path(__file__).resolve().parents[2]
-HAS_RF2 = "mode" in {f.name for f in dataclasses.fields(RainFusionConfig)}
 
 GRIDS = [  # (model, frames, height, width) -> post-patch (T, H, W), tokens (video, text)
     ("cogvideox-5b", (49, 480, 720), (13, 30, 45), (17_550, 226)),
@@ -112,7 +110,6 @@ def test_overrides_go_to_the_config_and_unknown_ones_are_refused():
         plan_report("cogvideox-5b", sparsity=0.75, window=1)
 
 
-@pytest.mark.skipif(HAS_RF2, reason="RainFusionConfig has a mode field: rf2 is reported")
 def test_rf2_is_not_available_yet():
     with pytest.raises(ValueError, match="not available yet"):
         plan_report("cogvideox-5b", sparsity=0.75, mode="rf2")
