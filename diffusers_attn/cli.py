@@ -4,6 +4,10 @@
 
 runs a pipeline dense and with RainFusion using the same seed, writes a side-by-side mp4 and prints latency,
 speedup, PSNR/SSIM between the two outputs and the realized attention density.
+
+    diffusers-attn plan --model hunyuanvideo --sparsity 0.75 [--frames F --height H --width W] [--json OUT]
+
+prints, from shapes alone (no weights, no GPU), the densities RainFusion executes on a real model's grid.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import logging
 import sys
 from pathlib import Path
 from typing import Sequence
+
+from .model_shapes import MODEL_SHAPES, get_model_shape, resolve_video  # standard library only
 
 # The command handlers import what they run (torch, diffusers, the pipelines) inside themselves: building the
 # parser, e.g. for ``diffusers-attn --help``, needs none of it.
@@ -221,6 +227,62 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    names = " | ".join(MODEL_SHAPES)
+    p = sub.add_parser(
+        "plan",
+        help="shape-only RainFusion report for a real model: executed density and a speedup bound (no weights)",
+        description="Build the RainFusion plan of a real model's attention shape (no weights, no GPU: seconds on "
+        "a CPU) and print the executed video and all-token densities of each pattern next to the nominal "
+        "1 - sparsity, the always-dense first-frame share and a density-only bound on the whole-run attention "
+        "speedup under the default schedule (25% dense warm-up steps, first layer dense).",
+    )
+    p.add_argument("--model", required=True, metavar="NAME", help=names)
+    p.add_argument("--frames", type=int, default=None, help="video frames (default: the family's)")
+    p.add_argument("--height", type=int, default=None, help="pixels (default: the family's)")
+    p.add_argument("--width", type=int, default=None, help="pixels (default: the family's)")
+    p.add_argument("--sparsity", type=float, required=True, help="RainFusion sparsity in [0, 1)")
+    p.add_argument("--mode", default="rf1", choices=["rf1", "rf2"], help="planner (rf2: when available)")
+    p.add_argument("--block-m", type=int, default=128, help="query block (default 128)")
+    p.add_argument("--block-n", type=int, default=64, help="key block (default 64)")
+    p.add_argument("--steps", type=int, default=50, help="denoising steps of the schedule (default 50)")
+    p.add_argument("--json", default=None, metavar="OUT", help="also write the report as JSON here")
+    p.set_defaults(func=_cmd_plan)
+    _one_line_errors(p)
+
+
+def _one_line_errors(p: argparse.ArgumentParser) -> None:
+    """Usage mistakes on one stderr line, exit 2, as the handlers' own errors (the usage is in --help)."""
+
+    def error(message: str) -> None:
+        p.exit(2, f"{p.prog}: error: {message}\n")
+
+    p.error = error  # type: ignore[method-assign]
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    shape = get_model_shape(args.model)
+    video = resolve_video(shape, args.frames, args.height, args.width)
+    # The cheap checks before the header; plan_report validates everything again through RainFusionConfig.
+    if not 0.0 <= args.sparsity < 1.0:
+        raise ValueError(f"--sparsity must be in [0, 1), got {args.sparsity}")
+    for name in ("block_m", "block_n", "steps"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    print("\n".join(shape.describe(*video)), flush=True)  # the grid before torch loads and the plan builds
+
+    from .plan_report import format_plan_table, plan_report
+
+    report = plan_report(args.model, *video, sparsity=args.sparsity, mode=args.mode, block_m=args.block_m,
+                         block_n=args.block_n, steps=args.steps)
+    print(format_plan_table(report))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     from .eval.cli import add_eval_parser
 
@@ -235,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert_opensora(sub)
     _add_demo(sub)
     _add_eval(sub)
+    _add_plan(sub)
     return parser
 
 
