@@ -1,12 +1,12 @@
 """RainFusion 2.0 (``RainFusionConfig(mode="rf2")``): online block top-k instead of ARM's fixed patterns.
 
-Per call and head (Chen et al., "RainFusion2.0", arXiv 2512.24086; public implementations: MindIE-SD
+Per call and head (RainFusion 2.0, arXiv 2512.24086, https://arxiv.org/abs/2512.24086; public implementations: MindIE-SD
 ``mindiesd/layers/flash_attn/sparse_flash_attn_rf_v2.py`` and LightX2V ``lightx2v/common/ops/attn/rainfusion_attn.py``):
 
 1. Mean-pool q over blocks of ``block_m`` queries and k over blocks of ``block_n`` keys, in sequence order
    (padded keys excluded; a fully padded key block is never selected).
-2. Block scores ``q̂ k̂ᵀ · scale + log(valid keys of the block)``: the log term makes the softmax over key blocks an
-   estimate of each block's attention mass (it is a constant for full blocks, so the ranking is the plain one).
+2. Block scores ``q_hat @ k_hat.T * scale + log(valid keys of the block)``: the log term makes the softmax over
+   key blocks an estimate of each block's attention mass (a constant for full blocks: the ranking is the plain one).
 3. Forced regions: text rows and columns are dense; the first latent frame follows ``rf2_first_frame``
    ("sink": its keys are kept for every query; "dense": rows and columns; "none"). Their cost is charged to the
    budget ``(1 - sparsity)`` of video x video pairs; every other query block keeps the top ``k`` of its remaining
@@ -81,7 +81,7 @@ class RF2Plan:
         left = (self.budget - self.forced_density) * nv2
         k = 0
         if left > 0 and free_rows > 0 and cand_sizes.numel():
-            k = min(int(math.floor(left / (free_rows * float(cand_sizes.max())) + 1e-9)), cand_sizes.numel())
+            k = min(math.floor(left / (free_rows * float(cand_sizes.max())) + 1e-9), cand_sizes.numel())
         self.blocks_per_row = k
         self.k_max = max(1, K if bool(forced_rows.any()) else int(forced_cols.sum()) + k)
         self._device_cache: dict[torch.device, dict[str, torch.Tensor]] = {}
@@ -112,7 +112,7 @@ class RF2Decision:
 def _block_sums(x: torch.Tensor, block: int, weight: torch.Tensor | None = None) -> torch.Tensor:
     """Sums of ``x`` (B, H, N, D) over consecutive blocks of ``block`` tokens -> (B, H, nb, D), fp32 (fp64 for fp64
     input); ``weight`` (B, N) weights the tokens (a key padding mask). Views only, except for the weighting."""
-    B, H, N, D = x.shape
+    N = x.shape[2]
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     full = N // block
     segs = ([(0, full * block, full)] if full else []) + ([(full * block, N, 1)] if N > full * block else [])
@@ -194,8 +194,7 @@ class _CacheEntry:
     step: int
     key: tuple
     lists: tuple[torch.Tensor, torch.Tensor]
-    stats: np.ndarray  # (B, H, 3): computed pairs, video pairs, kept mass
-    n_k_valid: np.ndarray  # (B,)
+    stats: np.ndarray  # (B, H, 4): computed pairs, video pairs, kept mass, valid keys of the batch element
 
 
 class RF2Attention:
@@ -255,7 +254,8 @@ class RF2Attention:
             with call.timer("select", dev):
                 sel, kept, k_valid = select_blocks(q, k, plan, dplan, key_padding_mask, scale)
                 lists = block_lists(sel, plan.k_max)
-                stats = torch.cat([pair_counts(sel, dplan, k_valid), kept.unsqueeze(-1)], dim=-1)
+                n_k_valid = k_valid.sum(-1, dtype=torch.float64)[:, None, None].expand(*kept.shape, 1)
+                stats = torch.cat([pair_counts(sel, dplan, k_valid), kept.unsqueeze(-1), n_k_valid], dim=-1)
         else:
             lists = entry.lists
         cfg = self.config
@@ -263,10 +263,8 @@ class RF2Attention:
         with call.timer("attention", dev):
             out = block_sparse_attention(q, k, v, *lists, block_m=cfg.block_m, block_n=cfg.block_n,
                                          key_padding_mask=key_padding_mask, scale=scale, backend=backend)
-        if entry is None:  # one device->host copy, after the kernel launch
-            stats_np = stats.cpu().numpy()
-            n_k_valid = k_valid.sum(-1).cpu().numpy().astype(np.float64)
-            entry = _CacheEntry(call.step, pending, lists, stats_np, n_k_valid)
+        if entry is None:  # the one device->host copy of the call, after the kernel launch
+            entry = _CacheEntry(call.step, pending, lists, stats.cpu().numpy())
             if pending is not None:
                 self._cache[self._cache_key(call)] = entry
         return out, self._record(plan, entry, call, D, backend, q, k, v, reused)
@@ -303,11 +301,11 @@ class RF2Attention:
         record = MethodRecord(
             head_patterns=np.full((B, H), RF2, dtype=np.int64),
             computed=float(entry.stats[..., 0].sum()) * head_dim,
-            total=float(plan.n) * float(entry.n_k_valid.sum()) * H * head_dim,
+            total=float(plan.n) * float(entry.stats[..., 3].sum()) * head_dim,
             video_computed=float(entry.stats[..., 1].sum()) * head_dim,
             video_total=nv2 * B * H * head_dim,
             pattern_names=RF2_PATTERN_NAMES,
-            recalls=entry.stats[..., 2:3].astype(np.float32),
+            recalls=entry.stats[..., 2:3].astype(np.float32),  # per-head mean in the stats: the kept-mass estimate
             kernel=backend,
             info=info,
         )
