@@ -278,10 +278,14 @@ def test_tiny_models_run_rf2(family, tiny_cogvideox, tiny_hunyuan):
     assert stats.kernel_backends == {"torch": stats.calls} and "select" in stats.timings_ms
 
 
-def test_tiny_model_sparsity0_is_bit_identical(tiny_hunyuan):
-    inputs = hunyuan_inputs()
+@pytest.mark.parametrize("family", ["cogvideox", "hunyuan"])
+def test_tiny_model_sparsity0_is_bit_identical(family, tiny_cogvideox, tiny_hunyuan):
+    model = tiny_cogvideox if family == "cogvideox" else tiny_hunyuan
+    inputs = cogvideox_inputs(model) if family == "cogvideox" else hunyuan_inputs()
     with torch.no_grad():
-        ref = tiny_hunyuan(**inputs).sample
-    apply_rainfusion(tiny_hunyuan, RainFusionConfig(mode="rf2", sparsity=0.0, num_inference_steps=10))
+        ref = model(**inputs).sample
+    apply_rainfusion(model, RainFusionConfig(mode="rf2", sparsity=0.0, num_inference_steps=10))
     with torch.no_grad():
-        assert torch.equal(tiny_hunyuan(**inputs).sample, ref)
+        assert torch.equal(model(**inputs).sample, ref)
+    stats = get_attention_stats(model, log=False)
+    assert stats.dense_fallbacks == {"sparsity=0": stats.calls} and stats.calls > 0
