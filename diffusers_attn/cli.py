@@ -242,7 +242,9 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--height", type=int, default=None, help="pixels (default: the family's)")
     p.add_argument("--width", type=int, default=None, help="pixels (default: the family's)")
     p.add_argument("--sparsity", type=float, required=True, help="RainFusion sparsity in [0, 1)")
-    p.add_argument("--mode", default="rf1", choices=["rf1", "rf2"], help="planner (rf2: when available)")
+    p.add_argument("--mode", default="rf1", choices=["rf1", "rf2"], help="rf1 patterns or rf2 block top-k")
+    p.add_argument("--token-order", default="raster", choices=["raster", "tiles"],
+                   help="video token order the plan runs in (tiles: spatio-temporal tiles, see RainFusionConfig)")
     p.add_argument("--block-m", type=int, default=128, help="query block (default 128)")
     p.add_argument("--block-n", type=int, default=64, help="key block (default 64)")
     p.add_argument("--steps", type=int, default=50, help="denoising steps of the schedule (default 50)")
@@ -274,7 +276,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from .plan_report import format_plan_table, plan_report
 
     report = plan_report(args.model, *video, sparsity=args.sparsity, mode=args.mode, block_m=args.block_m,
-                         block_n=args.block_n, steps=args.steps)
+                         block_n=args.block_n, steps=args.steps, token_order=args.token_order)
     print(format_plan_table(report))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

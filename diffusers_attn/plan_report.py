@@ -16,6 +16,7 @@ from typing import Any
 
 from .layout import TokenLayout
 from .methods.rainfusion import PATTERN_NAMES, RainFusionConfig, RainFusionMethod
+from .methods.rainfusion.rf2 import RF2Plan
 from .model_shapes import ModelShape, get_model_shape, resolve_video
 
 MODES = ("rf1", "rf2")
@@ -54,16 +55,26 @@ def _config(sparsity: float, mode: str, block_m: int, block_n: int, steps: int,
             overrides: dict[str, Any]) -> RainFusionConfig:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if mode != "rf1":
-        # rf2 picks blocks per call from q and k; its shape-only part (budget, forced regions, top-k count) is not
-        # in this RainFusion, and rf1's plan must not be reported under its name.
-        raise ValueError(f"mode={mode!r} is not available yet: the plan report reads rf1 plans only")
     fields = {f.name for f in dataclasses.fields(RainFusionConfig)}
     unknown = sorted(set(overrides) - fields)
     if unknown:
         raise ValueError(f"unknown RainFusionConfig field(s): {', '.join(unknown)}")
     return RainFusionConfig(sparsity=sparsity, block_m=block_m, block_n=block_n, num_inference_steps=steps,
-                            **overrides)
+                            mode=mode, **overrides)
+
+
+def rf2_bound(layout: TokenLayout, config: RainFusionConfig) -> tuple[float, float]:
+    """rf2's executed (video x video, all-token) density at most: forced regions plus ``blocks_per_row`` of the
+    largest candidate key block for every free query block."""
+    p = RF2Plan(layout, config.block_m, config.block_n, config.sparsity, config.rf2_first_frame)
+    forced_rows = p.forced.all(dim=1)
+    cand = ~p.forced.all(dim=0)
+    k = p.blocks_per_row
+    vid = float(p.vrows_pb @ p.forced.double() @ p.vkeys_pb)
+    vid += k * float(p.vrows_pb[~forced_rows].sum()) * float(p.vkeys_pb[cand].max() if cand.any() else 0.0)
+    allt = float(p.rows_pb @ p.forced.double() @ p.keys_pb)
+    allt += k * float(p.rows_pb[~forced_rows].sum()) * float(p.keys_pb[cand].max() if cand.any() else 0.0)
+    return min(vid / layout.num_video ** 2, 1.0), min(allt / layout.seq_len ** 2, 1.0)
 
 
 def plan_report(
@@ -95,8 +106,8 @@ def plan_report(
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     config = _config(sparsity, mode, block_m, block_n, steps, rainfusion_overrides)
     grid = shape.latent_grid(*video)
-    layout = model_layout(shape, grid)
     method = RainFusionMethod(config)
+    layout = dataclasses.replace(model_layout(shape, grid), order=method.token_order(grid))
     t0 = time.perf_counter()
     plan = method.plan(layout)
     build_s = time.perf_counter() - t0
@@ -104,9 +115,12 @@ def plan_report(
     n_v = layout.num_video
     video_density = {name: plan.video_pairs(i) / (n_v * n_v) for i, name in enumerate(PATTERN_NAMES)}
     density = {name: float(plan.density[i]) for i, name in enumerate(PATTERN_NAMES)}
+    if mode == "rf2":  # block top-k per call: the shape-only bound (exact when the candidate blocks are full)
+        video_density["rf2"], density["rf2"] = rf2_bound(layout, config)
     f_dense = dense_call_share(method, layout, shape.layers, steps)
-    bound = {p: 1.0 / (f_dense + (1.0 - f_dense) * density[p]) for p in SPARSE}
-    worst = max(SPARSE, key=lambda p: density[p])
+    patterns = ("rf2",) if mode == "rf2" else SPARSE
+    bound = {p: 1.0 / (f_dense + (1.0 - f_dense) * density[p]) for p in patterns}
+    worst = max(patterns, key=lambda p: density[p])
     reason = None
     if f_dense >= 1.0:  # e.g. fewer than min_video_tokens, 2 or fewer latent frames: say why nothing is sparse
         reason = method.fallback_reason(layout, shape.layers - 1, SimpleNamespace(step=steps - 1, num_steps=steps))
@@ -126,6 +140,7 @@ def plan_report(
         "nominal_density": 1.0 - float(config.sparsity),
         "pattern_params": {"spatial_window": plan.params.window, "temporal_rows": plan.params.rows,
                            "textural_stride": plan.params.stride},
+        "token_order": list(layout.order) if layout.order is not None else "raster",
         "block_m": config.block_m,
         "block_n": config.block_n,
         "executed_video_density": video_density,
@@ -156,7 +171,7 @@ def format_plan_table(report: dict[str, Any]) -> str:
         lines.append(f"note             every call runs dense at this shape: {sched['always_dense_reason']}")
     header = f"{'pattern':<10}{'executed video density':>24}{'executed density (all tokens)':>31}{'speedup bound':>15}"
     lines += ["", header]
-    for p in SPARSE:
+    for p in (("rf2",) if r["mode"] == "rf2" else SPARSE):
         mark = "  (densest)" if p == r["worst_pattern"] else ""
         lines.append(f"{p:<10}{r['executed_video_density'][p]:>24.4f}{r['executed_density'][p]:>31.4f}"
                      f"{r['speedup_bound'][p]:>14.2f}x{mark}")

@@ -298,4 +298,4 @@ class AttentionStats:
 
 
 _ABBREV = {"dense": "D", "spatial": "S", "temporal": "T", "textural": "X", "fallback": "F", "none": ".",
-           "full": "D", "windowed": "W", "cfg_shared": "C", "windowed+cfg_shared": "B"}
+           "full": "D", "windowed": "W", "cfg_shared": "C", "windowed+cfg_shared": "B", "rf2": "R"}

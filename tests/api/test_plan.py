@@ -110,9 +110,21 @@ def test_overrides_go_to_the_config_and_unknown_ones_are_refused():
         plan_report("cogvideox-5b", sparsity=0.75, window=1)
 
 
-def test_rf2_is_not_available_yet():
-    with pytest.raises(ValueError, match="not available yet"):
-        plan_report("cogvideox-5b", sparsity=0.75, mode="rf2")
+@pytest.mark.parametrize("sigma,target", [(0.75, 0.27), (0.9, 0.12)])
+def test_rf2_report_meets_the_budget(sigma, target):
+    """rf2 (first-frame sink) executes at most 1 - sparsity of the video pairs, and within one key block per query
+    block of it, at CogVideoX-5B 480p."""
+    r = plan_report("cogvideox-5b", sparsity=sigma, mode="rf2")
+    d = r["executed_video_density"]["rf2"]
+    assert 1 - sigma - 64 * 139 * 128 / 17550 ** 2 <= d <= 1 - sigma + 1e-9 and d <= target
+    assert r["worst_pattern"] == "rf2" and set(r["speedup_bound"]) == {"rf2", "worst"}
+
+
+def test_tile_order_report_meets_the_v1_target():
+    """Tile order at sigma 0.75: every rf1 pattern executes at most 0.30 of the video pairs (raster: up to 0.51)."""
+    r = plan_report("cogvideox-5b", sparsity=0.75, token_order="tiles")
+    assert r["token_order"] == [1, 8, 16]
+    assert max(r["executed_video_density"][p] for p in ("spatial", "temporal", "textural")) <= 0.30
 
 
 def test_cli_prints_the_table_and_writes_json(tmp_path, capsys):

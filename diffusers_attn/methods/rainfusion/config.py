@@ -8,6 +8,8 @@ from dataclasses import dataclass
 DENSE, SPATIAL, TEMPORAL, TEXTURAL = 0, 1, 2, 3
 PATTERN_NAMES = ("dense", "spatial", "temporal", "textural")
 SPARSE_PATTERNS = {"spatial": SPATIAL, "temporal": TEMPORAL, "textural": TEXTURAL}
+MODES = ("rf1", "rf2")
+RF2_FIRST_FRAME = ("sink", "dense", "none")
 
 
 def _round_half_up(x: float) -> int:
@@ -52,6 +54,18 @@ class RainFusionConfig:
             sqrt(block_m / 2) rows by twice as many columns (128: ``(1, 8, 16)``):
             one frame per tile keeps the spatial pattern's blocks inside a frame, and tt * th * tw = ``block_m``
             aligns query blocks with tiles.
+        mode: ``"rf1"`` (per-head Spatial / Temporal / Textural patterns chosen by ARM) or ``"rf2"`` (RainFusion
+            2.0, arXiv 2512.24086: per head and call, mean-pooled q/k block scores pick the top key blocks of every
+            query block so that the executed video x video density is at most ``1 - sparsity``, forced regions
+            included, and short of it by less than one key block per query block).
+            The ARM/pattern fields (``arm_*``, ``probe_*``, ``patterns``, windows) apply to ``rf1`` only; the
+            schedule fields (``dense_*``, ``skip_layers``, ``min_video_tokens``) and block sizes apply to both.
+        rf2_first_frame: How ``rf2`` treats the first latent frame: ``"sink"`` (its keys are kept for every query;
+            the default), ``"dense"`` (its rows and columns are dense, as in rf1; at 13 latent frames that alone
+            costs ~0.15 of the video pairs, so sparsity 0.9 cannot be met) or ``"none"`` (no special case).
+            Text rows and columns are always dense.
+        rf2_reuse_steps: ``rf2`` reuses each layer's block lists for this many steps (1 = select every step).
+        rf2_share_layers: ``rf2`` selects once per step (first sparse layer) and reuses those lists in every layer.
     """
 
     sparsity: float = 0.64
@@ -75,6 +89,10 @@ class RainFusionConfig:
     kernel_backend: str | None = None
     token_order: str = "raster"
     tile: tuple[int, int, int] | None = None
+    mode: str = "rf1"
+    rf2_first_frame: str = "sink"
+    rf2_reuse_steps: int = 1
+    rf2_share_layers: bool = False
 
     def __post_init__(self) -> None:
         def err(msg: str) -> None:
@@ -133,6 +151,18 @@ class RainFusionConfig:
                 err(f"tile must be None or three positive ints (frames, rows, columns), got {self.tile!r}")
         if self.kernel_backend not in (None, "auto", "torch", "triton"):
             err(f"kernel_backend must be None, 'auto', 'torch' or 'triton', got {self.kernel_backend!r}")
+        if self.mode not in MODES:
+            err(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.rf2_first_frame not in RF2_FIRST_FRAME:
+            err(f"rf2_first_frame must be one of {RF2_FIRST_FRAME}, got {self.rf2_first_frame!r}")
+        if isinstance(self.rf2_reuse_steps, bool) or not isinstance(self.rf2_reuse_steps, int) or (
+            self.rf2_reuse_steps < 1
+        ):
+            err(f"rf2_reuse_steps must be an int >= 1, got {self.rf2_reuse_steps!r}")
+        if not isinstance(self.rf2_share_layers, bool):
+            err(f"rf2_share_layers must be a bool, got {self.rf2_share_layers!r}")
+        if self.mode == "rf2" and self.force_pattern not in (None, "dense"):
+            err(f"force_pattern={self.force_pattern!r} is an rf1 pattern; mode='rf2' accepts only None or 'dense'")
 
     @property
     def resolved_tile(self) -> tuple[int, int, int]:

@@ -38,6 +38,7 @@ from .config import (
 from .execution import execute_grouped, execute_tables
 from .plan import RainFusionPlan
 from .recognition import arm_recalls, choose_patterns
+from .rf2 import RF2Attention
 from .windows import Solution, solve_params
 
 logger = logging.getLogger(__name__)
@@ -162,6 +163,9 @@ class RainFusionMethod:
     ) -> tuple[torch.Tensor, MethodRecord]:
         """Attention for heads ``[call.head_offset, call.head_offset + H)`` (context parallelism gives a rank a
         slice of the heads over the whole sequence; per-head state uses global ids)."""
+        if self.config.mode == "rf2":  # RainFusion 2.0: block top-k instead of ARM patterns (rf2.py)
+            return RF2Attention.of(self).attend(q, k, v, layout=layout, key_padding_mask=key_padding_mask,
+                                                scale=scale, call=call, dense_fn=dense_fn)
         B, H, N, D = q.shape
         if N != layout.seq_len or k.shape[2] != N:
             raise ValueError(

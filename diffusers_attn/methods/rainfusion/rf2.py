@@ -1,0 +1,327 @@
+"""RainFusion 2.0 (``RainFusionConfig(mode="rf2")``): online block top-k instead of ARM's fixed patterns.
+
+Per call and head (RainFusion 2.0, arXiv 2512.24086, https://arxiv.org/abs/2512.24086; public implementations: MindIE-SD
+``mindiesd/layers/flash_attn/sparse_flash_attn_rf_v2.py`` and LightX2V ``lightx2v/common/ops/attn/rainfusion_attn.py``):
+
+1. Mean-pool q over blocks of ``block_m`` queries and k over blocks of ``block_n`` keys, in sequence order
+   (padded keys excluded; a fully padded key block is never selected).
+2. Block scores ``q_hat @ k_hat.T * scale + log(valid keys of the block)``: the log term makes the softmax over
+   key blocks an estimate of each block's attention mass (a constant for full blocks: the ranking is the plain one).
+3. Forced regions: text rows and columns are dense; the first latent frame follows ``rf2_first_frame``
+   ("sink": its keys are kept for every query; "dense": rows and columns; "none"). Their cost is charged to the
+   budget ``(1 - sparsity)`` of video x video pairs; every other query block keeps the top ``k`` of its remaining
+   key blocks, ``k`` the largest count that stays within the budget (so the executed density is at most one key
+   block per query block below it). When the forced part alone exceeds the budget only it is kept, and the record
+   says so.
+
+Tokens are located only through ``TokenLayout.token_coords()`` (a token permutation changes no code here). Selection
+runs without autograd; execution is :func:`diffusers_attn.kernels.block_sparse_attention` (relaxed block semantics,
+exact). Optional reuse of a layer's lists for ``rf2_reuse_steps`` steps, or of one layer's lists for all layers of
+a step (``rf2_share_layers``), as LightX2V and xLLM do.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ...kernels import block_sparse_attention, fast_kernel_unavailable, num_blocks, select_backend
+from ...layout import TokenLayout
+from ..base import CallInfo, MethodRecord, dense_record, valid_key_counts
+
+logger = logging.getLogger(__name__)
+
+#: Pattern names of rf2 records: a sparse call counts every head as "rf2"; "dense" only names fallback calls.
+RF2_PATTERN_NAMES = ("dense", "rf2")
+RF2 = 1
+
+
+class RF2Plan:
+    """Shape-only part of rf2 for one (layout, block sizes, sparsity, first-frame rule): forced regions, block
+    token counts, the per-row top-k count and the list width. Built on CPU, cached; :meth:`on` gives device copies."""
+
+    def __init__(self, layout: TokenLayout, block_m: int, block_n: int, sparsity: float, first_frame: str) -> None:
+        self.layout, self.block_m, self.block_n = layout, block_m, block_n
+        N = layout.seq_len
+        M, K = num_blocks(N, block_m), num_blocks(N, block_n)
+        self.num_m, self.num_k, self.n = M, K, N
+        t, _, _, txt = layout.token_coords()
+        vid = t >= 0
+        first = vid & (t == 0)
+        pos = torch.arange(N)
+        qb, kb = pos // block_m, pos // block_n
+        row_tok = txt | first if first_frame == "dense" else txt
+        col_tok = txt | first if first_frame in ("sink", "dense") else txt
+        forced_rows = torch.zeros(M, dtype=torch.bool)
+        forced_rows[qb[row_tok]] = True
+        forced_cols = torch.zeros(K, dtype=torch.bool)
+        forced_cols[kb[col_tok]] = True
+        self.forced = forced_rows[:, None] | forced_cols[None, :]  # (M, K)
+        self.candidates = ~self.forced
+
+        f64 = torch.float64
+        self.rows_pb = torch.bincount(qb, minlength=M).to(f64)
+        self.vrows_pb = torch.bincount(qb[vid], minlength=M).to(f64)
+        self.keys_pb = torch.bincount(kb, minlength=K).to(f64)
+        self.vkeys_pb = torch.bincount(kb[vid], minlength=K).to(f64)
+        nv2 = float(layout.num_video) ** 2
+        self.budget = 1.0 - float(sparsity)
+        self.forced_density = float(self.vrows_pb @ self.forced.to(f64) @ self.vkeys_pb) / nv2
+        self.budget_met = self.forced_density <= self.budget + 1e-12
+
+        # Uniform k over the free query blocks, priced at the largest candidate block: the executed density never
+        # exceeds the budget and falls short by less than one key block per query block.
+        free_rows = float(self.vrows_pb[~forced_rows].sum())
+        cand_sizes = self.vkeys_pb[~forced_cols]
+        left = (self.budget - self.forced_density) * nv2
+        k = 0
+        if left > 0 and free_rows > 0 and cand_sizes.numel():
+            k = min(math.floor(left / (free_rows * float(cand_sizes.max())) + 1e-9), cand_sizes.numel())
+        self.blocks_per_row = k
+        self.k_max = max(1, K if bool(forced_rows.any()) else int(forced_cols.sum()) + k)
+        self._device_cache: dict[torch.device, dict[str, torch.Tensor]] = {}
+
+    def on(self, device: torch.device) -> dict[str, torch.Tensor]:
+        d = self._device_cache.get(device)
+        if d is None:
+            names = ("forced", "candidates", "rows_pb", "vrows_pb", "keys_pb", "vkeys_pb")
+            d = self._device_cache[device] = {n: getattr(self, n).to(device) for n in names}
+        return d
+
+
+@dataclass
+class RF2Decision:
+    """The last rf2 selection of a layer (for inspection and tests; small host arrays only)."""
+
+    step: int
+    density: np.ndarray  # (B, H) executed video x video density of each head's block lists
+    kept_mass: np.ndarray  # (B, H) pooled-softmax estimate of the attention mass kept, over video queries
+    budget: float  # 1 - sparsity
+    forced_density: float  # video x video share of the forced regions alone
+    blocks_per_row: int  # top-k count of the free query blocks
+    reused: bool  # the lists came from the reuse cache
+    layout: Any
+    head_offset: int = 0  # global id of head 0 of this call (context parallelism)
+
+
+def _block_sums(x: torch.Tensor, block: int, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Sums of ``x`` (B, H, N, D) over consecutive blocks of ``block`` tokens -> (B, H, nb, D), fp32 (fp64 for fp64
+    input); ``weight`` (B, N) weights the tokens (a key padding mask). Views only, except for the weighting."""
+    N = x.shape[2]
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    full = N // block
+    segs = ([(0, full * block, full)] if full else []) + ([(full * block, N, 1)] if N > full * block else [])
+    parts = []
+    for a, e, nb in segs:
+        xs = x[:, :, a:e].unflatten(2, (nb, (e - a) // nb))  # (B, H, nb, L, D)
+        if weight is not None:
+            xs = xs * weight[:, None, a:e, None].to(x.dtype).unflatten(2, (nb, (e - a) // nb))
+        parts.append(xs.sum(3, dtype=acc))
+    return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+
+
+@torch.no_grad()
+def select_blocks(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    plan: RF2Plan,
+    dplan: dict[str, torch.Tensor],
+    key_padding_mask: torch.Tensor | None,
+    scale: float | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """rf2 block selection of one call: ``(sel, kept, k_valid)`` with ``sel`` bool (B, H, M, K) the executed block
+    mask, ``kept`` (B, H) the estimated attention mass it keeps over video queries, ``k_valid`` (B, K) the valid keys
+    per key block. Runs on the device, no host synchronisation."""
+    q, k = q.detach(), k.detach()
+    B, H, _, D = q.shape
+    scale = D**-0.5 if scale is None else float(scale)
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    q_hat = _block_sums(q, plan.block_m) / dplan["rows_pb"].to(acc)[:, None]
+    if key_padding_mask is None:
+        k_sum = _block_sums(k, plan.block_n)
+        k_valid = dplan["keys_pb"].to(acc).expand(B, -1)
+    else:
+        k_sum = _block_sums(k, plan.block_n, key_padding_mask)
+        k_valid = _block_sums(key_padding_mask[:, None, :, None].to(acc), plan.block_n)[:, 0, :, 0]
+    k_hat = k_sum / k_valid.clamp_min(1)[:, None, :, None]
+    # log(0) = -inf: a fully padded key block gets no mass and is never picked.
+    logits = (q_hat @ k_hat.transpose(-1, -2)) * scale + k_valid.log()[:, None, None, :]
+    has_keys = (k_valid > 0)[:, None, None, :]
+    sel = (dplan["forced"] & has_keys).expand(B, H, -1, -1)
+    if plan.blocks_per_row:
+        cand = logits.masked_fill(~(dplan["candidates"] & has_keys), float("-inf"))
+        vals, idx = cand.topk(plan.blocks_per_row, dim=-1)
+        picked = torch.zeros(cand.shape, dtype=torch.bool, device=q.device).scatter_(-1, idx, torch.isfinite(vals))
+        sel = sel | picked
+    kept = torch.where(sel, logits.softmax(-1), 0).sum(-1)  # (B, H, M)
+    kept = (kept.to(torch.float64) @ dplan["vrows_pb"]) / float(plan.layout.num_video)
+    return sel, kept, k_valid
+
+
+def block_lists(sel: torch.Tensor, k_max: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A block mask (..., M, K) as kernel lists ``(kv_indices int32 (..., M, k_max), kv_counts int32 (..., M))``.
+
+    Like :func:`diffusers_attn.kernels.block_mask_to_lists`, but ``k_max`` (an upper bound of the row counts) comes
+    from the caller, so nothing is read back to the host."""
+    K = sel.shape[-1]
+    ar = torch.arange(K, device=sel.device, dtype=torch.int32)
+    key = torch.where(sel, ar, ar + K)  # selected blocks first, ascending
+    key = key.topk(k_max, dim=-1, largest=False, sorted=True).values if k_max < K else key.sort(dim=-1).values
+    cnt = sel.sum(-1, dtype=torch.int32)
+    last = key.gather(-1, (cnt.clamp(min=1) - 1).long().unsqueeze(-1))
+    last = torch.where(cnt.unsqueeze(-1) > 0, last, torch.zeros_like(last))  # padding repeats a valid index
+    slot = torch.arange(key.shape[-1], device=sel.device)
+    idx = torch.where(slot < cnt.unsqueeze(-1), key, last)
+    return idx.to(torch.int32).contiguous(), cnt.contiguous()
+
+
+def pair_counts(sel: torch.Tensor, dplan: dict[str, torch.Tensor], k_valid: torch.Tensor) -> torch.Tensor:
+    """Exact (computed pairs, video x video pairs) per (batch, head) of a block mask: (B, H, 2) fp64, padded keys
+    not counted (relaxed semantics: a query computes every valid key of its listed blocks)."""
+    s = sel.to(torch.float32)  # row sums stay below 2^24: exact in fp32
+    keys = torch.einsum("bhmk,bk->bhm", s, k_valid.to(torch.float32)).to(torch.float64)
+    vkeys = (s @ dplan["vkeys_pb"].to(torch.float32)).to(torch.float64)
+    return torch.stack([keys @ dplan["rows_pb"], vkeys @ dplan["vrows_pb"]], dim=-1)
+
+
+@dataclass
+class _CacheEntry:
+    step: int
+    key: tuple
+    lists: tuple[torch.Tensor, torch.Tensor]
+    stats: np.ndarray  # (B, H, 4): computed pairs, video pairs, kept mass, valid keys of the batch element
+
+
+class RF2Attention:
+    """rf2 for one :class:`~diffusers_attn.methods.rainfusion.RainFusionMethod` (its config, schedule and warnings);
+    holds the plans and the reuse cache."""
+
+    def __init__(self, method: Any) -> None:
+        self.method, self.config = method, method.config
+        self._plans: dict[tuple, RF2Plan] = {}
+        self._cache: dict[tuple, _CacheEntry] = {}
+
+    @classmethod
+    def of(cls, method: Any) -> "RF2Attention":
+        inst = method.__dict__.get("_rf2")
+        if inst is None:
+            inst = method._rf2 = cls(method)
+        return inst
+
+    def plan(self, layout: TokenLayout) -> RF2Plan:
+        cfg = self.config
+        key = (layout, cfg.block_m, cfg.block_n, float(cfg.sparsity), cfg.rf2_first_frame)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = RF2Plan(layout, cfg.block_m, cfg.block_n, cfg.sparsity, cfg.rf2_first_frame)
+        return plan
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        layout: TokenLayout,
+        key_padding_mask: torch.Tensor | None,
+        scale: float | None,
+        call: CallInfo,
+        dense_fn: Callable[[], torch.Tensor],
+    ) -> tuple[torch.Tensor, MethodRecord]:
+        """rf2 attention for heads ``[call.head_offset, call.head_offset + H)``; same schedule as rf1."""
+        B, H, N, D = q.shape
+        if N != layout.seq_len or k.shape[2] != N:
+            raise ValueError(
+                f"RainFusion rf2: sequence length {N} (keys {k.shape[2]}) does not match the layout {layout} "
+                f"(expected {layout.seq_len}); the latent grid from the context hook disagrees with the inputs"
+            )
+        reason = self.method.fallback_reason(layout, call.layer_index, call)
+        if reason is not None:
+            valid = valid_key_counts(key_padding_mask, B, N)
+            return dense_fn(), dense_record(reason, batch=B, heads=H, head_dim=D, n_q=N, n_k_valid=float(sum(valid)),
+                                            n_video=layout.num_video, pattern_names=RF2_PATTERN_NAMES)
+        dev = q.device
+        with call.timer("plan", dev):
+            plan = self.plan(layout)
+            dplan = plan.on(dev)
+        entry, pending, reused = self._lookup(q, layout, key_padding_mask, call)
+        if entry is None:
+            with call.timer("select", dev):
+                sel, kept, k_valid = select_blocks(q, k, plan, dplan, key_padding_mask, scale)
+                lists = block_lists(sel, plan.k_max)
+                n_k_valid = k_valid.sum(-1, dtype=torch.float64)[:, None, None].expand(*kept.shape, 1)
+                stats = torch.cat([pair_counts(sel, dplan, k_valid), kept.unsqueeze(-1), n_k_valid], dim=-1)
+        else:
+            lists = entry.lists
+        cfg = self.config
+        backend = select_backend(q, k, v, cfg.block_m, cfg.block_n, cfg.kernel_backend)
+        with call.timer("attention", dev):
+            out = block_sparse_attention(q, k, v, *lists, block_m=cfg.block_m, block_n=cfg.block_n,
+                                         key_padding_mask=key_padding_mask, scale=scale, backend=backend)
+        if entry is None:  # the one device->host copy of the call, after the kernel launch
+            entry = _CacheEntry(call.step, pending, lists, stats.cpu().numpy())
+            if pending is not None:
+                self._cache[self._cache_key(call)] = entry
+        return out, self._record(plan, entry, call, D, backend, q, k, v, reused)
+
+    # ----------------------------------------------------------------- reuse
+    def _cache_key(self, call: CallInfo) -> tuple:
+        return (None if self.config.rf2_share_layers else call.layer_index, call.call_in_step)
+
+    def _lookup(self, q, layout, kpm, call: CallInfo) -> tuple[_CacheEntry | None, tuple | None, bool]:
+        """(cached entry or None, the key to store a new entry under or None, reused)."""
+        cfg = self.config
+        if cfg.rf2_reuse_steps == 1 and not cfg.rf2_share_layers:
+            return None, None, False
+        B, H, N, _ = q.shape
+        # The padding enters the lists (fully padded blocks are dropped), so it is part of the key.
+        key = (layout, B, H, call.head_offset, q.device, tuple(valid_key_counts(kpm, B, N)))
+        hit = self._cache.get(self._cache_key(call))
+        if hit is not None and hit.key == key and 0 <= call.step - hit.step < cfg.rf2_reuse_steps:
+            return hit, key, True
+        return None, key, False
+
+    # ----------------------------------------------------------------- accounting
+    def _record(self, plan: RF2Plan, entry: _CacheEntry, call: CallInfo, head_dim: int, backend: str, q, k, v,
+                reused: bool) -> MethodRecord:
+        cfg = self.config
+        B, H, _ = entry.stats.shape
+        nv2 = float(plan.layout.num_video) ** 2
+        info: dict[str, Any] = {"rainfusion_mode": "rf2"}
+        if not plan.budget_met:
+            msg = (f"rf2 forced regions cost {plan.forced_density:.3f} of the video pairs, above the budget "
+                   f"{plan.budget:.3f} (rf2_first_frame={cfg.rf2_first_frame!r}): only the forced part is kept")
+            info["rf2_budget_unmet"] = msg
+            self._warn_once(msg)
+        record = MethodRecord(
+            head_patterns=np.full((B, H), RF2, dtype=np.int64),
+            computed=float(entry.stats[..., 0].sum()) * head_dim,
+            total=float(plan.n) * float(entry.stats[..., 3].sum()) * head_dim,
+            video_computed=float(entry.stats[..., 1].sum()) * head_dim,
+            video_total=nv2 * B * H * head_dim,
+            pattern_names=RF2_PATTERN_NAMES,
+            recalls=entry.stats[..., 2:3].astype(np.float32),  # per-head mean in the stats: the kept-mass estimate
+            kernel=backend,
+            info=info,
+        )
+        record.decision = RF2Decision(
+            step=call.step, density=entry.stats[..., 1] / nv2, kept_mass=entry.stats[..., 2], budget=plan.budget,
+            forced_density=plan.forced_density, blocks_per_row=plan.blocks_per_row, reused=reused,
+            layout=plan.layout, head_offset=call.head_offset,
+        )
+        if q.is_cuda and backend != "triton":  # exact but slow on a GPU: say so once, and count it in stats
+            reason = fast_kernel_unavailable(q, k, v, cfg.block_m, cfg.block_n) or f"kernel_backend={backend!r}"
+            record.slow_path = reason
+            self._warn_once(f"RainFusion rf2 runs its sparse calls on the PyTorch path on {q.device}: {reason}")
+        return record
+
+    def _warn_once(self, msg: str) -> None:
+        warned = self.method._warned
+        if msg not in warned:
+            warned.add(msg)
+            logger.warning("diffusers-attn: %s", msg)
