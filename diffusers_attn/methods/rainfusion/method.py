@@ -10,8 +10,8 @@ Per attention call, each head is assigned one pattern by the ARM recognizer (ada
 Text tokens and the first latent frame are always dense (as rows and as columns). Spatial and temporal run as
 block lists on :func:`diffusers_attn.kernels.block_sparse_attention` in natural token order ("relaxed" block
 semantics: a query attends to every key of each listed block); textural gathers its keys and runs a dense kernel.
-ARM probes ~``probe_budget`` of the call's FLOPs: exact fp32 softmax rows for a few strided queries, scoring how
-much mass each pattern's *executed* mask keeps.
+ARM probes ~``probe_budget`` of the call's FLOPs: exact fp32 softmax rows for a few queries spread over (t, h, w),
+scoring how much mass each pattern's *executed* mask keeps.
 """
 
 from __future__ import annotations

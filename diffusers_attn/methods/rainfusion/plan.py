@@ -11,6 +11,7 @@ import torch
 from ...kernels import block_mask_to_lists, expand_block_mask, num_blocks
 from ...layout import TokenLayout
 from .config import DENSE, SPATIAL, TEMPORAL, TEXTURAL, PatternParams
+from .recognition import probe_rows
 from .windows import BlockBoxes, spatial_mask, temporal_mask
 
 
@@ -83,12 +84,11 @@ class RainFusionPlan:
         self.textural_keys = dense_tok | strided  # token-exact key set of S rows
         self.gather_index = self.textural_keys.nonzero().squeeze(-1)
 
-        # ARM probe rows: evenly strided over S.
+        # ARM probe rows: a low-discrepancy set over the (t >= 1, h, w) box (recognition.probe_rows).
         s0, s1 = layout.sparse_rows
         n_s = s1 - s0
         n_probe = min(max(math.ceil(2 * probe_budget * N), probe_min_rows), n_s)
-        i = torch.arange(n_probe, dtype=torch.float64)
-        self.probe_rows = (s0 + torch.floor((i + 0.5) * n_s / max(n_probe, 1))).long()
+        self.probe_rows = probe_rows(layout, n_probe)
         self.probe_member = {p: m[self.probe_rows // block_m] for p, m in self.block_masks.items()}
 
         # Pair accounting (float64 numpy; shape-only, padding applied per call).

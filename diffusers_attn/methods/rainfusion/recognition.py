@@ -1,14 +1,74 @@
-"""ARM, the adaptive recognition module: per-head pattern choice from a few exact probe rows."""
+"""ARM, the adaptive recognition module: per-head pattern choice from a few exact probe rows.
+
+Probe rows are a Hammersley point set over the (t >= 1, h, w) box of the latent grid, so a few dozen rows cover
+every frame and varied rows and columns (an index stride over S lines them up in a few columns whenever it is a
+multiple of W).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from ...kernels import probe_block_mass
+from ...layout import TokenLayout
 from .config import TEXTURAL
-from .plan import RainFusionPlan
+
+if TYPE_CHECKING:  # plan.py imports probe_rows from here
+    from .plan import RainFusionPlan
+
+
+def grid_to_index(layout: TokenLayout, t: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Sequence index of the video token at latent (t, h, w), in whatever order the layout puts video tokens (the
+    inverse of :meth:`TokenLayout.token_coords`; the one place ARM maps grid cells to positions)."""
+    _, H, W = layout.grid
+    tc, hc, wc, _ = layout.token_coords()
+    vid = tc >= 0
+    position = torch.empty(layout.num_video, dtype=torch.long)
+    position[(tc[vid] * H + hc[vid]) * W + wc[vid]] = vid.nonzero().squeeze(-1)
+    return position[(t * H + h) * W + w]
+
+
+def _radical_inverse(i: np.ndarray, base: int) -> np.ndarray:
+    """Van der Corput radical inverse of the integers ``i`` in ``base``: values in [0, 1)."""
+    i = i.astype(np.int64).copy()
+    out = np.zeros(i.shape, dtype=np.float64)
+    f = 1.0 / base
+    while (i > 0).any():
+        out += f * (i % base)
+        i //= base
+        f /= base
+    return out
+
+
+def probe_rows(layout: TokenLayout, n_probe: int) -> torch.Tensor:
+    """``n_probe`` distinct probe query rows of S (video tokens of frames t >= 1), ascending, as sequence indices.
+
+    The rows are the 3-D Hammersley set ((i + 1/2) / n, phi_2(i), phi_3(i)) mapped onto (t - 1, h, w): frames get
+    equal shares and each frame's rows and columns follow the base-2 / base-3 van der Corput sequences
+    (Hammersley 1960; Niederreiter, "Random Number Generation and Quasi-Monte Carlo Methods", 1992, ch. 3).
+    Cells that coincide after rounding are replaced by unused cells evenly spaced in raster order. Deterministic.
+    """
+    T, H, W = layout.grid
+    n_cells = (T - 1) * H * W
+    n = int(min(max(n_probe, 0), n_cells))
+    if n == n_cells:
+        cells = np.arange(n_cells, dtype=np.int64)
+    else:
+        i = np.arange(n, dtype=np.int64)
+        t = np.minimum(((i + 0.5) * (T - 1) / n).astype(np.int64), T - 2)
+        h = np.minimum((_radical_inverse(i, 2) * H).astype(np.int64), H - 1)
+        w = np.minimum((_radical_inverse(i, 3) * W).astype(np.int64), W - 1)
+        cells = np.unique((t * H + h) * W + w)
+        if cells.size < n:  # rounding collisions (only when n is a sizeable share of S)
+            free = np.setdiff1d(np.arange(n_cells, dtype=np.int64), cells, assume_unique=True)
+            need = n - cells.size
+            pick = free[((np.arange(need) + 0.5) * free.size / need).astype(np.int64)]
+            cells = np.sort(np.concatenate([cells, pick]))
+    c = torch.from_numpy(cells)
+    return grid_to_index(layout, 1 + c // (H * W), (c // W) % H, c % W).sort().values
 
 
 def arm_recalls(
