@@ -22,7 +22,8 @@ from .quality import QUALITY_PROMPTS, SMALL_GRID, fidelity_sweep, summarize
 
 SPARSITIES = (0.6, 0.75, 0.9)
 MODES = ("arm", "arm_t0", "arm_t08", "spatial", "temporal", "textural")
-ARM_KW = {"arm": {}, "arm_t0": {"arm_threshold": 0.0}, "arm_t08": {"arm_threshold": 0.8}}
+# arm_t0: every head sparse with its best pattern (the cheapest rule at threshold 0 would take the cheapest one)
+ARM_KW = {"arm": {}, "arm_t0": {"arm_threshold": 0.0, "arm_rule": "argmax"}, "arm_t08": {"arm_threshold": 0.8}}
 
 TEMPLATE = Path(__file__).with_name("card_template.md")
 #: Per-model prose (``<name>.md``): the objective, the unconditional input, notes on the samples, findings.

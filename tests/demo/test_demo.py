@@ -22,7 +22,8 @@ from diffusers_attn.demo import (
 from diffusers_attn.stats import AttentionStats, LayerStats
 
 SMALL = dict(model="tiny-cogvideox", steps=3, frames=9, height=64, width=64, warmup=False)
-RF_ZERO_ARM = {"sparsity": 0.75, "dense_steps": 0.25, "dense_layers": 1, "arm_threshold": 0.0}
+# every head past warm-up sparse with its best pattern (argmax; the cheapest rule at 0 takes the cheapest pattern)
+RF_ZERO_ARM = {"sparsity": 0.75, "dense_steps": 0.25, "dense_layers": 1, "arm_threshold": 0.0, "arm_rule": "argmax"}
 
 
 def free_port() -> int:

@@ -1,13 +1,39 @@
-"""RainFusion's ARM recognizer: probe placement and probe cost."""
+"""RainFusion's ARM recognizer: probe placement, the decision rule, planted heads of several strengths against an
+exact oracle, probe cost."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import numpy as np
 import pytest
 import torch
 
+from diffusers_attn.adapters import run_method
+from diffusers_attn.context import AttentionContext
 from diffusers_attn.layout import TokenLayout
-from diffusers_attn.methods.rainfusion import RainFusionConfig, RainFusionPlan, pattern_params
+from diffusers_attn.methods.rainfusion import (
+    DENSE,
+    SPATIAL,
+    TEMPORAL,
+    TEXTURAL,
+    RainFusionConfig,
+    RainFusionMethod,
+    RainFusionPlan,
+    choose_patterns,
+    pattern_params,
+)
 from diffusers_attn.methods.rainfusion.recognition import grid_to_index, probe_rows
+from diffusers_attn.testing import planted_qkv
+
+KIND = {"spatial": SPATIAL, "temporal": TEMPORAL, "textural": TEXTURAL}
+
+
+def _ctx():
+    class _A:  # the method never touches the adapter
+        pass
+
+    return AttentionContext(_A())
 
 
 def _thw(layout: TokenLayout, rows: torch.Tensor):
@@ -76,3 +102,84 @@ def test_probe_flops_within_half_a_percent(grid, text):
     n_q, N = plan.probe_rows.numel(), layout.seq_len
     assert n_q >= cfg.probe_min_rows
     assert (2 * n_q * N) / (4 * N * N) <= 0.005
+
+
+# --------------------------------------------------------------------------- decision rule
+def _fake_plan(spatial: float, temporal: float, textural: float, stride: int = 2):
+    return SimpleNamespace(density={DENSE: 1.0, SPATIAL: spatial, TEMPORAL: temporal, TEXTURAL: textural},
+                           params=SimpleNamespace(stride=stride))
+
+
+def test_cheapest_rule_takes_the_cheapest_pattern_that_keeps_enough():
+    plan = _fake_plan(0.5, 0.7, 0.4)  # textural < spatial < temporal
+    recalls = torch.tensor([[
+        [0.95, 0.99, 0.50],  # spatial passes, temporal keeps more: spatial (cheaper)
+        [0.80, 0.97, 0.91],  # textural is the cheapest passing
+        [0.80, 0.85, 0.70],  # none reaches 0.9: dense
+        [0.80, 0.92, 0.70],  # only temporal passes
+    ]])
+    cheapest = choose_patterns(recalls, plan, [SPATIAL, TEMPORAL, TEXTURAL], 0.9).tolist()
+    assert cheapest == [[SPATIAL, TEXTURAL, DENSE, TEMPORAL]]
+    argmax = choose_patterns(recalls, plan, [SPATIAL, TEMPORAL, TEXTURAL], 0.9, rule="argmax").tolist()
+    assert argmax == [[TEMPORAL, TEMPORAL, DENSE, TEMPORAL]]
+    # equal densities: the order spatial, temporal, textural; non-candidates and degenerate patterns never win
+    tie = choose_patterns(torch.full((1, 1, 3), 0.95), _fake_plan(0.5, 0.5, 0.5), [1, 2, 3], 0.9)
+    assert tie.item() == SPATIAL
+    assert choose_patterns(recalls, plan, [TEMPORAL], 0.9).tolist() == [[TEMPORAL, TEMPORAL, DENSE, TEMPORAL]]
+    assert choose_patterns(recalls[:, 1:2], _fake_plan(0.5, 0.7, 1.0, stride=1), [1, 2, 3], 0.9).item() == TEMPORAL
+
+
+def test_arm_rule_is_validated():
+    with pytest.raises(ValueError, match=r"arm_rule must be one of \('cheapest', 'argmax'\)"):
+        RainFusionConfig(arm_rule="best")
+    with pytest.raises(ValueError, match="cheapest"):
+        choose_patterns(torch.zeros(1, 1, 3), _fake_plan(0.5, 0.5, 0.5), [1], 0.5, rule="max")
+    assert RainFusionConfig().arm_rule == "cheapest"
+
+
+# --------------------------------------------------------------------------- planted heads, several strengths
+#: Blocks of 2 rows and 6 blocks per frame (CogVideoX 480p: 128-token blocks are ~2.8 rows, ~10 per frame).
+PLANT_GRID, PLANT_BLOCK = (9, 12, 16), 32
+#: A weak head keeps little mass even in its own pattern (one-hot logit gain strength^2 / sqrt(d): 1, 2.25, 4 nats),
+#: so it is recognisable only at a threshold between what the cheaper patterns keep and what its own pattern keeps;
+#: the test checks the exact oracle agrees that each threshold separates them.
+PLANT_TAU = {2: 0.5, 3: 0.6, 4: 0.8}
+PLANT_LAYOUTS = [TokenLayout.text_first(PLANT_GRID, 16), TokenLayout.video_first(PLANT_GRID, 16)]
+
+
+def _exact_kept(q, k, plan):
+    """Exact kept mass of each pattern's executed mask over all S rows: (B, H, 3)."""
+    s0, s1 = plan.layout.sparse_rows
+    p = torch.softmax(q[:, :, s0:s1].double() @ k.double().transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+    return torch.stack([(p * plan.token_mask(c)[s0:s1].double()).sum(-1).mean(-1) for c in (1, 2, 3)], dim=-1)
+
+
+def _planted_run(layout, strength, rule, kinds=("spatial", "temporal", "textural")):
+    cfg = RainFusionConfig(sparsity=0.75, dense_steps=0, dense_layers=0, min_video_tokens=0, block_m=PLANT_BLOCK,
+                           block_n=PLANT_BLOCK, arm_threshold=PLANT_TAU[strength], arm_rule=rule)
+    method, ctx = RainFusionMethod(cfg), _ctx()
+    plan = method.plan(layout)
+    q, k, v = planted_qkv(layout, 2, list(kinds), 16, strength=strength, stride=plan.params.stride, seed=strength)
+    run_method(method, q, k, v, layout=layout, key_padding_mask=None, scale=None, layer_index=0, context=ctx,
+               dense_fn=lambda: torch.zeros_like(q))
+    return ctx.last_decisions[0].patterns, q, k, plan
+
+
+@pytest.mark.parametrize("strength", [2, 3, 4])
+@pytest.mark.parametrize("layout", PLANT_LAYOUTS, ids=["text-first", "video-first"])
+def test_arm_recognises_planted_heads_of_every_strength(layout, strength):
+    kinds = ("spatial", "temporal", "textural")
+    patterns, q, k, plan = _planted_run(layout, strength, "cheapest", kinds)
+    expected = np.array([[KIND[x] for x in kinds]] * 2)
+    oracle = choose_patterns(_exact_kept(q, k, plan).float(), plan, [1, 2, 3], PLANT_TAU[strength]).numpy()
+    assert np.array_equal(oracle, expected), ("the threshold must separate the planted pattern", oracle)
+    assert np.array_equal(patterns, expected), patterns
+
+
+def test_argmax_rule_lets_temporal_swallow_weak_heads():
+    """The regression the cheapest rule fixes: at strength 2, temporal executes more keys than spatial and
+    textural, so raw recall (argmax) calls every weak head temporal."""
+    patterns, *_ = _planted_run(PLANT_LAYOUTS[0], 2, "argmax")
+    assert (patterns == TEMPORAL).all(), patterns
+    patterns, *_ = _planted_run(PLANT_LAYOUTS[0], 2, "cheapest")
+    assert patterns[:, 0].tolist() == [SPATIAL] * 2 and patterns[:, 2].tolist() == [TEXTURAL] * 2

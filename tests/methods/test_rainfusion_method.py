@@ -151,14 +151,15 @@ def test_forced_pattern_matches_explicit_mask(layout, force):
 
 
 def test_mixed_arm_patterns_match_per_head_masks():
-    """ARM at threshold 0 gives each head its own pattern; every head matches its own explicit mask."""
+    """ARM at threshold 0 with the argmax rule gives each head its own best pattern; every head matches its own
+    explicit mask."""
     layout = TokenLayout.video_first((6, 6, 8), 10)
     B, H, D = 2, 6, 16
     q, k, v = planted_qkv(layout, B, ["spatial", "temporal", "textural", "spatial", "temporal", "random"], D)
     kpm = torch.ones(B, layout.seq_len, dtype=torch.bool)
     kpm[0, -3:] = False
     cfg = RainFusionConfig(sparsity=0.75, dense_steps=0, dense_layers=0, min_video_tokens=0, block_m=16,
-                           block_n=16, arm_threshold=0.0)
+                           block_n=16, arm_threshold=0.0, arm_rule="argmax")
     method, ctx = RainFusionMethod(cfg), _ctx()
     out = run_method(method, q, k, v, layout=layout, key_padding_mask=kpm, scale=None, layer_index=3, context=ctx,
                  dense_fn=lambda: pytest.fail("dense path must not run"))
@@ -198,11 +199,12 @@ def test_arm_falls_back_to_dense_on_unstructured_qk():
     assert called, "all-dense decision must use the stock dense path"
     assert (ctx.last_decisions[0].patterns == DENSE).all()
     assert ctx.stats.summary().pattern_histogram["dense"] == 6
-    # threshold 0 always takes the best pattern
-    method0, ctx0 = RainFusionMethod(RainFusionConfig(**base, arm_threshold=0.0)), _ctx()
-    run_method(method0, q, k, v, layout=layout, key_padding_mask=None, scale=None, layer_index=0, context=ctx0,
-            dense_fn=lambda: pytest.fail("threshold 0 never keeps dense"))
-    assert (ctx0.last_decisions[0].patterns != DENSE).all()
+    # threshold 0 never keeps dense: argmax takes the best pattern, cheapest the cheapest
+    for rule in ("argmax", "cheapest"):
+        method0, ctx0 = RainFusionMethod(RainFusionConfig(**base, arm_threshold=0.0, arm_rule=rule)), _ctx()
+        run_method(method0, q, k, v, layout=layout, key_padding_mask=None, scale=None, layer_index=0, context=ctx0,
+                   dense_fn=lambda: pytest.fail("threshold 0 never keeps dense"))
+        assert (ctx0.last_decisions[0].patterns != DENSE).all()
 
 
 def test_arm_recalls_match_full_attention_mass():
@@ -266,7 +268,7 @@ def test_fraction_without_total_steps_is_a_clear_error():
 def test_arm_refresh_reuses_decisions():
     layout = LAYOUTS[1]
     cfg = RainFusionConfig(sparsity=0.75, dense_steps=0, dense_layers=0, min_video_tokens=0, block_m=16,
-                           block_n=16, arm_threshold=0.0, arm_refresh_steps=2)
+                           block_n=16, arm_threshold=0.0, arm_rule="argmax", arm_refresh_steps=2)
     method, ctx = RainFusionMethod(cfg), _ctx()
     q1, k1, v1 = planted_qkv(layout, 1, ["spatial"])
     q2, k2, v2 = planted_qkv(layout, 1, ["temporal"])

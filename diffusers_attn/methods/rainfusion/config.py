@@ -8,6 +8,7 @@ from dataclasses import dataclass
 DENSE, SPATIAL, TEMPORAL, TEXTURAL = 0, 1, 2, 3
 PATTERN_NAMES = ("dense", "spatial", "temporal", "textural")
 SPARSE_PATTERNS = {"spatial": SPATIAL, "temporal": TEMPORAL, "textural": TEXTURAL}
+ARM_RULES = ("cheapest", "argmax")
 MODES = ("rf1", "rf2")
 RF2_FIRST_FRAME = ("sink", "dense", "none")
 
@@ -30,8 +31,13 @@ class RainFusionConfig:
         dense_tail_steps: The last steps that run dense (int count or float fraction), default none.
         dense_layers: Number of first attention layers that always run dense.
         skip_layers: Extra layer indices (in installation order) that always run dense.
-        arm_threshold: A head uses its best pattern only if that pattern keeps at least this share of the sampled
-            attention mass; otherwise it stays dense. ``0`` always takes the best pattern.
+        arm_threshold: Recall threshold tau: a head goes sparse only with a pattern that keeps at least this share
+            of the sampled attention mass; otherwise it stays dense.
+        arm_rule: How ARM picks among the patterns: ``"cheapest"`` (default) takes the pattern with the lowest
+            executed density among those whose recall >= ``arm_threshold`` (so ``arm_threshold=0`` always takes the
+            cheapest pattern); ``"argmax"`` takes the highest recall, dense if it is below the threshold
+            (``arm_threshold=0``: never dense, always the best recall). Raw recall favours patterns that execute
+            more keys, so under ``"argmax"`` weakly structured heads drift to the densest sparse pattern.
         probe_budget: ARM cost as a share of the call's attention FLOPs (probe rows = ceil(2 * budget * N)).
         probe_min_rows: Minimum number of probe rows.
         arm_refresh_steps: Re-run ARM every k sparse steps (1 = every step); in between, heads keep their pattern.
@@ -74,6 +80,7 @@ class RainFusionConfig:
     dense_layers: int = 1
     skip_layers: tuple[int, ...] = ()
     arm_threshold: float = 0.9
+    arm_rule: str = "cheapest"
     probe_budget: float = 0.002
     probe_min_rows: int = 32
     arm_refresh_steps: int = 1
@@ -123,6 +130,8 @@ class RainFusionConfig:
             err(f"skip_layers must be non-negative layer indices, got {self.skip_layers}")
         if not 0.0 <= float(self.arm_threshold) <= 1.0:
             err(f"arm_threshold must be in [0, 1], got {self.arm_threshold}")
+        if self.arm_rule not in ARM_RULES:
+            err(f"arm_rule must be one of {ARM_RULES}, got {self.arm_rule!r}")
         if not 0.0 < float(self.probe_budget) <= 0.5:
             err(f"probe_budget must be in (0, 0.5], got {self.probe_budget}")
         self.patterns = tuple(self.patterns)

@@ -7,6 +7,8 @@ Per attention call, each head is assigned one pattern by the ARM recognizer (ada
 * **Textural**: a query sees a fixed 1/s^2 strided subsample of every frame.
 * **Dense**: when no pattern keeps at least ``arm_threshold`` of the sampled attention mass.
 
+Among the patterns that keep enough, ARM takes the one with the lowest executed density (``arm_rule``).
+
 Text tokens and the first latent frame are always dense (as rows and as columns). Spatial and temporal run as
 block lists on :func:`diffusers_attn.kernels.block_sparse_attention` in natural token order ("relaxed" block
 semantics: a query attends to every key of each listed block); textural gathers its keys and runs a dense kernel.
@@ -212,7 +214,7 @@ class RainFusionMethod:
         with call.timer("arm", q.device):
             recalls = arm_recalls(q, k, plan, dplan, kpm, scale, backend=cfg.kernel_backend)  # (B, H, 3)
             candidates = [SPARSE_PATTERNS[p] for p in cfg.patterns]
-            patterns = choose_patterns(recalls, plan, candidates, cfg.arm_threshold)
+            patterns = choose_patterns(recalls, plan, candidates, cfg.arm_threshold, cfg.arm_rule)  # (B, H)
             packed = torch.cat([patterns.float().unsqueeze(-1), recalls], dim=-1).cpu().numpy()
         patterns_np = packed[..., 0].astype(np.int8)
         recalls_np = packed[..., 1:].astype(np.float32)

@@ -2,7 +2,8 @@
 
 Probe rows are a Hammersley point set over the (t >= 1, h, w) box of the latent grid, so a few dozen rows cover
 every frame and varied rows and columns (an index stride over S lines them up in a few columns whenever it is a
-multiple of W).
+multiple of W). The choice is the cheapest pattern whose recall reaches the threshold (``arm_rule="cheapest"``), so
+a pattern never wins merely because block rounding makes it execute more keys.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 
 from ...kernels import probe_block_mass
 from ...layout import TokenLayout
-from .config import TEXTURAL
+from .config import ARM_RULES, TEXTURAL
 
 if TYPE_CHECKING:  # plan.py imports probe_rows from here
     from .plan import RainFusionPlan
@@ -98,13 +99,19 @@ def arm_recalls(
 
 
 def choose_patterns(
-    recalls: torch.Tensor, plan: RainFusionPlan, candidates: list[int], threshold: float
+    recalls: torch.Tensor, plan: RainFusionPlan, candidates: list[int], threshold: float, rule: str = "cheapest"
 ) -> torch.Tensor:
-    """Pattern id per (batch, head) from ARM recalls: argmax recall over candidate patterns, ties to
-    the lower plan density then the order spatial, temporal, textural; dense if the best recall < threshold.
+    """Pattern id per (batch, head) from ARM recalls (or any per-pattern kept mass, e.g. an exact oracle's).
 
-    Degenerate patterns (whose plan is dense anyway, e.g. stride 1) are not candidates.
+    Candidates are ordered by executed plan density, ties in the order spatial, temporal, textural; degenerate
+    patterns (whose plan is dense anyway, e.g. stride 1) are not candidates.
+
+    * ``"cheapest"``: the first (cheapest) candidate whose recall >= ``threshold``; dense if none reaches it.
+    * ``"argmax"``: the candidate with the highest recall (ties to the cheaper); dense if that recall < threshold.
+      Raw recall favours whichever pattern executes more keys.
     """
+    if rule not in ARM_RULES:
+        raise ValueError(f"arm rule must be one of {ARM_RULES}, got {rule!r}")
     order = sorted(
         (p for p in candidates if plan.density[p] < 1.0 - 1e-9 and not (p == TEXTURAL and plan.params.stride == 1)),
         key=lambda p: (plan.density[p], p),
@@ -114,9 +121,12 @@ def choose_patterns(
         return torch.zeros(B, H, dtype=torch.int8, device=recalls.device)
     cols = torch.as_tensor([p - 1 for p in order], device=recalls.device)
     r = recalls.index_select(-1, cols)
-    arg = r.argmax(dim=-1)  # argmax returns the first maximum: the lowest density among ties
-    best = r.gather(-1, arg.unsqueeze(-1)).squeeze(-1)
-    ids = torch.as_tensor(order, device=recalls.device)[arg]
-    ids = torch.where(best >= threshold, ids, torch.zeros_like(ids))
-    return ids.to(torch.int8)
-
+    ok = r >= threshold
+    if rule == "cheapest":
+        pick = ok.to(torch.uint8).argmax(dim=-1)  # argmax returns the first maximum: the cheapest passing
+        passed = ok.any(dim=-1)
+    else:
+        pick = r.argmax(dim=-1)  # first maximum: the lowest density among ties
+        passed = ok.gather(-1, pick.unsqueeze(-1)).squeeze(-1)
+    ids = torch.as_tensor(order, device=recalls.device)[pick]
+    return torch.where(passed, ids, torch.zeros_like(ids)).to(torch.int8)
