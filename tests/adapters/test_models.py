@@ -227,3 +227,23 @@ def test_batch_elements_decide_independently():
         single = {k: v[b : b + 1] for k, v in inputs.items()}
         assert rel_err(run(model, single), both[b : b + 1]) < 1e-5
 
+
+# --------------------------------------------------------------------------- autograd
+@pytest.mark.parametrize("force", ["spatial", None], ids=["forced-spatial", "arm"])
+def test_backward_through_sparse_cogvideox(force):
+    """A bare transformer called without no_grad (training, gradient probing): the forward runs sparse and
+    loss.backward() reaches every parameter; ARM (force None) builds no graph of its own."""
+    model = make_cogvideox()
+    inputs = cogvideox_inputs(model)
+    cfg = RainFusionConfig(sparsity=0.75, force_pattern=force, block_m=16, block_n=16, **SPARSE)
+    apply_rainfusion(model, cfg)
+    loss = model(**inputs).sample.square().mean()
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    qkv = model.transformer_blocks[0].attn1.to_q.weight.grad
+    assert qkv.abs().sum() > 0
+    stats = get_attention_stats(model, log=False)
+    assert stats.density < 1.0 and stats.pattern_histogram.get("fallback", 0) == 0
+    if force == "spatial":
+        assert stats.pattern_histogram["spatial"] == sum(stats.pattern_histogram.values())

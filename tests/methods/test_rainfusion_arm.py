@@ -1,5 +1,5 @@
 """RainFusion's ARM recognizer: probe placement, the decision rule, planted heads of several strengths against an
-exact oracle, probe cost."""
+exact oracle, probe cost, and autograd (ARM builds no graph; gradients through the sparse path are exact)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from conftest import rel_err
 
 from diffusers_attn.adapters import run_method
 from diffusers_attn.context import AttentionContext
@@ -183,3 +185,53 @@ def test_argmax_rule_lets_temporal_swallow_weak_heads():
     assert (patterns == TEMPORAL).all(), patterns
     patterns, *_ = _planted_run(PLANT_LAYOUTS[0], 2, "cheapest")
     assert patterns[:, 0].tolist() == [SPATIAL] * 2 and patterns[:, 2].tolist() == [TEXTURAL] * 2
+
+
+# --------------------------------------------------------------------------- autograd
+def test_arm_runs_on_inputs_that_require_grad():
+    """q, k, v with requires_grad (a training or probing forward): ARM decides as without grad, records plain
+    numpy, and the output carries gradients."""
+    layout = TokenLayout.video_first((6, 6, 8), 10)
+    q0, k0, v0 = planted_qkv(layout, 2, ["spatial", "temporal", "textural", "random"], 16)
+    cfg = RainFusionConfig(sparsity=0.75, dense_steps=0, dense_layers=0, min_video_tokens=0, block_m=16,
+                           block_n=16)
+    decisions = []
+    for grad in (False, True):
+        q, k, v = (x.clone().requires_grad_(grad) for x in (q0, k0, v0))
+        ctx = _ctx()
+        out = run_method(RainFusionMethod(cfg), q, k, v, layout=layout, key_padding_mask=None, scale=None,
+                         layer_index=0, context=ctx, dense_fn=lambda: F.scaled_dot_product_attention(q, k, v))
+        dec = ctx.last_decisions[0]
+        assert isinstance(dec.recalls, np.ndarray) and isinstance(dec.patterns, np.ndarray)
+        decisions.append(dec.patterns)
+        if grad:
+            assert out.requires_grad
+            out.square().sum().backward()
+            assert all(x.grad is not None and torch.isfinite(x.grad).all() for x in (q, k, v))
+    assert np.array_equal(*decisions) and set(decisions[0][0].tolist()) >= {SPATIAL, TEMPORAL, TEXTURAL, DENSE}
+
+
+@pytest.mark.parametrize("force", ["spatial", "temporal", "textural"])
+def test_sparse_gradients_equal_masked_dense_gradients(force):
+    """fp64: d/dq, d/dk, d/dv through the sparse path equal those of dense attention with the executed mask
+    (``plan.token_mask``), key padding included."""
+    layout = TokenLayout.text_first((5, 6, 8), 9)
+    B, H, D, N = 2, 2, 16, layout.seq_len
+    g = torch.Generator().manual_seed(3)
+    q0, k0, v0, w = (torch.randn(B, H, N, D, generator=g, dtype=torch.float64) for _ in range(4))
+    kpm = torch.ones(B, N, dtype=torch.bool)
+    kpm[1, layout.text_len - 3 : layout.text_len] = False
+    cfg = RainFusionConfig(sparsity=0.75, dense_steps=0, dense_layers=0, min_video_tokens=0, block_m=16,
+                           block_n=16, force_pattern=force)
+    method = RainFusionMethod(cfg)
+    q, k, v = (x.clone().requires_grad_() for x in (q0, k0, v0))
+    out = run_method(method, q, k, v, layout=layout, key_padding_mask=kpm, scale=None, layer_index=0,
+                     context=_ctx(), dense_fn=lambda: pytest.fail("a forced pattern never runs the stock path"))
+    (out * w).sum().backward()
+    qr, kr, vr = (x.clone().requires_grad_() for x in (q0, k0, v0))
+    mask = method.plan(layout).token_mask(KIND[force])[None, None] & kpm[:, None, None, :]
+    ref = F.scaled_dot_product_attention(qr, kr, vr, attn_mask=mask)
+    (ref * w).sum().backward()
+    assert rel_err(out.detach(), ref.detach()) < 1e-12
+    for a, b in ((q, qr), (k, kr), (v, vr)):
+        assert rel_err(a.grad, b.grad) < 1e-10

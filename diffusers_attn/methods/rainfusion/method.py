@@ -211,8 +211,9 @@ class RainFusionMethod:
             if hit is not None and hit.key == shape_key and 0 <= call.step - hit.step < cfg.arm_refresh_steps:
                 return hit.patterns, hit.recalls, valid
 
-        with call.timer("arm", q.device):
-            recalls = arm_recalls(q, k, plan, dplan, kpm, scale, backend=cfg.kernel_backend)  # (B, H, 3)
+        # A recognizer, not part of the model: no autograd graph (q, k may require grad when training or probing).
+        with call.timer("arm", q.device), torch.no_grad():
+            recalls = arm_recalls(q.detach(), k.detach(), plan, dplan, kpm, scale, backend=cfg.kernel_backend)
             candidates = [SPARSE_PATTERNS[p] for p in cfg.patterns]
             patterns = choose_patterns(recalls, plan, candidates, cfg.arm_threshold, cfg.arm_rule)  # (B, H)
             packed = torch.cat([patterns.float().unsqueeze(-1), recalls], dim=-1).cpu().numpy()

@@ -86,16 +86,17 @@ def arm_recalls(
     For each probe row, an exact softmax (fp32 accumulation) over all valid keys; the recall of a pattern is the
     mean probability mass inside the mask that pattern will execute (block-expanded for spatial/temporal,
     token-exact textural). The masses come from :func:`diffusers_attn.kernels.probe_block_mass` (a Triton kernel
-    on CUDA that never materialises the (H, P, N) scores).
+    on CUDA that never materialises the (H, P, N) scores). A recognizer, not a trainable path: no autograd graph.
     """
-    rows = dplan["probe_rows"]
-    mass, tex = probe_block_mass(
-        q.index_select(2, rows), k, block_n=plan.block_n, key_padding_mask=key_padding_mask, scale=scale,
-        token_weights=dplan["textural_keys"], backend=backend,
-    )  # (B, H, P, K), (B, H, P)
-    members = dplan["probe_member_stack"]  # (2, P, K): spatial, temporal
-    block_rec = torch.einsum("bhpk,cpk->bhc", mass, members) / rows.numel()
-    return torch.cat([block_rec, tex.mean(-1, keepdim=True)], dim=-1)
+    with torch.no_grad():
+        rows = dplan["probe_rows"]
+        mass, tex = probe_block_mass(
+            q.detach().index_select(2, rows), k.detach(), block_n=plan.block_n, key_padding_mask=key_padding_mask,
+            scale=scale, token_weights=dplan["textural_keys"], backend=backend,
+        )  # (B, H, P, K), (B, H, P)
+        members = dplan["probe_member_stack"]  # (2, P, K): spatial, temporal
+        block_rec = torch.einsum("bhpk,cpk->bhc", mass, members) / rows.numel()
+        return torch.cat([block_rec, tex.mean(-1, keepdim=True)], dim=-1)
 
 
 def choose_patterns(
@@ -119,14 +120,15 @@ def choose_patterns(
     B, H, _ = recalls.shape
     if not order:
         return torch.zeros(B, H, dtype=torch.int8, device=recalls.device)
-    cols = torch.as_tensor([p - 1 for p in order], device=recalls.device)
-    r = recalls.index_select(-1, cols)
-    ok = r >= threshold
-    if rule == "cheapest":
-        pick = ok.to(torch.uint8).argmax(dim=-1)  # argmax returns the first maximum: the cheapest passing
-        passed = ok.any(dim=-1)
-    else:
-        pick = r.argmax(dim=-1)  # first maximum: the lowest density among ties
-        passed = ok.gather(-1, pick.unsqueeze(-1)).squeeze(-1)
-    ids = torch.as_tensor(order, device=recalls.device)[pick]
-    return torch.where(passed, ids, torch.zeros_like(ids)).to(torch.int8)
+    with torch.no_grad():
+        cols = torch.as_tensor([p - 1 for p in order], device=recalls.device)
+        r = recalls.detach().index_select(-1, cols)
+        ok = r >= threshold
+        if rule == "cheapest":
+            pick = ok.to(torch.uint8).argmax(dim=-1)  # argmax returns the first maximum: the cheapest passing
+            passed = ok.any(dim=-1)
+        else:
+            pick = r.argmax(dim=-1)  # first maximum: the lowest density among ties
+            passed = ok.gather(-1, pick.unsqueeze(-1)).squeeze(-1)
+        ids = torch.as_tensor(order, device=recalls.device)[pick]
+        return torch.where(passed, ids, torch.zeros_like(ids)).to(torch.int8)
