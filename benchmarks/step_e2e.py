@@ -139,7 +139,10 @@ def run(name, args, device, dtype, timing):
     t = timeit(step, **timing)
     out["rows"].append({"path": "dense (stock processors)", **t})
     for thr in (args.arm_threshold, 0.0):
+        # threshold 0 means "every head takes its best sparse pattern": the argmax rule (cheapest would take the
+        # cheapest pattern for every head)
         cfg = RainFusionConfig(sparsity=args.sparsity, dense_steps=0, dense_layers=1, arm_threshold=thr,
+                               arm_rule="argmax" if thr == 0 else "cheapest",
                                min_video_tokens=0 if args.smoke or args.reduced_opensora else 4096,
                                block_m=32 if args.smoke else 128, block_n=32 if args.smoke else 64)
         apply_rainfusion(model, cfg)
