@@ -27,9 +27,10 @@ def run(rank: int, world: int, init_file: str, model: str, sparsities: tuple, ou
             else:
                 m = make_hunyuan(heads=4, head_dim=10, num_layers=1, num_single_layers=1)
                 inputs = hunyuan_inputs(batch=2, frames=4, size=8, text_len=12, valid=(5, 12))
+            # argmax at threshold 0: every head sparse with its own best pattern, so heads mix patterns
             cfg = RainFusionConfig(sparsity=sparsity, dense_steps=0, dense_layers=0, min_video_tokens=0,
-                                   arm_threshold=0.0, block_m=16, block_n=16, num_inference_steps=10,
-                                   token_order=token_order)
+                                   arm_threshold=0.0, arm_rule="argmax", block_m=16, block_n=16,
+                                   num_inference_steps=10, token_order=token_order)
             apply_rainfusion(m, cfg)
             ctx = get_attention_context(m)
             with torch.no_grad():
