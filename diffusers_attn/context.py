@@ -19,7 +19,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from .adapters import get_adapter
 from .adapters.base import ModelAdapter
 from .adapters.compile_op import lookup_handle, register_handle
-from .adapters.token_order import TokenPermuter
+from .adapters.token_order import TokenPermuter, permute_tokens
 from .methods.base import CallInfo, MethodRecord
 from .stats import StatsRecorder
 
@@ -105,7 +105,9 @@ class AttentionContext:
         # Token order of the video tokens for this forward (set before each forward from the method's choice)
         self.order_method: Any = None  # the installed method, asked for its token order once per forward
         self.order_sites: Any = None  # the adapter's TokenOrderSites while order hooks are installed
-        self.permuter: TokenPermuter | None = None
+        self.order_tile: tuple[int, int, int] | None = None  # this forward's tile sizes (None: raster)
+        self.order_grid: tuple[int, int, int] | None = None  # the grid they apply to
+        self.permuter: TokenPermuter | None = None  # eager only: the index tensors of ``order_tile``
         self._permuters: dict[tuple, TokenPermuter] = {}
 
     @property
@@ -187,26 +189,30 @@ class AttentionContext:
     @property
     def token_order(self) -> tuple[int, int, int] | None:
         """Tile sizes of this forward's video token order (None: raster)."""
-        return self.permuter.tile if self.permuter is not None else None
+        return self.order_tile
 
     def set_token_order(self, grid: tuple[int, int, int], device: torch.device) -> None:
-        """Ask the method for this forward's token order (a function of the grid only, so every layer agrees)."""
+        """Ask the method for this forward's token order (a function of the grid only, so every layer agrees).
+
+        While ``torch.compile`` traces, only the tile sizes are kept (static for a traced shape); the permutation
+        itself runs inside the opaque op ``diffusers_attn::permute_tokens``, which finds its index tensors here."""
         tile = None
         if self.order_sites is not None and self.order_method is not None:
             tile = self.order_method.token_order(tuple(int(x) for x in grid))
-        if tile is not None and torch.compiler.is_compiling():
-            # The permutation state is Python-side and per shape; inside a traced graph the run keeps the model's
-            # order (the plans follow, so the output stays exact), and the stats say so.
-            self.stats.info["token_order"] = "raster (torch.compile: tile order not supported yet)"
-            tile = None
-        if tile is None:
+        self.order_tile = tuple(int(x) for x in tile) if tile is not None else None
+        self.order_grid = tuple(int(x) for x in grid)
+        if tile is None or torch.compiler.is_compiling():
             self.permuter = None
             return
-        key = (tuple(grid), tuple(tile), device)
+        self.permuter = self.permuter_for(grid, self.order_tile, device)
+
+    def permuter_for(self, grid: tuple[int, int, int], tile: tuple[int, int, int],
+                     device: torch.device) -> TokenPermuter:
+        key = (tuple(int(x) for x in grid), tuple(tile), device)
         p = self._permuters.get(key)
         if p is None:
-            p = self._permuters[key] = TokenPermuter(tuple(int(x) for x in grid), tuple(tile), device)
-        self.permuter = p
+            p = self._permuters[key] = TokenPermuter(key[0], key[1], device)
+        return p
 
     def require_grid(self) -> tuple[int, int, int]:
         if self.grid is None:
@@ -242,7 +248,7 @@ class ContextHook(ModelHook):
         grid, timestep = inputs
         ctx = self.context
         ctx.set_token_order(grid, _device_of(module))
-        if ctx.permuter is not None and ctx.order_sites.forward_kwargs:
+        if ctx.order_tile is not None and ctx.order_sites.forward_kwargs:
             args, kwargs = self._permute_inputs(module, args, kwargs, ctx)
         if torch.compiler.is_compiling():
             # Step counting reads the timestep value on the host: do it at run time inside an opaque op, not
@@ -264,7 +270,7 @@ class ContextHook(ModelHook):
         bound = self._signature.bind(module, *args, **kwargs)
         for name, dim in ctx.order_sites.forward_kwargs.items():
             if bound.arguments.get(name) is not None:
-                bound.arguments[name] = ctx.permuter.permute(bound.arguments[name], dim)
+                bound.arguments[name] = permute_tokens(ctx, bound.arguments[name], dim, inverse=False)
         return bound.args[1:], bound.kwargs
 
 

@@ -43,10 +43,11 @@ def lookup_handle(handle: int, what: str) -> Any:
 def accelerated_attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor], handle: int,
     frames: int, height: int, width: int, video_offset: int, text_offset: int, text_len: int, head_offset: int,
-    total_heads: int, token: Optional[torch.Tensor] = None,
+    total_heads: int, token: Optional[torch.Tensor] = None, tile_t: int = 0, tile_h: int = 0, tile_w: int = 0,
 ) -> torch.Tensor:
     proc = lookup_handle(handle, "processor")
-    layout = TokenLayout(frames, height, width, video_offset, text_offset, text_len)
+    order = (tile_t, tile_h, tile_w) if tile_t > 0 else None  # the video token order (0: raster)
+    layout = TokenLayout(frames, height, width, video_offset, text_offset, text_len, order=order)
 
     def dense() -> torch.Tensor:  # the stock computation (key mask as a boolean attn_mask)
         mask = key_padding_mask[:, None, None, :] if key_padding_mask is not None else None
@@ -69,5 +70,5 @@ def accelerated_attention_op(
 
 @accelerated_attention_op.register_fake
 def _(q, k, v, key_padding_mask, handle, frames, height, width, video_offset, text_offset, text_len, head_offset,
-      total_heads, token=None):
+      total_heads, token=None, tile_t=0, tile_h=0, tile_w=0):
     return q.new_empty(*q.shape[:-1], v.shape[-1])

@@ -168,7 +168,7 @@ class AcceleratedAttnProcessor:
             return accelerated_attention_op(
                 q, k, v, key_padding_mask, self._op_handle, layout.frames, layout.height, layout.width,
                 layout.video_offset, layout.text_offset, layout.text_len, head_offset,
-                total_heads if exchange is not None else 0, ctx.compile_token,
+                total_heads if exchange is not None else 0, ctx.compile_token, *(layout.order or (0, 0, 0)),
             )
         return self.run_method(q, k, v, layout=layout, key_padding_mask=key_padding_mask, dense_fn=dense_fn,
                                head_offset=head_offset, total_heads=total_heads if exchange is not None else None)

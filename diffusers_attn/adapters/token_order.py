@@ -19,6 +19,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
 from ..layout import tile_permutation
+from .compile_op import lookup_handle
 
 PERMUTE_HOOK = "diffusers_attn_token_order"
 UNPERMUTE_HOOK = "diffusers_attn_token_order_inverse"
@@ -65,6 +66,39 @@ class TokenPermuter:
         return self._apply(x, dim, self.inv)
 
 
+def permute_tokens(context: Any, x: Any, dim: int, inverse: bool) -> Any:
+    """Put ``x`` (a tensor or a tuple of them) into ``context``'s token order for this forward (or back).
+
+    Eager: an ``index_select`` with the context's cached permutation. While ``torch.compile`` traces: the opaque op
+    ``diffusers_attn::permute_tokens``, which looks the permutation up at run time (index tensors never enter the
+    graph, so there is no recompilation per shape of the cache)."""
+    tile = context.order_tile
+    if tile is None:
+        return x
+    if isinstance(x, (tuple, list)):
+        return type(x)(permute_tokens(context, v, dim, inverse) for v in x)
+    if not isinstance(x, torch.Tensor):
+        return x
+    if torch.compiler.is_compiling():
+        return permute_tokens_op(x, context.op_handle, dim, inverse, *context.order_grid, *tile)
+    p = context.permuter
+    return p.unpermute(x, dim) if inverse else p.permute(x, dim)
+
+
+@torch.library.custom_op("diffusers_attn::permute_tokens", mutates_args=())
+def permute_tokens_op(x: torch.Tensor, handle: int, dim: int, inverse: bool, frames: int, height: int, width: int,
+                      tt: int, th: int, tw: int) -> torch.Tensor:
+    ctx = lookup_handle(handle, "attention context")
+    p = ctx.permuter_for((frames, height, width), (tt, th, tw), x.device)
+    out = p.unpermute(x, dim) if inverse else p.permute(x, dim)
+    return out.contiguous()
+
+
+@permute_tokens_op.register_fake
+def _(x, handle, dim, inverse, frames, height, width, tt, th, tw):
+    return x.new_empty(x.shape)
+
+
 class _OrderHook(ModelHook):
     _is_stateful = False
 
@@ -73,10 +107,7 @@ class _OrderHook(ModelHook):
         self.context, self.dim, self.inverse = context, dim, inverse
 
     def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
-        p = self.context.permuter
-        if p is None:
-            return output
-        return p.unpermute(output, self.dim) if self.inverse else p.permute(output, self.dim)
+        return permute_tokens(self.context, output, self.dim, self.inverse)
 
 
 def register_order_hooks(transformer: torch.nn.Module, sites: TokenOrderSites, context: Any,

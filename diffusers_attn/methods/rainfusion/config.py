@@ -94,7 +94,7 @@ class RainFusionConfig:
     block_n: int = 64
     num_inference_steps: int | None = None
     kernel_backend: str | None = None
-    token_order: str = "raster"
+    token_order: str = "tiles"
     tile: tuple[int, int, int] | None = None
     mode: str = "rf1"
     rf2_first_frame: str = "sink"
