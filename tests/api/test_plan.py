@@ -12,7 +12,13 @@ import pytest
 
 from diffusers_attn.cli import main
 from diffusers_attn.layout import TokenLayout
-from diffusers_attn.methods.rainfusion import PATTERN_NAMES, RainFusionConfig, RainFusionPlan, pattern_params
+from diffusers_attn.methods.rainfusion import (
+    PATTERN_NAMES,
+    RainFusionConfig,
+    RainFusionMethod,
+    RainFusionPlan,
+    pattern_params,
+)
 from diffusers_attn.model_shapes import MODEL_SHAPES, get_model_shape
 from diffusers_attn.plan_report import forced_video_share, plan_report
 
@@ -71,11 +77,17 @@ def test_report_keys_and_types():
     json.dumps(r)  # JSON-ready as returned
 
 
-def test_report_matches_a_direct_plan_at_cogvideox_5b():
-    r = plan_report("cogvideox-5b", 49, 480, 720, sparsity=0.75)
-    layout = TokenLayout.text_first((13, 30, 45), 226)
-    cfg = RainFusionConfig(sparsity=0.75)
-    plan = RainFusionPlan(layout, pattern_params(cfg, layout.grid), 128, 64, cfg.probe_budget, cfg.probe_min_rows)
+@pytest.mark.parametrize("order", ["raster", "tiles"])
+def test_report_matches_a_direct_plan_at_cogvideox_5b(order):
+    r = plan_report("cogvideox-5b", 49, 480, 720, sparsity=0.75, token_order=order)
+    assert r["token_order"] == ("raster" if order == "raster" else [1, 8, 16])
+    tile = None if order == "raster" else (1, 8, 16)
+    layout = TokenLayout.text_first((13, 30, 45), 226, order=tile)
+    cfg = RainFusionConfig(sparsity=0.75, token_order=order)
+    params = RainFusionMethod(cfg).params(layout)  # solved per layout (tile windows differ from raster ones)
+    if order == "raster":
+        assert params == pattern_params(cfg, layout.grid)
+    plan = RainFusionPlan(layout, params, 128, 64, cfg.probe_budget, cfg.probe_min_rows)
     for i, name in enumerate(PATTERN_NAMES):
         assert r["executed_video_density"][name] == pytest.approx(plan.video_pairs(i) / 17_550 ** 2, rel=1e-12)
         assert r["executed_density"][name] == pytest.approx(plan.density[i], rel=1e-12)

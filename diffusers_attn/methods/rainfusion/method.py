@@ -114,7 +114,12 @@ class RainFusionMethod:
             return None
         if cfg.min_video_tokens and grid[0] * grid[1] * grid[2] < cfg.min_video_tokens:
             return None
-        return cfg.resolved_tile
+        tile = cfg.resolved_tile
+        # A tile as wide as the frame (and one frame deep, or as tall as it) orders tokens exactly as raster does:
+        # keep the raster plan then, whose windows are calibrated for small grids (e.g. 8 x 8 frames, 128 tiles).
+        if tile[2] >= grid[2] and (tile[0] == 1 or tile[1] >= grid[1]):
+            return None
+        return tile
 
     def params(self, layout: TokenLayout) -> PatternParams:
         """Pattern windows for this layout: in tile order, the densest windows within the budget (solved once per
