@@ -49,6 +49,24 @@ def _load_triton_probe() -> None:
                               auto=_cuda_only, order=0)
 
 
+def _load_flex() -> None:
+    """the 'flex' backend needs torch >= 2.5 (torch.nn.attention.flex_attention)"""
+    from . import flex_backend as fb
+
+    # Between Triton (order 0) and the PyTorch reference (order 100): on CUDA it takes every call the Triton
+    # kernel does not support, instead of the slow PyTorch segment path.
+    registry.register_backend(BLOCK_SPARSE, "flex", fb.block_sparse_attention_flex, fb.supports, auto=_cuda_only,
+                              order=50)
+
+
+def _load_flex_table() -> None:
+    """the 'flex' backend needs torch >= 2.5 (torch.nn.attention.flex_attention)"""
+    from . import flex_backend as fb
+
+    registry.register_backend(TABLE, "flex", fb.block_sparse_attention_table_flex, fb.supports, auto=_cuda_only,
+                              order=50)
+
+
 def _register_builtin() -> None:
     registry.register_backend(BLOCK_SPARSE, "torch", block_sparse_attention_torch, order=100)
     registry.register_backend(TABLE, "torch", registry.table_from_lists(block_sparse_attention_torch), order=100)
@@ -56,6 +74,8 @@ def _register_builtin() -> None:
     registry.add_loader(BLOCK_SPARSE, _load_triton_block_sparse)
     registry.add_loader(TABLE, _load_triton_table)
     registry.add_loader(PROBE, _load_triton_probe)
+    registry.add_loader(BLOCK_SPARSE, _load_flex)
+    registry.add_loader(TABLE, _load_flex_table)
 
 
 _register_builtin()
