@@ -82,7 +82,8 @@ class _Operation:
 _OPS: dict[str, _Operation] = {
     BLOCK_SPARSE: _Operation("attention"),
     TABLE: _Operation("table attention"),
-    PROBE: _Operation("probe"),
+    # The probe has no FlexAttention form: a "flex" request (a method's kernel_backend) picks the best other one.
+    PROBE: _Operation("probe", aliases={"flex": ("triton", "torch")}),
     BIWKV: _Operation("Bi-WKV", aliases={"torch": ("cumsum", "chunked")}),
 }
 #: The operations with a registry entry.
