@@ -39,6 +39,7 @@ __all__ = [
     "add_loader",
     "available_backends",
     "backend_fn",
+    "operation_label",
     "register_backend",
     "select",
     "table_from_lists",
@@ -167,6 +168,11 @@ def table_from_lists(fn: Callable) -> Callable:
         return fn(q, k, v, table_indices[ht], table_counts[ht], **kwargs)
 
     return run
+
+
+def operation_label(op: str) -> str:
+    """How messages name ``op`` (e.g. ``"attention"``)."""
+    return _op(op, load=False).label
 
 
 def unregister_backend(op: str, name: str) -> None:

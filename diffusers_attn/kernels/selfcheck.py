@@ -126,107 +126,71 @@ def _problem(device, dtype, D, Dv, block_m, block_n):
     return q, k, v, idx, cnt, kpm.to(device)
 
 
+def _errors(op, name, device, dtype, D, Dv, block_m, block_n) -> tuple[float, float]:
+    """(max abs error, relative error) of backend ``name`` on the small problem, with and without key padding."""
+    qc, kc, vc, idx, cnt, kpm = _problem(device, dtype, D, Dv, block_m, block_n)
+    fn = registry.backend_fn(op, name)
+    kw = {"block_m": block_m, "block_n": block_n, "scale": 1.0 / math.sqrt(D), "return_lse": False}
+    errors = []
+    for pad in (kpm, None):
+        if op == TABLE:  # one pattern table per head slot; head (b, h) reads row b * H + h
+            B, H = qc.shape[:2]
+            head_table = torch.arange(B * H, dtype=torch.int32, device=device).view(B, H)
+            out = fn(qc, kc, vc, idx.flatten(0, 1), cnt.flatten(0, 1), head_table, key_padding_mask=pad, **kw)
+        else:
+            out = fn(qc, kc, vc, idx, cnt, key_padding_mask=pad, **kw)
+        ref = block_sparse_attention_torch(
+            qc.float(), kc.float(), vc.float(), idx, cnt, key_padding_mask=pad, impl="math", **kw
+        )
+        diff = (out.float() - ref).nan_to_num(nan=math.inf)
+        errors.append((float(diff.abs().max()), float(diff.norm() / ref.norm().clamp_min(1e-30))))
+    return max(e[0] for e in errors), max(e[1] for e in errors)
+
+
 def _check(key, op, name, q, v, block_m, block_n) -> bool:
     dtype, D, Dv = q.dtype, q.shape[-1], v.shape[-1]
     tol = TOLERANCE.get(dtype, 2e-3)
-    errors: list[tuple[float, float]] = []
-    problem = None
     try:
-        qc, kc, vc, idx, cnt, kpm = problem = _problem(q.device, dtype, D, Dv, block_m, block_n)
-        fn = registry.backend_fn(op, name)
-        scale = 1.0 / math.sqrt(D)
-        for pad in (kpm, None):
-            if op == TABLE:  # one pattern table per head slot; head (b, h) reads row b * H + h
-                B, H = qc.shape[:2]
-                t_idx, t_cnt = idx.flatten(0, 1), cnt.flatten(0, 1)
-                head_table = torch.arange(B * H, dtype=torch.int32, device=q.device).view(B, H)
-                out = fn(
-                    qc,
-                    kc,
-                    vc,
-                    t_idx,
-                    t_cnt,
-                    head_table,
-                    block_m=block_m,
-                    block_n=block_n,
-                    key_padding_mask=pad,
-                    scale=scale,
-                    return_lse=False,
-                )
-            else:
-                out = fn(
-                    qc,
-                    kc,
-                    vc,
-                    idx,
-                    cnt,
-                    block_m=block_m,
-                    block_n=block_n,
-                    key_padding_mask=pad,
-                    scale=scale,
-                    return_lse=False,
-                )
-            ref = block_sparse_attention_torch(
-                qc.float(),
-                kc.float(),
-                vc.float(),
-                idx,
-                cnt,
-                block_m=block_m,
-                block_n=block_n,
-                key_padding_mask=pad,
-                scale=scale,
-                impl="math",
-            )
-            diff = (out.float() - ref).nan_to_num(nan=math.inf)
-            errors.append((float(diff.abs().max()), float(diff.norm() / ref.norm().clamp_min(1e-30))))
-        max_abs = max(e[0] for e in errors)
-        rel = max(e[1] for e in errors)
+        max_abs, rel = _errors(op, name, q.device, dtype, D, Dv, block_m, block_n)
         ok = rel <= tol
         detail = f"max abs error {max_abs:.3g}, relative error {rel:.3g} (tolerance {tol:g})"
-    except Exception as e:  # noqa: BLE001 -- a kernel that cannot even run the small problem is as untrustworthy as a wrong one
+    except Exception as e:  # noqa: BLE001 -- a kernel that cannot run the small problem is as untrustworthy
         ok, max_abs, rel = False, math.nan, math.nan
         detail = f"raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    del problem
     with _lock:
         _results[key] = ok
-    if not ok:
-        fallback = next(
-            (
-                a
-                for a in FALLBACKS
-                if a != name and registry.unavailable_reason(op, a, (q, q, v, block_m, block_n)) is None
-            ),
-            REFERENCE,
-        )
-        record = {
-            "operation": op,
-            "backend": name,
-            "device": key[2],
-            "dtype": str(dtype).removeprefix("torch."),
-            "head_dim": D,
-            "value_dim": Dv,
-            "block_m": block_m,
-            "block_n": block_n,
-            "max_abs_error": max_abs,
-            "relative_error": rel,
-            "tolerance": tol,
-            "fallback": fallback,
-        }
-        with _lock:
-            _failures.append(record)
-        logger.error(
-            "diffusers-attn: the %r %s kernel FAILED its first-use self-check on %s %s head_dim %d (blocks %dx%d) "
-            "against the fp32 PyTorch reference: %s. Falling back to %r for the rest of this process "
-            "(DIFFATTN_SELF_CHECK=0 disables the check).",
-            name,
-            registry._op(op).label,
-            key[2],
-            record["dtype"],
-            D,
-            block_m,
-            block_n,
-            detail,
-            fallback,
-        )
-    return ok
+    if ok:
+        return True
+    args = (q, q, v, block_m, block_n)
+    fallback = next((a for a in FALLBACKS if a != name and registry.unavailable_reason(op, a, args) is None), REFERENCE)
+    record = {
+        "operation": op,
+        "backend": name,
+        "device": key[2],
+        "dtype": str(dtype).removeprefix("torch."),
+        "head_dim": D,
+        "value_dim": Dv,
+        "block_m": block_m,
+        "block_n": block_n,
+        "max_abs_error": max_abs,
+        "relative_error": rel,
+        "tolerance": tol,
+        "fallback": fallback,
+    }
+    with _lock:
+        _failures.append(record)
+    logger.error(
+        "diffusers-attn: the %r %s kernel FAILED its first-use self-check on %s %s head_dim %d (blocks %dx%d) "
+        "against the fp32 PyTorch reference: %s. Falling back to %r for the rest of this process "
+        "(DIFFATTN_SELF_CHECK=0 disables the check).",
+        name,
+        registry.operation_label(op),
+        key[2],
+        record["dtype"],
+        D,
+        block_m,
+        block_n,
+        detail,
+        fallback,
+    )
+    return False
