@@ -20,7 +20,6 @@ from .adapters import get_adapter
 from .adapters.base import ModelAdapter
 from .adapters.compile_op import lookup_handle, register_handle
 from .adapters.token_order import TokenPermuter, permute_tokens
-from .kernels.selfcheck import failure_count, self_check_failures
 from .methods.base import CallInfo, MethodRecord
 from .stats import StatsRecorder
 
@@ -154,8 +153,6 @@ class AttentionContext:
             self.last_decisions[layer_index] = record.decision
         if record.info:
             self.stats.info.update(record.info)
-        if failure_count():  # a fast kernel failed its first-use check and calls fell back (kernels.selfcheck)
-            self.stats.info["kernel_self_check_failures"] = self_check_failures()
 
     def begin_generation(self) -> None:
         """Start a new generation by hand (models whose generation is not a sequence of timestep forwards)."""

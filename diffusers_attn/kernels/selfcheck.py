@@ -6,7 +6,7 @@ small synthetic problem with the same properties (strided views, tails, an empty
 with the exact PyTorch reference in fp32 (milliseconds, plus the kernel's first compilation). On a mismatch or an
 exception, one error is logged with the numbers and, for the rest of the process, calls with that key fall back
 to ``"flex"`` and then to the PyTorch reference (each fallback is checked the same way). Failures are listed by
-:func:`self_check_failures` (RainFusion's stats show them as ``info["kernel_self_check_failures"]``).
+:func:`self_check_failures` (RainFusion's records put them in the stats as ``info["kernel_self_check_failures"]``, :func:`stats_info`).
 
 ``$DIFFATTN_SELF_CHECK``: ``auto`` (default: on for CUDA tensors), ``1`` (every device) or ``0`` (off).
 Skipped while a CUDA graph is being captured (the comparison reads results on the host).
@@ -71,6 +71,11 @@ def self_check_failures() -> list[dict[str, Any]]:
 def failure_count() -> int:
     """How many self-checks failed in this process (cheap: for per-call stats)."""
     return len(_failures)
+
+
+def stats_info() -> dict[str, Any]:
+    """``{"kernel_self_check_failures": [...]}`` once a check has failed, else ``{}`` (for a method's record)."""
+    return {"kernel_self_check_failures": self_check_failures()} if _failures else {}
 
 
 def reset() -> None:
