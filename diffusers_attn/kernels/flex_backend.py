@@ -9,8 +9,10 @@ the list block sizes (FlexAttention's default 128-wide key tile does not divide 
 
 ``$DIFFATTN_FLEX_COMPILE``: ``auto`` (default; compiled on CUDA, eager elsewhere), ``1`` (always compiled; static
 shapes on CPU, where dynamic-shape compilation of FlexAttention is broken) or ``0`` (always eager: materializes
-the full score matrix, for debugging and small CPU tests). Compiled CPU FlexAttention cannot return the LSE: such
-calls run eagerly.
+the full score matrix, for debugging and small CPU tests). Inside a compiled graph (the package's custom op under
+``torch.compile``) eager FlexAttention cannot run (functorch is off there): with compilation off, such calls run
+on the PyTorch reference. Compiled CPU FlexAttention cannot return the LSE: such calls run eagerly (inside a
+compiled graph: on the PyTorch reference).
 
 Imported lazily (the first query of a block-sparse operation); needs torch >= 2.5.
 """
@@ -28,6 +30,7 @@ from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attent
 
 from .._env import env_var
 from .block_format import lists_to_block_mask, num_blocks
+from .reference import block_sparse_attention_torch
 
 __all__ = [
     "block_sparse_attention_flex",
@@ -211,8 +214,19 @@ def _build(kv_indices, kv_counts, n_q, n_k, block_m, block_n, key_padding_mask, 
     )
 
 
-def _run(q, k, v, block_mask, block_m, block_n, scale, return_lse):
-    compiled = compile_mode(q.device) and not (return_lse and q.device.type == "cpu")
+def _vmap_available() -> bool:
+    """False inside a compiled graph's custom op, where functorch (vmap, which eager FlexAttention needs) is off."""
+    return not torch._C._dispatch_tls_is_dispatch_key_excluded(torch._C.DispatchKey.FuncTorchDynamicLayerFrontMode)
+
+
+def _run(q, k, v, block_mask, block_m, block_n, scale, return_lse, reference):
+    """Run FlexAttention. ``reference()`` runs the same call on the PyTorch backend where Flex cannot: eager Flex
+    inside a compiled graph (it needs vmap, which is off there) and the LSE from compiled Flex on CPU there."""
+    compiled = compile_mode(q.device)
+    if not _vmap_available() and (not compiled or (return_lse and q.device.type == "cpu")):
+        return reference()
+    if compiled and return_lse and q.device.type == "cpu":  # the CPU kernel has no LSE output
+        compiled = False
     opts = kernel_options(block_m, block_n, q.device)
     aux = AuxRequest(lse=True) if return_lse else None
     if compiled:
@@ -242,7 +256,12 @@ def block_sparse_attention_flex(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The ``"flex"`` backend of ``block_sparse_attention`` (inputs validated by the dispatcher)."""
     bm = build_block_mask(kv_indices, kv_counts, q.shape[2], k.shape[2], block_m, block_n, key_padding_mask)
-    return _run(q, k, v, bm, block_m, block_n, scale, return_lse)
+    kw = {"block_m": block_m, "block_n": block_n, "key_padding_mask": key_padding_mask, "scale": scale}
+
+    def ref():
+        return block_sparse_attention_torch(q, k, v, kv_indices, kv_counts, return_lse=return_lse, **kw)
+
+    return _run(q, k, v, bm, block_m, block_n, scale, return_lse, ref)
 
 
 def block_sparse_attention_table_flex(
@@ -263,4 +282,10 @@ def block_sparse_attention_table_flex(
     bm = build_block_mask(
         table_indices, table_counts, q.shape[2], k.shape[2], block_m, block_n, key_padding_mask, head_table=head_table
     )
-    return _run(q, k, v, bm, block_m, block_n, scale, return_lse)
+    kw = {"block_m": block_m, "block_n": block_n, "key_padding_mask": key_padding_mask, "scale": scale}
+    ht = head_table.long()
+
+    def ref():
+        return block_sparse_attention_torch(q, k, v, table_indices[ht], table_counts[ht], return_lse=return_lse, **kw)
+
+    return _run(q, k, v, bm, block_m, block_n, scale, return_lse, ref)

@@ -184,3 +184,23 @@ def test_compiled_matches_reference(D, padded, monkeypatch):
     out = block_sparse_attention(q, k, v, idx, cnt, block_m=bm, block_n=bn, key_padding_mask=kpm, backend="flex")
     _, empty = check(out, q, k, v, idx, cnt, n_q, n_k, bm, bn, kpm, tol=1e-5)
     assert empty.any()
+
+
+@pytest.mark.parametrize("mode", ["auto", "1"])
+def test_inside_torch_compile(mode, monkeypatch):
+    """Inside a compiled graph (the custom op) eager Flex cannot run (no vmap): compiled Flex runs there, and with
+    compilation off the call takes the exact PyTorch reference instead of failing."""
+    monkeypatch.setenv("DIFFATTN_FLEX_COMPILE", mode)
+    q, k, v, g = make(1, 2, 80, 80, 32, seed=5)
+    idx, cnt = lists(g, 1, 2, 80, 80, 16, 16)
+    kpm = torch.ones(1, 80, dtype=torch.bool)
+    kpm[0, 70:] = False
+
+    def f(q, k, v):
+        return block_sparse_attention(
+            q * 1.0, k, v, idx, cnt, block_m=16, block_n=16, key_padding_mask=kpm, backend="flex"
+        )
+
+    with torch.no_grad():
+        out = torch.compile(f, fullgraph=True)(q, k, v)
+    check(out, q, k, v, idx, cnt, 80, 80, 16, 16, kpm, tol=1e-5)
