@@ -99,7 +99,10 @@ def _flex_fn(device: torch.device) -> Callable:
 def _fingerprint(t: torch.Tensor | None) -> tuple | None:
     if t is None:
         return None
-    return (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device, t._version)
+    # Inference tensors have no version counter: an in-place edit of one between calls is not detected (the
+    # package never edits lists in place; they are rebuilt per plan).
+    version = None if t.is_inference() else t._version
+    return (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device, version)
 
 
 def clear_cache() -> None:

@@ -124,6 +124,9 @@ def test_cache_keyed_on_list_identity_and_version():
     b = fb.build_block_mask(idx, cnt, 64, 64, 16, 16)
     assert b is not a and int(b.full_kv_num_blocks[0, 0, 0]) == 0
     assert fb.build_block_mask(idx.clone(), cnt, 64, 64, 16, 16) is not b  # another tensor: rebuilt
+    with torch.inference_mode():  # no version counter on inference tensors: still cached by identity
+        i2, c2 = idx.clone(), cnt.clone()
+        assert fb.build_block_mask(i2, c2, 64, 64, 16, 16) is fb.build_block_mask(i2, c2, 64, 64, 16, 16)
 
 
 def test_broadcast_lists_strided_and_table(monkeypatch):
