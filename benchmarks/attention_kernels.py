@@ -66,20 +66,13 @@ def sdpa_backends(device):
 
 
 def flex_fn(idx, cnt, n, bm, bn, device):
-    """FlexAttention with the same lists, or None and the reason it is unavailable."""
-    try:
-        from torch.nn.attention.flex_attention import BlockMask, flex_attention
-    except ImportError as e:
-        return None, f"flex_attention unavailable: {e}"
-    K = num_blocks(n, bn)
-    pad = K - idx.shape[-1]
-    full_idx = F.pad(idx, (0, pad)) if pad > 0 else idx
-    try:
-        bmask = BlockMask.from_kv_blocks(cnt, full_idx.contiguous(), BLOCK_SIZE=(bm, bn), seq_lengths=(n, n))
-        compiled = torch.compile(flex_attention, dynamic=False)
-    except Exception as e:  # noqa: BLE001 - report any setup failure as a row, keep benchmarking
-        return None, f"flex setup failed: {type(e).__name__}: {e}"
-    return (lambda q, k, v: compiled(q, k, v, block_mask=bmask)), None
+    """FlexAttention with the same lists (the package's "flex" backend: BlockMask cached per list tensors, kernel
+    tiles dividing the list blocks, compiled on CUDA), or None and the reason it is unavailable."""
+    from diffusers_attn.kernels import available_backends
+
+    if "flex" not in available_backends():
+        return None, "flex backend unavailable (needs torch >= 2.5)"
+    return (lambda q, k, v: block_sparse_attention(q, k, v, idx, cnt, block_m=bm, block_n=bn, backend="flex")), None
 
 
 def bench(name, B, args, device, dtype, timing):

@@ -11,8 +11,11 @@
 
 Every operation (``block_sparse_attention``, ``block_sparse_attention_table``, ``probe_block_mass``, ``biwkv``)
 dispatches through one registry (:mod:`.registry`): ``"torch"`` (exact PyTorch, any device), ``"triton"`` (picked
-automatically on CUDA) and whatever :func:`register_backend` adds. ``backend=None`` picks automatically; the
-environment variable ``DIFFATTN_KERNEL`` (a backend name or ``auto``) overrides the automatic choice for debugging.
+automatically on CUDA), ``"flex"`` (PyTorch FlexAttention; automatic on CUDA where Triton cannot run a call) and
+whatever :func:`register_backend` adds. ``backend=None`` picks automatically; the environment variable
+``DIFFATTN_KERNEL`` (a backend name or ``auto``) overrides the automatic choice for debugging. The first call of a
+fast backend per (device, dtype, head_dim) is checked against the reference (:mod:`.selfcheck`,
+``DIFFATTN_SELF_CHECK``); a failing one falls back to Flex, then PyTorch.
 Set ``DIFFATTN_CHECKS=1`` to also validate index contents (costs a device sync).
 
 This package has no model knowledge and never imports Triton at import time.
@@ -40,6 +43,7 @@ from .dispatch import (
 )
 from .reference import block_sparse_attention_torch, masked_attention_reference, probe_block_mass_torch
 from .registry import OPERATIONS, available_backends, register_backend, unregister_backend
+from .selfcheck import self_check_failures
 
 __all__ = [
     "block_sparse_attention",
@@ -50,6 +54,7 @@ __all__ = [
     "available_backends",
     "register_backend",
     "unregister_backend",
+    "self_check_failures",
     "OPERATIONS",
     "block_mask_to_lists",
     "lists_to_block_mask",

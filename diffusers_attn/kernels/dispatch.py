@@ -1,8 +1,10 @@
 """Validation and eager dispatch of the attention operations through the backend registry.
 
 The public entry points are in :mod:`diffusers_attn.kernels` (they add the ``torch.compile`` path); this module
-registers the built-in backends: ``"torch"`` (exact reference, any device) and ``"triton"`` (loaded lazily; chosen
-automatically for CUDA tensors only, explicit requests also run it on CPU under ``TRITON_INTERPRET=1``).
+registers the built-in backends: ``"torch"`` (exact reference, any device), ``"triton"`` (loaded lazily; chosen
+automatically for CUDA tensors only, explicit requests also run it on CPU under ``TRITON_INTERPRET=1``) and
+``"flex"`` (PyTorch FlexAttention, loaded lazily; automatic on CUDA where Triton cannot run a call). Every
+attention call of a fast backend passes the first-use self-check (:mod:`.selfcheck`) before it runs.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .._env import env_flag
-from . import registry
+from . import registry, selfcheck
 from .block_format import num_blocks
 from .reference import block_sparse_attention_torch, probe_block_mass_torch
 from .registry import BLOCK_SPARSE, PROBE, TABLE
@@ -49,6 +51,24 @@ def _load_triton_probe() -> None:
                               auto=_cuda_only, order=0)
 
 
+def _load_flex() -> None:
+    """the 'flex' backend needs torch >= 2.5 (torch.nn.attention.flex_attention)"""
+    from . import flex_backend as fb
+
+    # Between Triton (order 0) and the PyTorch reference (order 100): on CUDA it takes every call the Triton
+    # kernel does not support, instead of the slow PyTorch segment path.
+    registry.register_backend(BLOCK_SPARSE, "flex", fb.block_sparse_attention_flex, fb.supports, auto=_cuda_only,
+                              order=50)
+
+
+def _load_flex_table() -> None:
+    """the 'flex' backend needs torch >= 2.5 (torch.nn.attention.flex_attention)"""
+    from . import flex_backend as fb
+
+    registry.register_backend(TABLE, "flex", fb.block_sparse_attention_table_flex, fb.supports, auto=_cuda_only,
+                              order=50)
+
+
 def _register_builtin() -> None:
     registry.register_backend(BLOCK_SPARSE, "torch", block_sparse_attention_torch, order=100)
     registry.register_backend(TABLE, "torch", registry.table_from_lists(block_sparse_attention_torch), order=100)
@@ -56,6 +76,8 @@ def _register_builtin() -> None:
     registry.add_loader(BLOCK_SPARSE, _load_triton_block_sparse)
     registry.add_loader(TABLE, _load_triton_table)
     registry.add_loader(PROBE, _load_triton_probe)
+    registry.add_loader(BLOCK_SPARSE, _load_flex)
+    registry.add_loader(TABLE, _load_flex_table)
 
 
 _register_builtin()
@@ -131,6 +153,7 @@ def block_sparse_attention_eager(q, k, v, kv_indices, kv_counts, *, block_m, blo
     """:func:`diffusers_attn.kernels.block_sparse_attention` outside ``torch.compile`` tracing."""
     _validate(q, k, v, kv_indices, kv_counts, block_m, block_n, key_padding_mask)
     name = registry.select(BLOCK_SPARSE, (q, k, v, block_m, block_n), backend)
+    name = selfcheck.resolve(BLOCK_SPARSE, name, q, v, block_m, block_n)
     return registry.backend_fn(BLOCK_SPARSE, name)(
         q, k, v, kv_indices, kv_counts, block_m=block_m, block_n=block_n, key_padding_mask=key_padding_mask,
         scale=scale, return_lse=return_lse,
@@ -156,6 +179,7 @@ def block_sparse_attention_table_eager(q, k, v, table_indices, table_counts, hea
     if env_flag("CHECKS"):
         _check(bool(((head_table >= 0) & (head_table < P)).all()), f"head_table entries must lie in [0, {P})")
     name = registry.select(TABLE, (q, k, v, block_m, block_n), backend)
+    name = selfcheck.resolve(TABLE, name, q, v, block_m, block_n)
     return registry.backend_fn(TABLE, name)(
         q, k, v, table_indices, table_counts, head_table, block_m=block_m, block_n=block_n,
         key_padding_mask=key_padding_mask, scale=scale, return_lse=return_lse,
@@ -165,8 +189,10 @@ def block_sparse_attention_table_eager(q, k, v, table_indices, table_counts, hea
 def select_backend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m: int, block_n: int, backend: str | None = None
 ) -> str:
-    """The backend ``block_sparse_attention`` would use for these inputs (``backend`` as in that function)."""
-    return registry.select(BLOCK_SPARSE, (q, k, v, block_m, block_n), backend)
+    """The backend ``block_sparse_attention`` would use for these inputs (``backend`` as in that function),
+    after the first-use self-check (:mod:`.selfcheck`) of the chosen one."""
+    name = registry.select(BLOCK_SPARSE, (q, k, v, block_m, block_n), backend)
+    return selfcheck.resolve(BLOCK_SPARSE, name, q, v, block_m, block_n)
 
 
 def fast_kernel_unavailable(
@@ -174,7 +200,8 @@ def fast_kernel_unavailable(
 ) -> str | None:
     """Why the GPU kernel cannot run these inputs (None when it can): the reason a CUDA call takes the slow
     PyTorch path, for logs and stats."""
-    return registry.unavailable_reason(BLOCK_SPARSE, "triton", (q, k, v, block_m, block_n))
+    reason = registry.unavailable_reason(BLOCK_SPARSE, "triton", (q, k, v, block_m, block_n))
+    return reason or selfcheck.failed(BLOCK_SPARSE, "triton", q, v, block_m, block_n)
 
 
 def probe_block_mass(

@@ -39,6 +39,7 @@ __all__ = [
     "add_loader",
     "available_backends",
     "backend_fn",
+    "operation_label",
     "register_backend",
     "select",
     "table_from_lists",
@@ -82,7 +83,8 @@ class _Operation:
 _OPS: dict[str, _Operation] = {
     BLOCK_SPARSE: _Operation("attention"),
     TABLE: _Operation("table attention"),
-    PROBE: _Operation("probe"),
+    # The probe has no FlexAttention form: a "flex" request (a method's kernel_backend) picks the best other one.
+    PROBE: _Operation("probe", aliases={"flex": ("triton", "torch")}),
     BIWKV: _Operation("Bi-WKV", aliases={"torch": ("cumsum", "chunked")}),
 }
 #: The operations with a registry entry.
@@ -166,6 +168,11 @@ def table_from_lists(fn: Callable) -> Callable:
         return fn(q, k, v, table_indices[ht], table_counts[ht], **kwargs)
 
     return run
+
+
+def operation_label(op: str) -> str:
+    """How messages name ``op`` (e.g. ``"attention"``)."""
+    return _op(op, load=False).label
 
 
 def unregister_backend(op: str, name: str) -> None:

@@ -51,7 +51,8 @@ class RainFusionConfig:
         block_m: Query block size of the block lists.
         block_n: Key block size of the block lists.
         num_inference_steps: Total steps, for fractional ``dense_steps`` when no pipeline is available.
-        kernel_backend: Force a block-sparse kernel backend (``"torch"``, ``"triton"``); default automatic.
+        kernel_backend: Force a block-sparse kernel backend (``"torch"``, ``"triton"``, ``"flex"``: PyTorch
+            FlexAttention); default automatic (CUDA: Triton, else Flex where Triton cannot run the call).
         token_order: ``"raster"`` (the model's (t, h, w) order) or ``"tiles"``: the transformer runs the video
             tokens of frames t >= 1 in spatio-temporal tiles of ``tile`` = (tt, th, tw) tokens, permuted once where
             they are embedded and restored at the output projection (never per layer), so that each query block
@@ -158,8 +159,8 @@ class RainFusionConfig:
             self.tile = tuple(self.tile)
             if len(self.tile) != 3 or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in self.tile):
                 err(f"tile must be None or three positive ints (frames, rows, columns), got {self.tile!r}")
-        if self.kernel_backend not in (None, "auto", "torch", "triton"):
-            err(f"kernel_backend must be None, 'auto', 'torch' or 'triton', got {self.kernel_backend!r}")
+        if self.kernel_backend not in (None, "auto", "torch", "triton", "flex"):
+            err(f"kernel_backend must be None, 'auto', 'torch', 'triton' or 'flex', got {self.kernel_backend!r}")
         if self.mode not in MODES:
             err(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.rf2_first_frame not in RF2_FIRST_FRAME:

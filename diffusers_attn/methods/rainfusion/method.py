@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ...kernels import fast_kernel_unavailable, select_backend
+from ...kernels.selfcheck import stats_info as kernel_check_info
 from ...layout import TokenLayout
 from ..base import CallInfo, MethodRecord, dense_record, valid_key_counts
 from .config import (
@@ -233,6 +234,7 @@ class RainFusionMethod:
         cfg = self.config
         backend = select_backend(q, k, v, cfg.block_m, cfg.block_n, cfg.kernel_backend)
         record.kernel = backend
+        record.info.update(kernel_check_info())  # failed first-use kernel checks (and their fallbacks), if any
         if q.is_cuda and backend != "triton":
             # Exact but slow on a GPU: say so once, and count it in stats.
             reason = fast_kernel_unavailable(q, k, v, cfg.block_m, cfg.block_n) or f"kernel_backend={backend!r}"

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from ...kernels import block_sparse_attention, fast_kernel_unavailable, num_blocks, select_backend
+from ...kernels.selfcheck import stats_info as kernel_check_info
 from ...layout import TokenLayout
 from ..base import CallInfo, MethodRecord, dense_record, valid_key_counts
 
@@ -292,7 +293,7 @@ class RF2Attention:
         cfg = self.config
         B, H, _ = entry.stats.shape
         nv2 = float(plan.layout.num_video) ** 2
-        info: dict[str, Any] = {"rainfusion_mode": "rf2"}
+        info: dict[str, Any] = {"rainfusion_mode": "rf2", **kernel_check_info()}
         if not plan.budget_met:
             msg = (f"rf2 forced regions cost {plan.forced_density:.3f} of the video pairs, above the budget "
                    f"{plan.budget:.3f} (rf2_first_frame={cfg.rf2_first_frame!r}): only the forced part is kept")
