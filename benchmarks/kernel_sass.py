@@ -178,21 +178,24 @@ def disassemble(kernel) -> tuple[str, str]:
     return out, "SASS"
 
 
-def resources(kernel) -> dict:
-    """Registers per thread, dynamic shared memory (bytes) and local memory (spills; 0 = none) of a cubin."""
-    res = {"shared_bytes": kernel.metadata.shared, "registers": None, "local_bytes": None}
-    cuobjdump = _tool("cuobjdump")
-    if cuobjdump is None:
-        return res
+def resources(kernel, capability: tuple[int, int]) -> dict:
+    """Registers per thread, shared memory (bytes) and spill stores/loads (bytes) of a compiled kernel: ptxas -v
+    rerun on the kernel's PTX with the flags triton's ``make_cubin`` passes (the cubin does not record spills)."""
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+    res = {"shared_bytes": kernel.metadata.shared, "registers": None, "spill_bytes": None}
     with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "k.cubin"
-        path.write_bytes(kernel.asm["cubin"])
-        out = subprocess.run([cuobjdump, "-res-usage", str(path)], capture_output=True, text=True, check=False).stdout
-    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
-    if m:
-        res["registers"] = int(m.group(1))
-        res["local_bytes"] = int(m.group(2)) + int(m.group(4))  # stack frame + local memory: where spills go
-        res["shared_bytes"] += int(m.group(3))  # static shared on top of the dynamic size
+        path = Path(d) / "k.ptx"
+        path.write_text(kernel.asm["ptx"])
+        cap = capability[0] * 10 + capability[1]
+        cmd = [get_ptxas(cap).path, "-lineinfo", "-v", "--regAllocOptLevel=2",
+               f"--gpu-name={sm_arch_from_capability(cap)}", str(path), "-o", str(Path(d) / "k.cubin")]
+        log = subprocess.run(cmd, capture_output=True, text=True, check=False).stderr
+    m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    r = re.search(r"Used (\d+) registers", log)
+    if m and r:
+        res["spill_bytes"] = int(m.group(1)) + int(m.group(2))
+        res["registers"] = int(r.group(1))
     return res
 
 
@@ -227,7 +230,7 @@ def measure(arch: str, head_dim: int, key_padding: bool, cc=None) -> dict:
     sub = kw["LIST_BN"] // kw["BLOCK_N"]  # key tiles per loop iteration (static_range in our kernel)
     hot = ours_loops[0]["instructions"] / sub
     dense_n = dense_loops[0]["instructions"]
-    r_ours, r_dense = resources(ours), resources(dense)
+    r_ours, r_dense = resources(ours, cap), resources(dense, cap)
     return {
         "arch": arch, "head_dim": head_dim, "key_padding": key_padding, "ratio": round(hot / dense_n, 3),
         "count": kind, "ours_loop": hot, "dense_loop": dense_n,
@@ -235,9 +238,9 @@ def measure(arch: str, head_dim: int, key_padding: bool, cc=None) -> dict:
         "ours_loops": len(ours_loops), "dtype": "float16",
         "tiles": {k: kw[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")},
         "ours_registers": r_ours["registers"], "ours_shared_bytes": r_ours["shared_bytes"],
-        "ours_spill_local_bytes": r_ours["local_bytes"],
+        "ours_spill_bytes": r_ours["spill_bytes"],
         "dense_registers": r_dense["registers"], "dense_shared_bytes": r_dense["shared_bytes"],
-        "dense_spill_local_bytes": r_dense["local_bytes"],
+        "dense_spill_bytes": r_dense["spill_bytes"],
     }
 
 
@@ -267,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{r['ratio']:>6.3f} {r['ours_masked_loop'] or float('nan'):>7.0f} "
                       f"{r['ours_registers']}/{r['dense_registers']:<5} "
                       f"{r['ours_shared_bytes'] / 1024:>5.1f}/{r['dense_shared_bytes'] / 1024:<5.1f} "
-                      f"{r['ours_spill_local_bytes']}/{r['dense_spill_local_bytes']}")
+                      f"{r['ours_spill_bytes']}/{r['dense_spill_bytes']}")
     print("ours/dense: instructions per warp per key tile in the loop body (ours: the hot full-tile loop; masked: "
           "the boundary-tile loop); regs, smem, spill: ours/dense")
     if a.json:

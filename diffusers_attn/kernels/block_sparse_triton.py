@@ -140,8 +140,12 @@ def _bsa_fwd_kernel(
 
     # Hot loop: full key tiles. Every score is finite, so after the first tile m_new is finite and the scale
     # folds into one FMA inside exp2 (the Triton-tutorial flash loop plus one scalar index load per block).
+    # The block index is fetched one iteration ahead, so the K/V loads do not depend on a load of the same
+    # iteration and the pipeliner gives them all num_stages buffers (2 instead of 3 otherwise).
+    kb_next = tl.load(idx_base)  # in bounds: K_max >= 1
     for j in range(n_full):
-        kb = tl.load(idx_base + j * s_ij).to(tl.int64)
+        kb = kb_next.to(tl.int64)
+        kb_next = tl.load(idx_base + tl.minimum(j + 1, n_full - 1) * s_ij)
         for s in tl.static_range(SUB):
             n0 = kb * LIST_BN + s * BLOCK_N
             kt = tl.load(k_base + n0 * s_kn + kt_off)
@@ -165,13 +169,14 @@ def _bsa_fwd_kernel(
 
     # Masked loop: the boundary tile(s) of the row (the key tail, the block straddling the end of the valid
     # keys, and with a non-tail key padding mask every block past its first padded key, whose mask it loads).
+    # Not software-pipelined: it runs about one iteration per row, and its pipeline would only hold registers.
     for j in range(n_full, n_end):
         kb = tl.load(idx_base + j * s_ij).to(tl.int64)
         for s in tl.static_range(SUB):
             n0 = kb * LIST_BN + s * BLOCK_N
-            n_ok = loc_n < kv_end - n0
+            n_ok = loc_n < (kv_end - n0).to(tl.int32)  # |kv_end - n0| <= NK
             if HAS_KPM:
-                pad = tl.load(KPM + b * s_pb + (n0 + loc_n) * s_pn, mask=n_ok, other=0)
+                pad = tl.load(KPM + b * s_pb + n0 * s_pn + loc_n * s_pn, mask=n_ok, other=0)
                 n_ok = n_ok & (pad != 0)
             if EVEN_D:
                 kt_mask = n_ok[None, :]
