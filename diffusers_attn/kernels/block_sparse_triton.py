@@ -79,7 +79,7 @@ def _bsa_fwd_kernel(
     LIST_BM: tl.constexpr, LIST_BN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_D: tl.constexpr, HAS_KPM: tl.constexpr, HAS_LSE: tl.constexpr, USE_TABLE: tl.constexpr,
-    IEEE: tl.constexpr, NEG_SCALE: tl.constexpr,
+    IEEE: tl.constexpr, NEG_SCALE: tl.constexpr, MASKED_STAGES: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -169,8 +169,8 @@ def _bsa_fwd_kernel(
 
     # Masked loop: the boundary tile(s) of the row (the key tail, the block straddling the end of the valid
     # keys, and with a non-tail key padding mask every block past its first padded key, whose mask it loads).
-    # Not software-pipelined: it runs about one iteration per row, and its pipeline would only hold registers.
-    for j in range(n_full, n_end):
+    # About one iteration per row, so its pipeline depth is chosen for register pressure (see the wrapper).
+    for j in tl.range(n_full, n_end, num_stages=MASKED_STAGES):
         kb = tl.load(idx_base + j * s_ij).to(tl.int64)
         for s in tl.static_range(SUB):
             n0 = kb * LIST_BN + s * BLOCK_N
@@ -358,6 +358,10 @@ def block_sparse_attention_triton(
         s_t = (0, 0)
         tab = kv_counts
     grid = (triton.cdiv(n_q, bm_t), B * H)
+    # Boundary loop not pipelined on Hopper: that frees registers (no spills; compiled-code counts of
+    # benchmarks/kernel_sass.py, triton 3.9); on Ampere the same change made ptxas spill inside the hot loop.
+    cap = device_capability(q.device)
+    masked_stages = 1 if cap is not None and cap[0] >= 9 else stages
     with launch_guard(q):
         _bsa_fwd_kernel[grid](
             q, k, v, out, lse, kv_indices, kv_counts, tab, kpm, kbnd,
@@ -369,6 +373,7 @@ def block_sparse_attention_triton(
             LIST_BM=block_m, LIST_BN=block_n, BLOCK_M=bm_t, BLOCK_N=bn_t, BLOCK_D=block_d,
             EVEN_D=block_d == D, HAS_KPM=key_padding_mask is not None, HAS_LSE=return_lse,
             USE_TABLE=head_table is not None, IEEE=q.dtype == torch.float32, NEG_SCALE=scale < 0,
+            MASKED_STAGES=masked_stages,
             num_warps=warps, num_stages=stages,
         )
     if return_lse:
