@@ -1,12 +1,18 @@
 """Triton forward kernel for block-sparse flash attention (the ``"triton"`` backend of ``block_sparse_attention``).
 
 One program computes one ``BLOCK_M`` tile of query rows for one (batch, head): it reads that tile's key-block list
-(``kv_indices``/``kv_counts`` at the list granularity ``block_m``/``block_n``; kernel tiles divide them), streams
-only the listed key blocks with an online softmax in fp32 (exp2 domain), masks tails and padded keys, and writes
-the output in the input dtype plus, optionally, the natural-log LSE. A row that sees no valid key gets zeros and
-``lse = -inf``.
+(``kv_indices``/``kv_counts`` at the list granularity ``block_m``/``block_n``; kernel tiles divide them) and streams
+only the listed key blocks with an online softmax in fp32 (exp2 domain). The list is ascending, so it splits into
+full blocks, which take a loop with no masking at all (the scale folded into one FMA inside exp2: the dense flash
+loop plus one scalar index load per block), then the boundary block(s), which take a masked loop (key tail, the
+block straddling padded text, and for a key padding mask that is not a contiguous tail, every block past its first
+padded key, with the mask loaded: still exact), then blocks with no valid key, which are skipped. Key padding
+reaches the kernel as per-batch key bounds computed on the device (``key_bounds``). Addresses are a 64-bit scalar
+base per tile plus 32-bit in-tile offsets (``supports`` refuses strides where those could overflow). Output in the
+input dtype plus, optionally, the natural-log LSE; a row that sees no valid key gets zeros and ``lse = -inf``.
+``benchmarks/kernel_sass.py`` counts the compiled loops against a dense flash loop.
 
-* Inputs: fp16 / bf16 / fp32 (fp32 uses IEEE dot products), any strides (no copies), head_dim up to 256 (padded
+* Inputs: fp16 / bf16 / fp32 (fp32 uses IEEE dot products), strided views (no copies), head_dim up to 256 (padded
   in registers to the next power of two, so 72 and 96 work), Nq != Nk, any N.
 * Compact tables: with ``head_table`` (int32 (B, H)), ``kv_indices``/``kv_counts`` are per-*pattern* tables
   ``[P, M, K_max]``/``[P, M]`` and each (b, h) reads row ``head_table[b, h]``; this is how RainFusion runs all of
