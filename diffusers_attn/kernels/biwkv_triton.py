@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .block_sparse_triton import launch_guard
+
 __all__ = ["biwkv_triton", "supports"]
 
 # Globals read inside @triton.jit must be constexpr (compiled Triton rejects plain Python globals).
@@ -398,6 +400,17 @@ def _empty_init(nf: int, rows: int, C: int, p_fields: tuple[int, ...], device) -
 class _BiWKV(torch.autograd.Function):
     @staticmethod
     def forward(ctx, k, v, w, u, delta: int, chunk: int):
+        with launch_guard(k):
+            return _BiWKV._forward(ctx, k, v, w, u, delta, chunk)
+
+    @staticmethod
+    def backward(ctx, gy):
+        # autograd may run this on another thread, whose current device is not k's
+        with launch_guard(gy):
+            return _BiWKV._backward(ctx, gy)
+
+    @staticmethod
+    def _forward(ctx, k, v, w, u, delta: int, chunk: int):
         B, T, C = k.shape
         k = k.contiguous()
         v = v.contiguous()
@@ -428,7 +441,7 @@ class _BiWKV(torch.autograd.Function):
         return y.to(v.dtype)
 
     @staticmethod
-    def backward(ctx, gy):
+    def _backward(ctx, gy):
         k, v, w32, u32, y, logd = ctx.saved_tensors
         B, T, C = k.shape
         L = min(ctx.chunk, T)

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from . import block_sparse_triton as bst
-from .block_sparse_triton import _pow2_divisor, _tile_scores, interpreter_enabled
+from .block_sparse_triton import _pow2_divisor, _tile_scores, interpreter_enabled, launch_guard
 
 _LOG2E = 1.4426950408889634
 
@@ -58,9 +58,9 @@ def _probe_mass_kernel(
     # Pass 1: row max and normaliser.
     m_i = tl.full([BLOCK_P], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_P], dtype=tl.float32)
-    for kb in range(0, num_kb):
+    for kb in range(num_kb):
         for s in tl.static_range(SUB):
-            offs_n = kb * LIST_BN + s * BLOCK_N + tl.arange(0, BLOCK_N)
+            offs_n = tl.arange(0, BLOCK_N).to(tl.int64) + (kb * LIST_BN + s * BLOCK_N)  # 64-bit: N * stride > 2**31
             qk, _ = _tile_scores(q, k_base, KPM + b * s_pb, s_kn, s_kd, s_pn, offs_n, offs_d, NK, HEAD_DIM,
                                  qk_scale, EVEN_D, HAS_KPM, IEEE)
             m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -73,10 +73,10 @@ def _probe_mass_kernel(
     inv_l = tl.where(l_i > 0.0, 1.0 / tl.where(l_i > 0.0, l_i, 1.0), 0.0)
     t_acc = tl.zeros([BLOCK_P], dtype=tl.float32)
     mass_base = MASS + b * s_mb + h * s_mh + offs_p * s_mp
-    for kb in range(0, num_kb):
+    for kb in range(num_kb):
         blk = tl.zeros([BLOCK_P], dtype=tl.float32)
         for s in tl.static_range(SUB):
-            offs_n = kb * LIST_BN + s * BLOCK_N + tl.arange(0, BLOCK_N)
+            offs_n = tl.arange(0, BLOCK_N).to(tl.int64) + (kb * LIST_BN + s * BLOCK_N)  # 64-bit: N * stride > 2**31
             qk, _ = _tile_scores(q, k_base, KPM + b * s_pb, s_kn, s_kd, s_pn, offs_n, offs_d, NK, HEAD_DIM,
                                  qk_scale, EVEN_D, HAS_KPM, IEEE)
             p = tl.exp2(qk - m_fin[:, None]) * inv_l[:, None]
@@ -129,16 +129,17 @@ def probe_block_mass_triton(
     kpm = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else mass
     tw = token_weights.float().contiguous() if token_weights is not None else mass
     grid = (triton.cdiv(P, block_p), B * H)
-    _probe_mass_kernel[grid](
-        q, k, kpm, tw, mass, tmass if tmass is not None else mass,
-        *q.stride(), *k.stride(),
-        *(kpm.stride() if key_padding_mask is not None else (0, 0)),
-        tw.stride(0) if token_weights is not None else 0,
-        *mass.stride(),
-        *(tmass.stride() if tmass is not None else (0, 0, 0)),
-        H, P, N, D, scale * _LOG2E,
-        LIST_BN=block_n, BLOCK_P=block_p, BLOCK_N=bn_t, BLOCK_D=block_d, EVEN_D=block_d == D,
-        HAS_KPM=key_padding_mask is not None, HAS_TW=token_weights is not None, IEEE=q.dtype == torch.float32,
-        num_warps=warps, num_stages=stages,
-    )
+    with launch_guard(q):
+        _probe_mass_kernel[grid](
+            q, k, kpm, tw, mass, tmass if tmass is not None else mass,
+            *q.stride(), *k.stride(),
+            *(kpm.stride() if key_padding_mask is not None else (0, 0)),
+            tw.stride(0) if token_weights is not None else 0,
+            *mass.stride(),
+            *(tmass.stride() if tmass is not None else (0, 0, 0)),
+            H, P, N, D, scale * _LOG2E,
+            LIST_BN=block_n, BLOCK_P=block_p, BLOCK_N=bn_t, BLOCK_D=block_d, EVEN_D=block_d == D,
+            HAS_KPM=key_padding_mask is not None, HAS_TW=token_weights is not None, IEEE=q.dtype == torch.float32,
+            num_warps=warps, num_stages=stages,
+        )
     return mass, tmass
