@@ -41,6 +41,17 @@ NOT_COUNTED = -1
 
 
 @dataclass
+class PendingStats:
+    """The device tensors a record's numbers come from, read on the host only when the stats are read (one copy
+    for every pending call, no synchronisation per call). ``finish`` receives them as host arrays (same shapes,
+    float64) and returns the record's numeric fields: ``head_patterns``, ``computed``, ``total``,
+    ``video_computed``, ``video_total`` and optionally ``recalls``."""
+
+    tensors: tuple[torch.Tensor, ...]
+    finish: Callable[[list[np.ndarray]], dict[str, Any]]
+
+
+@dataclass
 class MethodRecord:
     """What one attention call computed. ``head_patterns`` (B, H) are indices into ``pattern_names``
     (``NOT_COUNTED`` = none); pair counts are (query, key) pairs times head_dim, summed over batch and heads."""
@@ -59,6 +70,7 @@ class MethodRecord:
     group: int | None = None  # a sub-step with its own density, counted as a step (VAR: the scale)
     group_name: str = "group"
     info: dict[str, Any] = field(default_factory=dict)  # merged into the stats' info
+    pending: PendingStats | None = None  # numbers still on the device (the fields above are placeholders)
 
 
 class AttentionMethod(Protocol):
@@ -103,6 +115,13 @@ def dense_record(
         pattern_names=pattern_names,
         fallback_reason=reason,
     )
+
+
+def deferred_record(tensors: tuple[torch.Tensor, ...], finish: Callable[[list[np.ndarray]], dict[str, Any]],
+                    **fields: Any) -> MethodRecord:
+    """A record whose numbers are computed from device ``tensors`` when the stats are read (see PendingStats)."""
+    return MethodRecord(head_patterns=np.zeros((0, 0), dtype=np.int64), computed=0.0, total=0.0, video_computed=0.0,
+                        video_total=0.0, pending=PendingStats(tuple(tensors), finish), **fields)
 
 
 def valid_key_counts(key_padding_mask: torch.Tensor | None, batch: int, n_k: int) -> list[int]:
