@@ -36,6 +36,7 @@ import torch  # noqa: E402
 from torch.overrides import TorchFunctionMode  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from diffusers_attn.layout import TokenLayout  # noqa: E402
@@ -155,7 +156,7 @@ def _mixed_probe_fill(counter: OpCounter, reads: ReadCounter, member_stack):
     def fill(q, k, kpm, tw, mass, tmass, *rest):
         counter.paused = reads.paused = True
         try:
-            B, H, P, K = mass.shape
+            _, H, P, K = mass.shape
             uniform = torch.full((P, K), 1.0 / K)
             rows = [uniform]
             for m in member_stack:  # spatial, temporal: all mass inside the executed blocks
@@ -216,7 +217,7 @@ def measure(shape: Shape, mode: str = "rf1", dense_heads: str | None = None, cal
     return {
         "shape": shape.name,
         "mode": mode,
-        "dense_heads": getattr(method.config, "dense_heads", "kernel"),
+        "dense_heads": method.config.dense_heads if mode == "rf1" else None,  # rf2 has no dense heads
         "batch": B,
         "heads": H,
         "head_dim": D,
