@@ -95,8 +95,8 @@ def section_correctness(args) -> dict:
             if "padded" in name:
                 kpm[:, -min(192, n // 10):] = False
             for backend in backends:
-                ok = _guarded(lambda: gpu_check.check_case(f"{name} {dtype} {backend}", q, k, v, idx, cnt, bm, bn,
-                                                           kpm, backend=backend, lse=backend == "triton"))
+                ok = _guarded(gpu_check.check_case, f"{name} {dtype} {backend}", q, k, v, idx, cnt, bm, bn, kpm,
+                              backend=backend, lse=backend == "triton")
                 rows.append({"case": name, "dtype": str(dtype), "backend": backend, "ok": ok})
                 all_ok &= ok is True
             del q, k, v
@@ -111,21 +111,21 @@ def section_correctness(args) -> dict:
                 kpm = torch.ones(1, layout.seq_len, dtype=torch.bool, device=device)
                 kpm[:, layout.text_offset + valid_text: layout.text_offset + layout.text_len] = False
             for backend in backends:
-                ok = _guarded(lambda: gpu_check.check_case(f"{name} {dtype} {backend}", q, k, v, None, None, bm, bn,
-                                                           kpm, table=(t_idx, t_cnt, head_table), backend=backend))
+                ok = _guarded(gpu_check.check_case, f"{name} {dtype} {backend}", q, k, v, None, None, bm, bn, kpm,
+                              table=(t_idx, t_cnt, head_table), backend=backend)
                 rows.append({"case": name, "dtype": str(dtype), "backend": backend, "ok": ok})
                 all_ok &= ok is True
             del q, k, v
-    probe_ok = _guarded(lambda: gpu_check.check_probe(device, dtypes, smoke=args.dry_run))
+    probe_ok = _guarded(gpu_check.check_probe, device, dtypes, smoke=args.dry_run)
     rows.append({"case": "ARM probe", "dtype": ",".join(map(str, dtypes)), "backend": "triton", "ok": probe_ok})
     all_ok &= probe_ok is True
     return {"all_ok": all_ok, "backends": backends, "rows": rows}
 
 
-def _guarded(fn):
+def _guarded(fn, *args, **kwargs):
     """Run one check; an exception becomes its message (the section goes on)."""
     try:
-        return bool(fn())
+        return bool(fn(*args, **kwargs))
     except Exception as e:  # noqa: BLE001 - one failing case must not hide the others
         print(f"ERROR {type(e).__name__}: {e}", flush=True)
         return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
