@@ -99,22 +99,24 @@ def dense_record(
     heads: int,
     head_dim: int,
     n_q: int,
-    n_k_valid: float,
+    n_k_valid: float | torch.Tensor,
     n_video: int,
     pattern_names: tuple[str, ...] = ("dense",),
 ) -> MethodRecord:
-    """The record of a whole layer call that ran the stock dense path (density 1), with its reason."""
-    pairs = float(n_q) * n_k_valid * head_dim * heads
+    """The record of a whole layer call that ran the stock dense path (density 1), with its reason.
+    ``n_k_valid``: valid keys summed over the batch; a device tensor (e.g. a padding mask's per-row counts) is
+    summed when the stats are read (no host read per call)."""
     vpairs = float(n_video) * n_video * head_dim * heads * batch
-    return MethodRecord(
-        head_patterns=np.zeros((batch, heads), dtype=np.int64),
-        computed=pairs,
-        total=pairs,
-        video_computed=vpairs,
-        video_total=vpairs,
-        pattern_names=pattern_names,
-        fallback_reason=reason,
-    )
+
+    def fields(n_valid: float) -> dict[str, Any]:
+        pairs = float(n_q) * n_valid * head_dim * heads
+        return {"head_patterns": np.zeros((batch, heads), dtype=np.int64), "computed": pairs, "total": pairs,
+                "video_computed": vpairs, "video_total": vpairs}
+
+    if isinstance(n_k_valid, torch.Tensor):
+        return deferred_record((n_k_valid,), lambda a: fields(float(a[0].sum())), pattern_names=pattern_names,
+                               fallback_reason=reason)
+    return MethodRecord(**fields(float(n_k_valid)), pattern_names=pattern_names, fallback_reason=reason)
 
 
 def deferred_record(tensors: tuple[torch.Tensor, ...], finish: Callable[[list[np.ndarray]], dict[str, Any]],

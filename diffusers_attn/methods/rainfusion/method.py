@@ -27,7 +27,7 @@ import torch
 
 from ...kernels import fast_kernel_unavailable, select_backend
 from ...layout import TokenLayout
-from ..base import CallInfo, MethodRecord, deferred_record, dense_record, valid_key_counts
+from ..base import CallInfo, MethodRecord, deferred_record, dense_record
 from .config import (
     DENSE,
     PATTERN_NAMES,
@@ -193,8 +193,9 @@ class RainFusionMethod:
             )
         reason = self.fallback_reason(layout, call.layer_index, call)
         if reason is not None:
-            valid = valid_key_counts(key_padding_mask, B, N)
-            return dense_fn(), dense_record(reason, batch=B, heads=H, head_dim=D, n_q=N, n_k_valid=float(sum(valid)),
+            valid = self._valid_counts(key_padding_mask)
+            return dense_fn(), dense_record(reason, batch=B, heads=H, head_dim=D, n_q=N,
+                                            n_k_valid=float(N * B) if valid is None else valid,
                                             n_video=layout.num_video, pattern_names=PATTERN_NAMES)
 
         dev = q.device

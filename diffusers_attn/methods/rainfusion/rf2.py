@@ -254,8 +254,9 @@ class RF2Attention:
             )
         reason = self.method.fallback_reason(layout, call.layer_index, call)
         if reason is not None:
-            valid = valid_key_counts(key_padding_mask, B, N)
-            return dense_fn(), dense_record(reason, batch=B, heads=H, head_dim=D, n_q=N, n_k_valid=float(sum(valid)),
+            valid = self.method._valid_counts(key_padding_mask)
+            return dense_fn(), dense_record(reason, batch=B, heads=H, head_dim=D, n_q=N,
+                                            n_k_valid=float(N * B) if valid is None else valid,
                                             n_video=layout.num_video, pattern_names=RF2_PATTERN_NAMES)
         dev = q.device
         with call.timer("plan", dev):
