@@ -80,6 +80,7 @@ class _ArmCacheEntry:
     patterns: torch.Tensor  # (B, H) int32 on the device
     recalls: torch.Tensor | None
     host: np.ndarray | None = None  # the decisions on the host, once read
+    copy: Any = None  # (pinned host buffer, CUDA event) of a copy in flight
 
 
 class RainFusionMethod:
@@ -272,6 +273,8 @@ class RainFusionMethod:
                 logger.warning("diffusers-attn: RainFusion runs its sparse calls on the PyTorch path on %s: %s",
                                q.device, reason)
         if backend == "triton":
+            if cfg.dense_heads == "sdpa" and entry.host is None and patterns.is_cuda:
+                self._start_copy(entry)  # queued before the sparse kernel, so waiting on it never waits for that
             return execute_tables(cfg, q, k, v, patterns, entry.host, plan, dplan, kpm, scale, call.timer,
                                   lambda: self._read_host(entry))
         host = self._read_host(entry)
@@ -280,11 +283,25 @@ class RainFusionMethod:
         return execute_grouped(cfg, q, k, v, host, plan, dplan, kpm, scale, call.timer)
 
     @staticmethod
+    def _start_copy(entry: _ArmCacheEntry) -> None:
+        """Start the device->host copy of the decisions (pinned memory, non-blocking) and mark its end."""
+        buf = torch.empty(entry.patterns.shape, dtype=entry.patterns.dtype, pin_memory=True)
+        buf.copy_(entry.patterns, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        entry.copy = (buf, event)
+
+    @staticmethod
     def _read_host(entry: _ArmCacheEntry) -> np.ndarray:
         """The decisions on the host: the one device->host read of a call that needs them (kept with the ARM
-        cache entry, so reused decisions are read once)."""
+        cache entry, so reused decisions are read once). Waits only for the copy started by ``_start_copy``."""
         if entry.host is None:
-            entry.host = entry.patterns.cpu().numpy().astype(np.int8)
+            if entry.copy is not None:
+                buf, event = entry.copy
+                event.synchronize()
+                entry.host, entry.copy = buf.numpy().astype(np.int8), None
+            else:
+                entry.host = entry.patterns.cpu().numpy().astype(np.int8)
         return entry.host
 
     # ----------------------------------------------------------------- accounting
