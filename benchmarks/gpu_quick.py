@@ -11,8 +11,9 @@ does not stop the others):
   tokens 24x128 with padded text; the RainFusion tables of both) for the Triton kernel and, when registered, the
   ``flex`` backend, against an fp32 reference on sampled query blocks; the ARM probe kernel against its PyTorch
   path (``benchmarks/gpu_check.py``'s checks).
-* ``kernels``: block density 1.0 / 0.25 / 0.1, ours vs SDPA (flash and cuDNN via ``sdpa_kernel``) vs FlexAttention
-  with the same lists, batch 1, both shapes (``benchmarks/attention_kernels.py``'s rows).
+* ``kernels_cogvideox`` / ``kernels_hunyuan``: block density 1.0 / 0.25 / 0.1, ours vs SDPA (flash and cuDNN via
+  ``sdpa_kernel``) vs FlexAttention with the same lists, batch 1 (``benchmarks/attention_kernels.py``'s lists and
+  rows; Flex last, since it compiles per mask). Rows are saved as they are measured: a time-out keeps them.
 * ``rainfusion``: one full layer call (ARM + plan + kernels) on planted-structure Q/K at both shapes, rf1 with dense
   heads on SDPA and in the kernel, and rf2, vs dense SDPA.
 * ``step_cogvideox`` / ``step_hunyuan``: one denoising step, dense vs RainFusion (``benchmarks/step_e2e.py``):
@@ -38,9 +39,9 @@ from types import SimpleNamespace
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
-#: section -> time box in seconds on a GPU (sum 470 s: under 8 minutes with the start-up of each process)
-SECTIONS = {"env": 30, "correctness": 90, "kernels": 150, "rainfusion": 60, "step_cogvideox": 60,
-            "step_hunyuan": 120}
+#: section -> time box in seconds on a GPU (480 s in all). A section that runs out of time keeps what it saved.
+SECTIONS = {"env": 20, "correctness": 80, "kernels_cogvideox": 70, "kernels_hunyuan": 100, "rainfusion": 60,
+            "step_cogvideox": 50, "step_hunyuan": 100}
 DRY_RUN_BOX = 300
 
 
@@ -99,6 +100,7 @@ def section_correctness(args) -> dict:
                               backend=backend, lse=backend == "triton")
                 rows.append({"case": name, "dtype": str(dtype), "backend": backend, "ok": ok})
                 all_ok &= ok is True
+                args.save({"all_ok": False, "partial": True, "backends": backends, "rows": rows})
             del q, k, v
         for name, layout, H, D, valid_text, bm, bn in layouts:
             plan = RainFusionMethod(RainFusionConfig(sparsity=0.75, block_m=bm, block_n=bn)).plan(layout)
@@ -115,6 +117,7 @@ def section_correctness(args) -> dict:
                               table=(t_idx, t_cnt, head_table), backend=backend)
                 rows.append({"case": name, "dtype": str(dtype), "backend": backend, "ok": ok})
                 all_ok &= ok is True
+                args.save({"all_ok": False, "partial": True, "backends": backends, "rows": rows})
             del q, k, v
     probe_ok = _guarded(gpu_check.check_probe, device, dtypes, smoke=args.dry_run)
     rows.append({"case": "ARM probe", "dtype": ",".join(map(str, dtypes)), "backend": "triton", "ok": probe_ok})
@@ -131,30 +134,93 @@ def _guarded(fn, *args, **kwargs):
         return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
-def section_kernels(args) -> dict:
+def _kernels(args, shape: str) -> dict:
+    """SDPA (flash, cuDNN) dense, ours at density 1.0 / 0.25 / 0.1, then Flex on the same lists (last: it compiles).
+    Rows of ``attention_kernels.py``'s table; each saved as soon as it is measured."""
     import attention_kernels as ak
     import torch
+    import torch.nn.functional as F
+
+    from diffusers_attn.kernels import block_sparse_attention
 
     device = _device(args.dry_run)
     dtype = torch.float16 if args.dry_run else torch.bfloat16
-    shapes = ["smoke"] if args.dry_run else ["cogvideox-5b", "hunyuan-720p"]
-    ns = SimpleNamespace(block_m=32 if args.dry_run else 128, block_n=32 if args.dry_run else 64, backend="triton",
-                         densities=[1.0, 0.25, 0.1], no_flex=args.dry_run, sweep_tiles=False)
+    name = "smoke" if args.dry_run else shape
+    n, H, D = ak.SHAPES[name]
+    bm, bn = (32, 32) if args.dry_run else (128, 64)
+    timing = {"device": device, "warmup": 0 if args.dry_run else 2,
+              "repeats": 1 if args.dry_run else (5 if name == "hunyuan-720p" else 10)}
+    from _common import timeit
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, H, n, D, device=device, dtype=dtype) for _ in range(3))
+    table = {"shape": name, "batch": 1, "tokens": n, "heads": H, "head_dim": D, "rows": []}
+    rows = table["rows"]
+    backends = {"math/cpu": None}
     if device.type == "cuda":
         from torch.nn.attention import SDPBackend
 
-        ak.sdpa_backends = lambda dev: {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
-    out = []
-    for name in shapes:
-        timing = {"device": device, "warmup": 0 if args.dry_run else 2,
-                  "repeats": 1 if args.dry_run else (5 if name == "hunyuan-720p" else 10)}
+        backends = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
+    for label, backend in backends.items():
+        def fn(backend=backend):
+            if backend is None:
+                return F.scaled_dot_product_attention(q, k, v)
+            from torch.nn.attention import sdpa_kernel
+
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v)
+
         try:
-            out.append(ak.bench(name, 1, ns, device, dtype, timing))
+            t = timeit(fn, **timing)
+            rows.append({"path": f"SDPA dense ({label})", "density": 1.0, **t,
+                         "tflops": 4.0 * H * n * n * D / t["median_ms"] / 1e9})
         except Exception as e:  # noqa: BLE001
-            out.append({"shape": name, "error": f"{type(e).__name__}: {e}"})
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    return {"tables": out}
+            rows.append({"path": f"SDPA dense ({label})", "error": str(e).splitlines()[0] if str(e) else repr(e)})
+        args.save({"tables": [table]})
+    best = min((r["median_ms"] for r in rows if "median_ms" in r), default=float("nan"))
+    lists = {}
+    for density in (1.0, 0.25, 0.1):
+        mask, idx, cnt = ak.random_lists(1, H, n, bm, bn, density, device)
+        pairs = ak.computed_pairs(mask, n, bm, bn)
+        lists[density] = (idx, cnt, pairs)
+        try:
+            t = timeit(lambda idx=idx, cnt=cnt: block_sparse_attention(q, k, v, idx, cnt, block_m=bm, block_n=bn,
+                                                                       backend="triton"), **timing)
+            rows.append({"path": "ours (triton)", "density": pairs / (H * n * n), **t,
+                         "tflops": 4.0 * pairs * D / t["median_ms"] / 1e9,
+                         "speedup_vs_best_sdpa": best / t["median_ms"]})
+        except Exception as e:  # noqa: BLE001
+            rows.append({"path": "ours (triton)", "error": f"{type(e).__name__}: {e}"})
+        args.save({"tables": [table]})
+    if not args.dry_run:  # Flex compiles per mask: last, so a time-out loses only Flex rows
+        ours = {r["density"]: r for r in rows if r["path"] == "ours (triton)" and "median_ms" in r}
+        for density, (idx, cnt, pairs) in lists.items():
+            rho = pairs / (H * n * n)
+            row = {"path": "Flex (same lists)", "density": rho}
+            fx, why = ak.flex_fn(idx, cnt, n, bm, bn, device)
+            if fx is None:
+                row["error"] = why
+            else:
+                try:
+                    t = timeit(lambda fx=fx: fx(q, k, v), **timing)
+                    row.update(t, tflops=4.0 * pairs * D / t["median_ms"] / 1e9,
+                               speedup_vs_best_sdpa=best / t["median_ms"])
+                    if rho in ours:
+                        ours[rho]["flex_median_ms"] = t["median_ms"]
+                        ours[rho]["ratio_vs_flex"] = t["median_ms"] / ours[rho]["median_ms"]
+                except Exception as e:  # noqa: BLE001
+                    row["error"] = f"flex run failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            rows.append(row)
+            args.save({"tables": [table]})
+    return {"tables": [table]}
+
+
+def section_kernels_cogvideox(args) -> dict:
+    return _kernels(args, "cogvideox-5b")
+
+
+def section_kernels_hunyuan(args) -> dict:
+    return _kernels(args, "hunyuan-720p")
 
 
 def section_rainfusion(args) -> dict:
@@ -177,6 +243,7 @@ def section_rainfusion(args) -> dict:
                 rows.append({"variant": label, **r})
             except Exception as e:  # noqa: BLE001
                 rows.append({"shape": name, "variant": label, "error": f"{type(e).__name__}: {e}"})
+            args.save({"rows": rows})
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return {"rows": rows}
@@ -205,6 +272,7 @@ def section_step_hunyuan(args) -> dict:
 # --------------------------------------------------------------------------- driver
 def _child(args) -> int:
     sys.path[:0] = [str(HERE), str(ROOT)]
+    args.save = lambda data: Path(args.result).write_text(json.dumps(data, indent=1, default=str))
     fn = globals()[f"section_{args.section}"]
     data = fn(args)
     Path(args.result).write_text(json.dumps(data, indent=1, default=str))
@@ -227,7 +295,7 @@ def _run_section(name: str, args, out: Path) -> dict:
             proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, timeout=box)
             status = "ok" if proc.returncode == 0 and result.exists() else f"failed (exit {proc.returncode})"
         except subprocess.TimeoutExpired:
-            status = f"timeout after {box} s"
+            status = f"timeout after {box} s" + (" (partial results kept)" if result.exists() else "")
     entry = {"status": status, "seconds": round(time.perf_counter() - t0, 1), "time_box_s": box}
     if result.exists():
         entry["data"] = json.loads(result.read_text())
@@ -255,16 +323,16 @@ def summary(results: dict) -> str:
                          f"{'PASS' if r['ok'] is True else 'FAIL ' + str(r['ok'])} |")
         for t in data.get("tables", []):
             if "error" in t:
-                lines.append(f"| kernels | {t['shape']} | {t['error']} |")
+                lines.append(f"| {name} | {t['shape']} | {t['error']} |")
                 continue
             for r in t["rows"]:
                 if "error" in r:
-                    lines.append(f"| kernels | {t['shape']} {r['path']} | {r['error']} |")
+                    lines.append(f"| {name} | {t['shape']} {r['path']} | {r['error']} |")
                     continue
                 flex = (f", Flex {r['flex_median_ms']:.3f} ms (Flex/ours {r['ratio_vs_flex']:.2f})"
                         if "flex_median_ms" in r else (f", Flex: {r['flex']}" if "flex" in r else ""))
                 vs = f", {r['speedup_vs_best_sdpa']:.2f}x best SDPA" if "speedup_vs_best_sdpa" in r else ""
-                lines.append(f"| kernels | {t['shape']} {r['path']} density {r['density']:.3f} | "
+                lines.append(f"| {name} | {t['shape']} {r['path']} density {r['density']:.3f} | "
                              f"{r['median_ms']:.3f} ms, {r['tflops']:.1f} TFLOP/s{vs}{flex} |")
         for r in data.get("rows", []) if name == "rainfusion" else []:
             if "error" in r:

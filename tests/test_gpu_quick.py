@@ -21,13 +21,16 @@ def test_gpu_quick_dry_run_writes_json(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((tmp_path / "gpu_quick.json").read_text())
     sections = res["sections"]
-    assert set(sections) == {"env", "correctness", "kernels", "rainfusion", "step_cogvideox", "step_hunyuan"}
+    assert set(sections) == {"env", "correctness", "kernels_cogvideox", "kernels_hunyuan", "rainfusion",
+                             "step_cogvideox", "step_hunyuan"}
     assert all(s["status"] == "ok" for s in sections.values()), {k: s["status"] for k, s in sections.items()}
     assert sections["correctness"]["data"]["all_ok"] is True
     assert {r["variant"] for r in sections["rainfusion"]["data"]["rows"]} == {
         "rf1, dense heads on sdpa", "rf1, dense heads on kernel", "rf2"}
     assert [r["path"] for r in sections["step_hunyuan"]["data"]["rows"]][0] == "dense (stock processors)"
-    assert "| kernels |" in (tmp_path / "summary.md").read_text()
+    kernels = sections["kernels_hunyuan"]["data"]["tables"][0]["rows"]
+    assert [r["path"] for r in kernels].count("ours (triton)") == 3 and all("median_ms" in r for r in kernels)
+    assert "| kernels_hunyuan | smoke ours (triton)" in (tmp_path / "summary.md").read_text()
 
 
 def test_gpu_quick_isolates_a_failing_section(tmp_path, monkeypatch):
