@@ -434,3 +434,8 @@ def test_stats_pending_until_read():
     assert not ctx.stats.has_pending
     assert [layer.layer for layer in stats.layers] == [0, 1, 2] and stats.calls == 3
     assert stats.dense_fallbacks == {"dense layer (dense_layers)": 1}
+
+
+def test_dense_heads_setting_is_validated():
+    with pytest.raises(ValueError, match="dense_heads must be one of"):
+        RainFusionConfig(dense_heads="flash")
