@@ -156,7 +156,8 @@ def rainfusion_call(name, args, device, dtype, timing):
         kpm = torch.ones(1, layout.seq_len, dtype=torch.bool, device=device)
         kpm[:, layout.text_offset + valid_text :] = False
     cfg = RainFusionConfig(sparsity=args.sparsity, dense_steps=0, dense_layers=0, min_video_tokens=0,
-                           block_m=args.block_m, block_n=args.block_n, kernel_backend=args.backend)
+                           block_m=args.block_m, block_n=args.block_n, kernel_backend=args.backend,
+                           mode=getattr(args, "mode", "rf1"), dense_heads=getattr(args, "dense_heads", "sdpa"))
     method, ctx = RainFusionMethod(cfg), AttentionContext(None)
     sdpa = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=None if kpm is None else kpm[:, None, None])  # noqa
     call = lambda: run_method(method, q, k, v, layout=layout, key_padding_mask=kpm, scale=None, layer_index=0,  # noqa: E731

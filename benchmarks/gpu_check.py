@@ -36,15 +36,17 @@ def token_mask_rows(idx, cnt, m, n_k, bm, bn, kpm):
     return tok[:, :, None, :]
 
 
-def check_case(name, q, k, v, idx, cnt, bm, bn, kpm=None, table=None, n_samples=6):
+def check_case(name, q, k, v, idx, cnt, bm, bn, kpm=None, table=None, n_samples=6, backend="triton", lse=True):
+    """Sampled query blocks of one call on ``backend`` vs the fp32 reference (LSE too when ``lse``)."""
     n_q, n_k = q.shape[2], k.shape[2]
     if table is None:
-        out, lse = block_sparse_attention(q, k, v, idx, cnt, block_m=bm, block_n=bn, key_padding_mask=kpm,
-                                          return_lse=True, backend="triton")
+        res = block_sparse_attention(q, k, v, idx, cnt, block_m=bm, block_n=bn, key_padding_mask=kpm,
+                                     return_lse=lse, backend=backend)
+        out, lse = res if lse else (res, None)
     else:
         t_idx, t_cnt, head_table = table
         out = block_sparse_attention_table(q, k, v, t_idx, t_cnt, head_table, block_m=bm, block_n=bn,
-                                           key_padding_mask=kpm, backend="triton")
+                                           key_padding_mask=kpm, backend=backend)
         lse = None
         ht = head_table.long()
         idx, cnt = t_idx[ht], t_cnt[ht]

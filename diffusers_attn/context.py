@@ -137,14 +137,12 @@ class AttentionContext:
 
     def record(self, layer_index: int, record: MethodRecord, *, head_offset: int = 0,
                total_heads: int | None = None) -> None:
-        """Write a method's record of one call into the stats (the only writer of method results)."""
-        self.stats.record(
-            layer_index, head_patterns=record.head_patterns, computed=record.computed, total=record.total,
-            video_computed=record.video_computed, video_total=record.video_total,
-            pattern_names=record.pattern_names, recalls=record.recalls, fallback_reason=record.fallback_reason,
-            head_offset=head_offset, total_heads=total_heads, group=record.group,
-            group_name=record.group_name,
-        )
+        """Write a method's record of one call into the stats (the only writer of method results). A record with
+        numbers still on the device is kept pending and read when the stats are read."""
+        if record.pending is not None or self.stats.has_pending:  # behind a pending one: keep the call order
+            self.stats.record_pending(layer_index, record, head_offset=head_offset, total_heads=total_heads)
+        else:
+            self.stats.record_method(layer_index, record, head_offset=head_offset, total_heads=total_heads)
         if record.kernel is not None:
             self.stats.kernel_calls[record.kernel] += 1
         if record.slow_path is not None:

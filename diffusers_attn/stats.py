@@ -2,7 +2,8 @@
 
 Methods record, per attention call, how many (query, key) pairs were computed against the dense count, which
 pattern each head used, and why a call fell back to dense. Timings use CUDA events on GPU (no sync on the hot
-path; resolved when stats are read) and ``perf_counter`` on CPU.
+path; resolved when stats are read) and ``perf_counter`` on CPU. Numbers a method leaves on the device (its
+per-head decisions, valid key counts) are kept as pending records and read in one copy when the stats are read.
 """
 
 from __future__ import annotations
@@ -89,6 +90,52 @@ class StatsRecorder:
         self.groups: dict[int, list[float]] = {}  # sub-step group -> [video_computed, video_total, computed, total]
         self.group_name = "group"
         self.info: dict[str, Any] = dict(self.static_info)
+        self._pending: list[tuple[int, Any, dict[str, Any]]] = []  # (layer, record, record() kwargs), call order
+
+    #: pending records kept before they are read on the host anyway (bounds the memory they hold)
+    max_pending = 4096
+
+    @property
+    def has_pending(self) -> bool:
+        return bool(self._pending)
+
+    def record_method(self, layer: int, record: Any, *, head_offset: int = 0, total_heads: int | None = None) -> None:
+        """Record a method's :class:`~diffusers_attn.methods.base.MethodRecord` whose numbers are on the host."""
+        self.record(layer, head_patterns=record.head_patterns, computed=record.computed, total=record.total,
+                    video_computed=record.video_computed, video_total=record.video_total,
+                    pattern_names=record.pattern_names, recalls=record.recalls,
+                    fallback_reason=record.fallback_reason, head_offset=head_offset, total_heads=total_heads,
+                    group=record.group, group_name=record.group_name)
+
+    def record_pending(self, layer: int, record: Any, **kwargs: Any) -> None:
+        """Keep a method record whose numbers are still on the device (``record.pending``; records without one
+        may queue behind it to keep the call order); read in :meth:`flush`."""
+        self._pending.append((layer, record, kwargs))
+        if len(self._pending) >= self.max_pending:
+            self.flush()
+
+    def flush(self) -> None:
+        """Read every pending record's device tensors on the host (one copy per device) and record them in call
+        order. Called by :meth:`summary`; a no-op when nothing is pending."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for _, rec, _ in pending:
+            for t in rec.pending.tensors if rec.pending is not None else ():
+                by_device.setdefault(t.device, []).append(t.detach().reshape(-1).to(torch.float64))
+        host = {}
+        for dev, ts in by_device.items():
+            flat = torch.cat(ts).cpu().numpy()  # the one device->host copy of everything pending on this device
+            host[dev] = iter(np.split(flat, np.cumsum([t.numel() for t in ts])[:-1]))
+        for layer, rec, kwargs in pending:
+            if rec.pending is None:
+                self.record_method(layer, rec, **kwargs)
+                continue
+            arrays = [next(host[t.device]).reshape(t.shape) for t in rec.pending.tensors]
+            fields = rec.pending.finish(arrays)
+            self.record(layer, pattern_names=rec.pattern_names, fallback_reason=rec.fallback_reason,
+                        group=rec.group, group_name=rec.group_name, **fields, **kwargs)
 
     def _layer(self, layer: int, heads: int) -> _LayerAccum:
         acc = self.layers.get(layer)
@@ -155,6 +202,7 @@ class StatsRecorder:
             g[3] += total
 
     def summary(self) -> "AttentionStats":
+        self.flush()
         layers = []
         hist: Counter[str] = Counter()
         computed = total = vcomp = vtot = 0.0

@@ -88,7 +88,18 @@ def _check(cond: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
-def _validate(q, k, v, kv_indices, kv_counts, block_m, block_n, key_padding_mask) -> None:
+class _ShapeOf:
+    """dtype / shape / device of a tensor broadcast to ``shape``, without creating a view (each view is an op on
+    the hot path)."""
+
+    def __init__(self, t: torch.Tensor, shape: tuple[int, ...]) -> None:
+        self.dtype, self.device, self.shape = t.dtype, t.device, torch.Size(shape)
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+
+def _validate(q, k, v, kv_indices, kv_counts, block_m, block_n, key_padding_mask, contents: bool = True) -> None:
     _check(
         q.dim() == 4 and k.dim() == 4 and v.dim() == 4,
         f"q, k, v must be 4-D (B, H, N, D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}",
@@ -132,7 +143,7 @@ def _validate(q, k, v, kv_indices, kv_counts, block_m, block_n, key_padding_mask
             f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}",
         )
         _check(key_padding_mask.device == q.device, "key_padding_mask must be on q's device")
-    if env_flag("CHECKS"):
+    if contents and env_flag("CHECKS"):
         _check_contents(kv_indices, kv_counts, num_blocks(k.shape[2], block_n))
 
 
@@ -173,10 +184,11 @@ def block_sparse_attention_table_eager(q, k, v, table_indices, table_counts, hea
         f"tables must be (P, M, K_max) and (P, M); got {tuple(table_indices.shape)}, {tuple(table_counts.shape)}",
     )
     P, M = table_counts.shape
-    # Validate the tensor contract on broadcast views of one table row (cheap, no copies).
-    _validate(q, k, v, table_indices[0].expand(B, H, M, -1), table_counts[0].expand(B, H, M), block_m, block_n,
-              key_padding_mask)
+    # Validate the tensor contract as if one table row were broadcast to every head (no views, no copies).
+    _validate(q, k, v, _ShapeOf(table_indices, (B, H, M, table_indices.shape[-1])), _ShapeOf(table_counts, (B, H, M)),
+              block_m, block_n, key_padding_mask, contents=False)
     if env_flag("CHECKS"):
+        _check_contents(table_indices, table_counts, num_blocks(k.shape[2], block_n))
         _check(bool(((head_table >= 0) & (head_table < P)).all()), f"head_table entries must lie in [0, {P})")
     name = registry.select(TABLE, (q, k, v, block_m, block_n), backend)
     name = selfcheck.resolve(TABLE, name, q, v, block_m, block_n)

@@ -41,6 +41,17 @@ NOT_COUNTED = -1
 
 
 @dataclass
+class PendingStats:
+    """The device tensors a record's numbers come from, read on the host only when the stats are read (one copy
+    for every pending call, no synchronisation per call). ``finish`` receives them as host arrays (same shapes,
+    float64) and returns the record's numeric fields: ``head_patterns``, ``computed``, ``total``,
+    ``video_computed``, ``video_total`` and optionally ``recalls``."""
+
+    tensors: tuple[torch.Tensor, ...]
+    finish: Callable[[list[np.ndarray]], dict[str, Any]]
+
+
+@dataclass
 class MethodRecord:
     """What one attention call computed. ``head_patterns`` (B, H) are indices into ``pattern_names``
     (``NOT_COUNTED`` = none); pair counts are (query, key) pairs times head_dim, summed over batch and heads."""
@@ -59,6 +70,7 @@ class MethodRecord:
     group: int | None = None  # a sub-step with its own density, counted as a step (VAR: the scale)
     group_name: str = "group"
     info: dict[str, Any] = field(default_factory=dict)  # merged into the stats' info
+    pending: PendingStats | None = None  # numbers still on the device (the fields above are placeholders)
 
 
 class AttentionMethod(Protocol):
@@ -87,22 +99,31 @@ def dense_record(
     heads: int,
     head_dim: int,
     n_q: int,
-    n_k_valid: float,
+    n_k_valid: float | torch.Tensor,
     n_video: int,
     pattern_names: tuple[str, ...] = ("dense",),
 ) -> MethodRecord:
-    """The record of a whole layer call that ran the stock dense path (density 1), with its reason."""
-    pairs = float(n_q) * n_k_valid * head_dim * heads
+    """The record of a whole layer call that ran the stock dense path (density 1), with its reason.
+    ``n_k_valid``: valid keys summed over the batch; a device tensor (e.g. a padding mask's per-row counts) is
+    summed when the stats are read (no host read per call)."""
     vpairs = float(n_video) * n_video * head_dim * heads * batch
-    return MethodRecord(
-        head_patterns=np.zeros((batch, heads), dtype=np.int64),
-        computed=pairs,
-        total=pairs,
-        video_computed=vpairs,
-        video_total=vpairs,
-        pattern_names=pattern_names,
-        fallback_reason=reason,
-    )
+
+    def fields(n_valid: float) -> dict[str, Any]:
+        pairs = float(n_q) * n_valid * head_dim * heads
+        return {"head_patterns": np.zeros((batch, heads), dtype=np.int64), "computed": pairs, "total": pairs,
+                "video_computed": vpairs, "video_total": vpairs}
+
+    if isinstance(n_k_valid, torch.Tensor):
+        return deferred_record((n_k_valid,), lambda a: fields(float(a[0].sum())), pattern_names=pattern_names,
+                               fallback_reason=reason)
+    return MethodRecord(**fields(float(n_k_valid)), pattern_names=pattern_names, fallback_reason=reason)
+
+
+def deferred_record(tensors: tuple[torch.Tensor, ...], finish: Callable[[list[np.ndarray]], dict[str, Any]],
+                    **fields: Any) -> MethodRecord:
+    """A record whose numbers are computed from device ``tensors`` when the stats are read (see PendingStats)."""
+    return MethodRecord(head_patterns=np.zeros((0, 0), dtype=np.int64), computed=0.0, total=0.0, video_computed=0.0,
+                        video_total=0.0, pending=PendingStats(tuple(tensors), finish), **fields)
 
 
 def valid_key_counts(key_padding_mask: torch.Tensor | None, batch: int, n_k: int) -> list[int]:

@@ -361,3 +361,91 @@ def test_tile_order_only_where_it_changes_the_order():
     assert m.token_order((13, 60, 90)) == (1, 8, 16)  # CogVideoX-5B grid: a real permutation
     assert RainFusionMethod(RainFusionConfig(sparsity=0.6, tile=(2, 4, 8), min_video_tokens=0)).token_order((9, 8, 8)) == (2, 4, 8)
     assert RainFusionMethod(RainFusionConfig(sparsity=0.6, token_order="raster")).token_order((13, 60, 90)) is None
+def _triton_or_skip():
+    pytest.importorskip("triton")
+    from diffusers_attn.kernels import available_backends
+
+    if "triton" not in available_backends():
+        pytest.skip("triton backend not registered")
+
+
+@pytest.mark.parametrize("dense_heads", ["sdpa", "kernel"])
+def test_triton_path_mixed_heads_per_batch_match_per_head_masks(dense_heads):
+    """Triton path, both dense-head routes: batch elements with different patterns per head and different padding;
+    every head equals the reference over its own executed mask (dense heads: all valid keys)."""
+    _triton_or_skip()
+    layout = TokenLayout.video_first((4, 6, 8), 10)
+    D = 16
+    kinds = ["spatial", "temporal", "textural", "random"]
+    qa, ka, va = planted_qkv(layout, 1, kinds, D, seed=1)
+    qb, kb, vb = planted_qkv(layout, 1, kinds[::-1], D, seed=2)
+    q, k, v = torch.cat([qa, qb]), torch.cat([ka, kb]), torch.cat([va, vb])
+    kpm = torch.ones(2, layout.seq_len, dtype=torch.bool)
+    kpm[0, -3:] = False
+    kpm[1, -7:] = False
+    cfg = RainFusionConfig(sparsity=0.75, dense_steps=0, dense_layers=0, min_video_tokens=0, block_m=16, block_n=16,
+                           arm_threshold=0.95, kernel_backend="triton", dense_heads=dense_heads)
+    method, ctx = RainFusionMethod(cfg), _ctx()
+    out = run_method(method, q, k, v, layout=layout, key_padding_mask=kpm, scale=None, layer_index=0, context=ctx,
+                     dense_fn=lambda: pytest.fail("mixed heads never take the stock path"))
+    dec = ctx.last_decisions[0]
+    assert {DENSE, SPATIAL, TEMPORAL, TEXTURAL} <= set(dec.patterns.flatten().tolist())
+    assert not np.array_equal(dec.patterns[0], dec.patterns[1])
+    plan = method.plan(layout)
+    for b in range(2):
+        for h in range(len(kinds)):
+            mask = plan.token_mask(int(dec.patterns[b, h])) & kpm[b][None, :]
+            ref = masked_attention_reference(q[b, h], k[b, h], v[b, h], mask)
+            assert rel_err(out[b, h], ref) < 1e-5, (dense_heads, b, h, dec.patterns[b, h])
+    stats = ctx.stats.summary()  # the pending record, read now: the same accounting as the torch path
+    ref_ctx = _ctx()
+    ref_method = RainFusionMethod(RainFusionConfig(**{**cfg.__dict__, "kernel_backend": "torch"}))
+    run_method(ref_method, q, k, v, layout=layout, key_padding_mask=kpm, scale=None, layer_index=0, context=ref_ctx,
+               dense_fn=lambda: pytest.fail("mixed heads never take the stock path"))
+    ref_stats = ref_ctx.stats.summary()
+    assert stats.density == pytest.approx(ref_stats.density, rel=1e-12)
+    assert stats.pattern_histogram == ref_stats.pattern_histogram
+
+
+@pytest.mark.parametrize("dense_heads", ["sdpa", "kernel"])
+def test_triton_path_all_dense_heads(dense_heads):
+    """Every head dense: "sdpa" returns the stock call itself (known after the one host read); "kernel" (no host
+    read, so it cannot know) computes them in the kernel over all blocks, equal to dense attention."""
+    _triton_or_skip()
+    layout = TokenLayout.text_first((4, 6, 8), 10)
+    B, H, D = 1, 3, 16
+    q, k, v = _qkv(B, H, layout.seq_len, D, seed=5)
+    cfg = RainFusionConfig(sparsity=0.75, dense_steps=0, dense_layers=0, min_video_tokens=0, block_m=16, block_n=16,
+                           arm_threshold=1.0, patterns=("spatial",), kernel_backend="triton", dense_heads=dense_heads)
+    stock = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    method, ctx = RainFusionMethod(cfg), _ctx()
+    marker = stock.clone()
+    out = run_method(method, q, k, v, layout=layout, key_padding_mask=None, scale=None, layer_index=0, context=ctx,
+                     dense_fn=lambda: marker)
+    assert (ctx.last_decisions[0].patterns == DENSE).all()
+    if dense_heads == "sdpa":
+        assert out is marker
+    else:
+        assert rel_err(out, stock) < 1e-5
+    assert ctx.stats.summary().pattern_histogram["dense"] == B * H
+
+
+def test_stats_pending_until_read():
+    """A sparse call leaves its numbers on the device; reading the stats records them once, in call order."""
+    layout = TokenLayout.text_first((4, 6, 8), 10)
+    q, k, v = _qkv(1, 2, layout.seq_len, 16, seed=3)
+    cfg = RainFusionConfig(sparsity=0.75, dense_steps=0, dense_layers=1, min_video_tokens=0, block_m=16, block_n=16)
+    method, ctx = RainFusionMethod(cfg), _ctx()
+    for layer in (1, 0, 2):  # layer 0 is a dense (host) record queued behind a pending one
+        run_method(method, q, k, v, layout=layout, key_padding_mask=None, scale=None, layer_index=layer,
+                   context=ctx, dense_fn=lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    assert ctx.stats.has_pending and not ctx.stats.layers
+    stats = ctx.stats.summary()
+    assert not ctx.stats.has_pending
+    assert [layer.layer for layer in stats.layers] == [0, 1, 2] and stats.calls == 3
+    assert stats.dense_fallbacks == {"dense layer (dense_layers)": 1}
+
+
+def test_dense_heads_setting_is_validated():
+    with pytest.raises(ValueError, match="dense_heads must be one of"):
+        RainFusionConfig(dense_heads="flash")

@@ -10,6 +10,8 @@ PATTERN_NAMES = ("dense", "spatial", "temporal", "textural")
 SPARSE_PATTERNS = {"spatial": SPATIAL, "temporal": TEMPORAL, "textural": TEXTURAL}
 ARM_RULES = ("cheapest", "argmax")
 MODES = ("rf1", "rf2")
+DENSE_HEADS = ("sdpa", "kernel")
+SKIP = 4  # table row with no key blocks: a head the same call computes elsewhere (dense heads sent to SDPA)
 RF2_FIRST_FRAME = ("sink", "dense", "none")
 
 
@@ -53,6 +55,11 @@ class RainFusionConfig:
         num_inference_steps: Total steps, for fractional ``dense_steps`` when no pipeline is available.
         kernel_backend: Force a block-sparse kernel backend (``"torch"``, ``"triton"``, ``"flex"``: PyTorch
             FlexAttention); default automatic (CUDA: Triton, else Flex where Triton cannot run the call).
+        dense_heads: Where heads ARM keeps dense run on the Triton path. ``"sdpa"`` (default): gathered into one
+            stock SDPA call (flash / cuDNN) in the same layer call, which costs one read of the (B, H) decisions
+            on the host per call (copied before the sparse kernel is launched, waited on after it). ``"kernel"``:
+            in the block-sparse kernel over all key blocks; no host read at all (the call can be captured in a CUDA
+            graph). The PyTorch path always uses SDPA for them.
         token_order: ``"raster"`` (the model's (t, h, w) order) or ``"tiles"``: the transformer runs the video
             tokens of frames t >= 1 in spatio-temporal tiles of ``tile`` = (tt, th, tw) tokens, permuted once where
             they are embedded and restored at the output projection (never per layer), so that each query block
@@ -95,6 +102,7 @@ class RainFusionConfig:
     block_n: int = 64
     num_inference_steps: int | None = None
     kernel_backend: str | None = None
+    dense_heads: str = "sdpa"
     token_order: str = "tiles"
     tile: tuple[int, int, int] | None = None
     mode: str = "rf1"
@@ -161,6 +169,8 @@ class RainFusionConfig:
                 err(f"tile must be None or three positive ints (frames, rows, columns), got {self.tile!r}")
         if self.kernel_backend not in (None, "auto", "torch", "triton", "flex"):
             err(f"kernel_backend must be None, 'auto', 'torch', 'triton' or 'flex', got {self.kernel_backend!r}")
+        if self.dense_heads not in DENSE_HEADS:
+            err(f"dense_heads must be one of {DENSE_HEADS}, got {self.dense_heads!r}")
         if self.mode not in MODES:
             err(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.rf2_first_frame not in RF2_FIRST_FRAME:

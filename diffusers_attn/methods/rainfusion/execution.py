@@ -9,41 +9,111 @@ import torch
 import torch.nn.functional as F
 
 from ...kernels import block_sparse_attention, block_sparse_attention_table, num_blocks
-from .config import DENSE, TEXTURAL
+from .config import DENSE, SKIP, SPATIAL, TEMPORAL, TEXTURAL
 from .plan import RainFusionPlan
 
 
-def execute_tables(cfg: Any, q, k, v, patterns: np.ndarray, plan: RainFusionPlan, dplan: dict[str, Any], kpm, scale,
-                   timer) -> torch.Tensor:
-    """One kernel launch for every head (compact per-pattern tables), then the textural heads' sparse rows
-    through the gather path. Pattern ids index the tables directly."""
-    tables = dplan.get("pattern_tables")
-    if tables is None:
-        tables = dplan["pattern_tables"] = tuple(t.to(q.device) for t in plan.pattern_tables())
-    head_table = torch.as_tensor(patterns, dtype=torch.int32).to(q.device, non_blocking=True)
-    out = block_sparse_attention_table(
-        q, k, v, tables[0], tables[1], head_table, block_m=cfg.block_m, block_n=cfg.block_n,
-        key_padding_mask=kpm, scale=scale, backend="triton",
-    )
-    if (patterns == TEXTURAL).any():
-        gi = dplan["gather_index"]
-        s0, s1 = plan.layout.sparse_rows
-        for b in range(q.shape[0]):
-            heads = np.nonzero(patterns[b] == TEXTURAL)[0]
-            if not len(heads):
-                continue
-            hs = torch.as_tensor(heads, device=q.device)
-            with timer("gather", q.device):
-                kc = k[b].index_select(0, hs).index_select(1, gi).unsqueeze(0)
-                vc = v[b].index_select(0, hs).index_select(1, gi).unsqueeze(0)
-                kpm_c = kpm[b : b + 1].index_select(1, gi) if kpm is not None else None
-            qs = q[b].index_select(0, hs)[:, s0:s1].unsqueeze(0)
-            if kpm_c is None:
-                o = _sdpa(qs, kc, vc, None, scale)
-            else:  # a boolean mask would push SDPA off its flash backend; the kernel masks for free
-                o = _dense_triton(qs, kc, vc, kpm_c, scale, cfg.block_m, cfg.block_n)
-            out[b, hs, s0:s1] = o[0]
+def triton_tables(plan: RainFusionPlan, dplan: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The Triton path's device constants (built once per plan and device): the pattern tables, the textural
+    tables over the gathered keys, and lookups from pattern id to table row (dense heads to ``SKIP`` when SDPA
+    runs them) and to "is textural" (shaped (5, 1, 1) so indexing gives a (B, H, 1, 1) mask in one op)."""
+    t = dplan.get("triton")
+    if t is None:
+        t = dplan["triton"] = {
+            "pattern": tuple(x.to(device) for x in plan.pattern_tables()),
+            "textural": tuple(x.to(device) for x in plan.textural_tables()),
+            "skip_dense": torch.tensor([SKIP, SPATIAL, TEMPORAL, TEXTURAL, SKIP], dtype=torch.int32, device=device),
+            "tex_row": torch.tensor([0, 0, 0, 1, 0], dtype=torch.int32, device=device),
+            "is_tex": torch.tensor([0, 0, 0, 1, 0], dtype=torch.bool, device=device).view(5, 1, 1),
+        }
+    return t
+
+
+def execute_tables(cfg: Any, q, k, v, patterns: torch.Tensor, host: np.ndarray | None, plan: RainFusionPlan,
+                   dplan: dict[str, Any], kpm, scale, timer, read_host) -> torch.Tensor | None:
+    """The Triton path: one table-kernel launch for every head (``patterns`` int32 (B, H) on the device indexes the
+    tables), then the textural heads' sparse rows over their gathered keys, and (``cfg.dense_heads == "sdpa"``)
+    the dense heads in one SDPA call. Returns None when every head is dense (the caller runs the stock call).
+
+    ``dense_heads="kernel"``: no host read; the textural launch covers every head (other heads read no block) and
+    a device-side select keeps the textural heads' rows. ``"sdpa"``: ``read_host()`` gives the decisions on the
+    host (``host`` when already known), read after the sparse kernel is queued; the dense and textural heads are
+    then gathered, one launch each."""
+    t = triton_tables(plan, dplan, q.device)
+    tex_possible = TEXTURAL in cfg_candidates(cfg, plan)
+    if cfg.dense_heads == "kernel":
+        out = block_sparse_attention_table(q, k, v, *t["pattern"], patterns, block_m=cfg.block_m,
+                                           block_n=cfg.block_n, key_padding_mask=kpm, scale=scale, backend="triton")
+        if tex_possible:
+            _textural_all_heads(cfg, q, k, v, patterns, plan, dplan, t, kpm, scale, timer, out)
+        return out
+    out = block_sparse_attention_table(q, k, v, *t["pattern"], t["skip_dense"][patterns], block_m=cfg.block_m,
+                                       block_n=cfg.block_n, key_padding_mask=kpm, scale=scale, backend="triton")
+    if host is None:
+        host = read_host()  # the sparse kernel is queued: the GPU keeps working while the host waits
+    dense = np.nonzero(host == DENSE)
+    if dense[0].size == host.size:
+        return None
+    if dense[0].size:
+        bi, hi = _index_pair(dense, q.device)
+        kpm_d = kpm.index_select(0, bi)[:, None, None, :] if kpm is not None else None
+        # heads as the batch dim when each carries its own padding mask, else one batch of heads (flash-eligible)
+        qd, kd, vd = (x[bi, hi].unsqueeze(1 if kpm is not None else 0) for x in (q, k, v))
+        o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=kpm_d, scale=scale)
+        out[bi, hi] = o.squeeze(1 if kpm is not None else 0)
+    tex = np.nonzero(host == TEXTURAL)
+    if tex[0].size:
+        _textural_gathered(cfg, q, k, v, tex, plan, dplan, kpm, scale, timer, out)
     return out
+
+
+def cfg_candidates(cfg: Any, plan: RainFusionPlan) -> set[int]:
+    """Patterns a call may decide (host-known, no data): the forced pattern, else dense and the candidates."""
+    if cfg.force_pattern is not None:
+        pid = {"dense": DENSE, "spatial": SPATIAL, "temporal": TEMPORAL, "textural": TEXTURAL}[cfg.force_pattern]
+        return {DENSE if pid == TEXTURAL and plan.params.stride == 1 else pid}
+    ids = {DENSE} | {{"spatial": SPATIAL, "temporal": TEMPORAL, "textural": TEXTURAL}[p] for p in cfg.patterns}
+    if plan.params.stride == 1:
+        ids.discard(TEXTURAL)
+    return ids
+
+
+def _index_pair(nz: tuple[np.ndarray, np.ndarray], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    pair = torch.from_numpy(np.stack(nz)).to(device, non_blocking=True)
+    return pair[0], pair[1]
+
+
+def _textural_all_heads(cfg, q, k, v, patterns, plan, dplan, t, kpm, scale, timer, out) -> None:
+    """Textural S rows with no host knowledge of which heads are textural: gather the keys of every head, one
+    launch in which non-textural heads read no block, and keep the textural heads' rows on the device."""
+    gi = dplan["gather_index"]
+    s0, s1 = plan.layout.sparse_rows
+    with timer("gather", q.device):
+        kc, vc = k.index_select(2, gi), v.index_select(2, gi)
+        kpm_c = kpm.index_select(1, gi) if kpm is not None else None
+    o = block_sparse_attention_table(q[:, :, s0:s1], kc, vc, *t["textural"], t["tex_row"][patterns],
+                                     block_m=cfg.block_m, block_n=cfg.block_n, key_padding_mask=kpm_c, scale=scale,
+                                     backend="triton")
+    rows = out[:, :, s0:s1]
+    torch.where(t["is_tex"][patterns], o, rows, out=rows)
+
+
+def _textural_gathered(cfg, q, k, v, tex, plan, dplan, kpm, scale, timer, out) -> None:
+    """Textural S rows of the heads listed in ``tex`` (host (batch, head) indices): one launch, heads as batch."""
+    gi = dplan["gather_index"]
+    s0, s1 = plan.layout.sparse_rows
+    bi, hi = _index_pair(tex, q.device)
+    with timer("gather", q.device):
+        kc = k[bi[:, None], hi[:, None], gi[None, :]].unsqueeze(1)  # (n, 1, N_c, D)
+        vc = v[bi[:, None], hi[:, None], gi[None, :]].unsqueeze(1)
+        kpm_c = kpm[bi[:, None], gi[None, :]] if kpm is not None else None
+    qs = q[bi, hi, s0:s1].unsqueeze(1)
+    if kpm_c is None:
+        o = _sdpa(qs, kc, vc, None, scale)
+    else:  # a boolean mask would push SDPA off its flash backend; the kernel masks for free
+        o = _dense_triton(qs, kc, vc, kpm_c, scale, cfg.block_m, cfg.block_n)
+    out[bi, hi, s0:s1] = o.squeeze(1)
+
 
 def execute_grouped(cfg: Any, q, k, v, patterns: np.ndarray, plan: RainFusionPlan, dplan: dict[str, Any], kpm,
                     scale, timer) -> torch.Tensor:

@@ -28,7 +28,7 @@ import torch
 from ...kernels import fast_kernel_unavailable, select_backend
 from ...kernels.selfcheck import stats_info as kernel_check_info
 from ...layout import TokenLayout
-from ..base import CallInfo, MethodRecord, dense_record, valid_key_counts
+from ..base import CallInfo, MethodRecord, deferred_record, dense_record
 from .config import (
     DENSE,
     PATTERN_NAMES,
@@ -47,24 +47,41 @@ from .windows import Solution, solve_params
 logger = logging.getLogger(__name__)
 
 
-@dataclass
 class Decision:
-    """The last per-head decision of a layer (for inspection, tests and the demo's pattern plot)."""
+    """The last per-head decision of a layer (for inspection, tests and the demo's pattern plot). ``patterns``
+    (B, H) int8 and ``recalls`` (B, H, 3) fp32 (ARM recalls: spatial, temporal, textural; None when forced) are
+    host arrays, read from the device on first access (never on the hot path)."""
 
-    step: int
-    patterns: np.ndarray  # (B, H) int8 pattern ids
-    recalls: np.ndarray | None  # (B, H, 3) ARM recalls (spatial, temporal, textural)
-    layout: Any
-    params: Any
-    head_offset: int = 0  # global id of patterns[:, 0] (context parallelism gives each rank a slice of heads)
+    def __init__(self, step: int, patterns: torch.Tensor | np.ndarray, recalls: torch.Tensor | np.ndarray | None,
+                 layout: Any, params: Any, head_offset: int = 0) -> None:
+        self.step, self.layout, self.params = step, layout, params
+        self.head_offset = head_offset  # global id of patterns[:, 0] (context parallelism gives a rank a slice)
+        self._patterns, self._recalls = patterns, recalls
+
+    @property
+    def patterns(self) -> np.ndarray:
+        if isinstance(self._patterns, torch.Tensor):
+            self._patterns = self._patterns.cpu().numpy().astype(np.int8)
+        return self._patterns
+
+    @property
+    def recalls(self) -> np.ndarray | None:
+        if isinstance(self._recalls, torch.Tensor):
+            self._recalls = self._recalls.cpu().numpy().astype(np.float32)
+        return self._recalls
+
+    def __repr__(self) -> str:
+        return f"Decision(step={self.step}, layout={self.layout}, params={self.params})"
 
 
 @dataclass
 class _ArmCacheEntry:
     step: int
     key: tuple
-    patterns: np.ndarray
-    recalls: np.ndarray | None
+    patterns: torch.Tensor  # (B, H) int32 on the device
+    recalls: torch.Tensor | None
+    host: np.ndarray | None = None  # the decisions on the host, once read
+    copy: Any = None  # (pinned host buffer, CUDA event) of a copy in flight
 
 
 class RainFusionMethod:
@@ -183,54 +200,73 @@ class RainFusionMethod:
             )
         reason = self.fallback_reason(layout, call.layer_index, call)
         if reason is not None:
-            valid = valid_key_counts(key_padding_mask, B, N)
-            return dense_fn(), dense_record(reason, batch=B, heads=H, head_dim=D, n_q=N, n_k_valid=float(sum(valid)),
+            valid = self._valid_counts(key_padding_mask)
+            return dense_fn(), dense_record(reason, batch=B, heads=H, head_dim=D, n_q=N,
+                                            n_k_valid=float(N * B) if valid is None else valid,
                                             n_video=layout.num_video, pattern_names=PATTERN_NAMES)
 
         dev = q.device
         with call.timer("plan", dev):
             plan = self.plan(layout)
             dplan = plan.on(dev)
-        patterns, recalls, valid = self._decide(q, k, plan, dplan, key_padding_mask, scale, call)
-        record = self._record(plan, patterns, recalls, valid, D)
-        record.decision = Decision(call.step, patterns, recalls, layout, plan.params, call.head_offset)
+        patterns, recalls, entry = self._decide(q, k, plan, dplan, key_padding_mask, scale, call)
+        record = self._record(plan, patterns, recalls, entry, self._valid_counts(key_padding_mask), B, N, D)
+        record.decision = Decision(call.step, patterns if entry.host is None else entry.host, recalls, layout,
+                                   plan.params, call.head_offset)
         with call.timer("attention", dev):
-            if (patterns == DENSE).all():
-                return dense_fn(), record  # every head stays dense: the stock call is the fastest exact dense path
-            return self._execute(q, k, v, patterns, plan, dplan, key_padding_mask, scale, call, record), record
+            out = self._execute(q, k, v, patterns, entry, plan, dplan, key_padding_mask, scale, call, record)
+        if out is None:  # every head stays dense: the stock call is the fastest exact dense path
+            return dense_fn(), record
+        return out, record
+
+    def _valid_counts(self, kpm: torch.Tensor | None) -> torch.Tensor | None:
+        """Valid keys per batch element on the device (None: no padding), for the stats. Every layer of a forward
+        gets the same mask: the count is reused while the mask's memory and version are unchanged (the cached
+        reference keeps the memory from being reused by another tensor)."""
+        if kpm is None:
+            return None
+        key = (kpm.data_ptr(), tuple(kpm.shape), kpm.stride(), kpm._version, kpm.device)
+        hit = self.__dict__.get("_valid_cache")
+        if hit is not None and hit[1] == key:
+            return hit[2]
+        valid = kpm.sum(-1)
+        self._valid_cache = (kpm, key, valid)
+        return valid
 
     # ----------------------------------------------------------------- ARM
     def _decide(self, q, k, plan, dplan, kpm, scale, call: CallInfo):
+        """``(patterns int32 (B, H), recalls (B, H, 3) or None, cache entry)``, all on the device; the entry also
+        carries the decisions on the host once they have been read (or when they are known without a read)."""
         cfg = self.config
-        B, H, N, _ = q.shape
-        valid = valid_key_counts(kpm, B, N)
+        B, H = q.shape[:2]
         if cfg.force_pattern is not None:
-            pid = SPARSE_PATTERNS[cfg.force_pattern]
+            pid = SPARSE_PATTERNS.get(cfg.force_pattern, DENSE)
             if pid == TEXTURAL and plan.params.stride == 1:
                 pid = DENSE
-            return np.full((B, H), pid, dtype=np.int8), None, valid
+            host = np.full((B, H), pid, dtype=np.int8)
+            return (torch.full((B, H), pid, dtype=torch.int32, device=q.device), None,
+                    _ArmCacheEntry(call.step, (), None, None, host))
 
         cache_key = (call.layer_index, call.call_in_step)
-        shape_key = (plan.layout, plan.params, B, H)
+        shape_key = (plan.layout, plan.params, B, H, q.device)
         if cfg.arm_refresh_steps > 1:
             hit = self._arm_cache.get(cache_key)
             if hit is not None and hit.key == shape_key and 0 <= call.step - hit.step < cfg.arm_refresh_steps:
-                return hit.patterns, hit.recalls, valid
+                return hit.patterns, hit.recalls, hit
 
         # A recognizer, not part of the model: no autograd graph (q, k may require grad when training or probing).
         with call.timer("arm", q.device), torch.no_grad():
-            recalls = arm_recalls(q.detach(), k.detach(), plan, dplan, kpm, scale, backend=cfg.kernel_backend)
+            recalls = arm_recalls(q, k, plan, dplan, kpm, scale, backend=cfg.kernel_backend)
             candidates = [SPARSE_PATTERNS[p] for p in cfg.patterns]
-            patterns = choose_patterns(recalls, plan, candidates, cfg.arm_threshold, cfg.arm_rule)  # (B, H)
-            packed = torch.cat([patterns.float().unsqueeze(-1), recalls], dim=-1).cpu().numpy()
-        patterns_np = packed[..., 0].astype(np.int8)
-        recalls_np = packed[..., 1:].astype(np.float32)
+            patterns = choose_patterns(recalls, plan, candidates, cfg.arm_threshold, cfg.arm_rule,
+                                       out_dtype=torch.int32)  # (B, H), on the device
+        entry = _ArmCacheEntry(call.step, shape_key, patterns, recalls)
         if cfg.arm_refresh_steps > 1:
-            self._arm_cache[cache_key] = _ArmCacheEntry(call.step, shape_key, patterns_np, recalls_np)
-        return patterns_np, recalls_np, valid
+            self._arm_cache[cache_key] = entry
+        return patterns, recalls, entry
 
     # ----------------------------------------------------------------- execution
-    def _execute(self, q, k, v, patterns, plan, dplan, kpm, scale, call: CallInfo, record: MethodRecord):
+    def _execute(self, q, k, v, patterns, entry, plan, dplan, kpm, scale, call: CallInfo, record: MethodRecord):
         cfg = self.config
         backend = select_backend(q, k, v, cfg.block_m, cfg.block_n, cfg.kernel_backend)
         record.kernel = backend
@@ -243,11 +279,57 @@ class RainFusionMethod:
                 self._warned.add(reason)
                 logger.warning("diffusers-attn: RainFusion runs its sparse calls on the PyTorch path on %s: %s",
                                q.device, reason)
-        run = execute_tables if backend == "triton" else execute_grouped
-        return run(cfg, q, k, v, patterns, plan, dplan, kpm, scale, call.timer)
+        if backend == "triton":
+            if cfg.dense_heads == "sdpa" and entry.host is None and patterns.is_cuda:
+                self._start_copy(entry)  # queued before the sparse kernel, so waiting on it never waits for that
+            return execute_tables(cfg, q, k, v, patterns, entry.host, plan, dplan, kpm, scale, call.timer,
+                                  lambda: self._read_host(entry))
+        host = self._read_host(entry)
+        if (host == DENSE).all():
+            return None
+        return execute_grouped(cfg, q, k, v, host, plan, dplan, kpm, scale, call.timer)
+
+    @staticmethod
+    def _start_copy(entry: _ArmCacheEntry) -> None:
+        """Start the device->host copy of the decisions (pinned memory, non-blocking) and mark its end."""
+        buf = torch.empty(entry.patterns.shape, dtype=entry.patterns.dtype, pin_memory=True)
+        buf.copy_(entry.patterns, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        entry.copy = (buf, event)
+
+    @staticmethod
+    def _read_host(entry: _ArmCacheEntry) -> np.ndarray:
+        """The decisions on the host: the one device->host read of a call that needs them (kept with the ARM
+        cache entry, so reused decisions are read once). Waits only for the copy started by ``_start_copy``."""
+        if entry.host is None:
+            if entry.copy is not None:
+                buf, event = entry.copy
+                event.synchronize()
+                entry.host, entry.copy = buf.numpy().astype(np.int8), None
+            else:
+                entry.host = entry.patterns.cpu().numpy().astype(np.int8)
+        return entry.host
 
     # ----------------------------------------------------------------- accounting
-    def _record(self, plan, patterns, recalls, valid, head_dim) -> MethodRecord:
+    def _record(self, plan, patterns, recalls, entry, valid, B, N, D) -> MethodRecord:
+        """The call's record; its numbers are computed from the device decisions when the stats are read."""
+        tensors = [patterns if entry.host is None else torch.from_numpy(entry.host)]
+        if recalls is not None:
+            tensors.append(recalls)
+        if valid is not None:
+            tensors.append(valid)
+
+        def finish(arrays: list[np.ndarray]) -> dict[str, Any]:
+            pats = arrays[0].astype(np.int64)
+            rec = arrays[1].astype(np.float32) if recalls is not None else None
+            n_valid = arrays[-1].astype(np.int64).tolist() if valid is not None else [N] * B
+            return self._accounting(plan, pats, rec, n_valid, D)
+
+        return deferred_record(tuple(tensors), finish, pattern_names=PATTERN_NAMES)
+
+    @staticmethod
+    def _accounting(plan, patterns, recalls, valid, head_dim) -> dict[str, Any]:
         B, H = patterns.shape
         computed = total = vcomp = 0.0
         for b in range(B):
@@ -261,12 +343,5 @@ class RainFusionMethod:
                 total += t * nh
                 vcomp += plan.video_pairs(int(p)) * nh
         vtot = float(plan.layout.num_video) ** 2 * B * H
-        return MethodRecord(
-            head_patterns=patterns.astype(np.int64),
-            computed=computed * head_dim,
-            total=total * head_dim,
-            video_computed=vcomp * head_dim,
-            video_total=vtot * head_dim,
-            pattern_names=PATTERN_NAMES,
-            recalls=recalls,
-        )
+        return dict(head_patterns=patterns, computed=computed * head_dim, total=total * head_dim,
+                    video_computed=vcomp * head_dim, video_total=vtot * head_dim, recalls=recalls)

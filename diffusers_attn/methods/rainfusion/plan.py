@@ -115,29 +115,38 @@ class RainFusionPlan:
         self._pairs_cache: dict[tuple[int, int], tuple[float, float]] = {}
 
     def pattern_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Compact per-pattern lists ``[4, M, K_max]`` / ``[4, M]`` indexed by pattern id: dense (all blocks),
-        spatial, temporal, and for textural heads only the always-dense query blocks (their other rows take the
-        gather path)."""
+        """Compact per-pattern lists ``[5, M, K_max]`` / ``[5, M]`` indexed by pattern id: dense (all blocks),
+        spatial, temporal, for textural heads only the always-dense query blocks (their other rows take the
+        gather path), and ``SKIP`` (no block: a head computed elsewhere in the same call)."""
         full = torch.ones(self.num_m, self.num_k, dtype=torch.bool)
         rows_only = self._q_dense[:, None].expand(self.num_m, self.num_k)
-        masks = torch.stack([full, self.block_masks[SPATIAL], self.block_masks[TEMPORAL], rows_only])
+        none = torch.zeros(self.num_m, self.num_k, dtype=torch.bool)
+        masks = torch.stack([full, self.block_masks[SPATIAL], self.block_masks[TEMPORAL], rows_only, none])
+        return block_mask_to_lists(masks)
+
+    def textural_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Lists ``[2, M_s, K_c]`` / ``[2, M_s]`` of the textural heads' S rows over the gathered keys: row 1 all
+        gathered key blocks, row 0 none (heads of other patterns)."""
+        m_s = num_blocks(self.n_sparse_rows, self.block_m)
+        k_c = num_blocks(self.n_gather, self.block_n)
+        masks = torch.stack([torch.zeros(m_s, k_c, dtype=torch.bool), torch.ones(m_s, k_c, dtype=torch.bool)])
         return block_mask_to_lists(masks)
 
     def on(self, device: torch.device) -> dict[str, Any]:
-        """Device copies of the tensors the hot path needs."""
+        """Device copies of the tensors the hot path needs (built once per device; the Triton-path tables are
+        added on first use by ``execution``)."""
         d = self._device_cache.get(device)
         if d is None:
+            member = torch.stack([self.probe_member[SPATIAL], self.probe_member[TEMPORAL]]).to(torch.float32)
             d = {
                 "tables": {p: (i.to(device), c.to(device)) for p, (i, c) in self.tables.items()},
                 "gather_index": self.gather_index.to(device),
                 "probe_rows": self.probe_rows.to(device),
-                "probe_member_stack": torch.stack(
-                    [self.probe_member[SPATIAL], self.probe_member[TEMPORAL]]
-                ).to(device=device, dtype=torch.float32),
+                "probe_member_stack": member.to(device),
+                # (P*K, 2) membership / P: ARM's recalls are one matmul with the probe masses
+                "probe_member_mat": (member.flatten(1).T / member.shape[1]).contiguous().to(device),
                 "textural_keys": self.textural_keys.to(device=device, dtype=torch.float32),
             }
-            if device.type == "cuda":
-                d["pattern_tables"] = tuple(t.to(device) for t in self.pattern_tables())
             self._device_cache[device] = d
         return d
 

@@ -88,19 +88,22 @@ def arm_recalls(
     token-exact textural). The masses come from :func:`diffusers_attn.kernels.probe_block_mass` (a Triton kernel
     on CUDA that never materialises the (H, P, N) scores). A recognizer, not a trainable path: no autograd graph.
     """
-    with torch.no_grad():
+    with torch.no_grad():  # no .detach() needed (and none spent: every op counts on the hot path)
         rows = dplan["probe_rows"]
         mass, tex = probe_block_mass(
-            q.detach().index_select(2, rows), k.detach(), block_n=plan.block_n, key_padding_mask=key_padding_mask,
+            q.index_select(2, rows), k, block_n=plan.block_n, key_padding_mask=key_padding_mask,
             scale=scale, token_weights=dplan["textural_keys"], backend=backend,
         )  # (B, H, P, K), (B, H, P)
-        members = dplan["probe_member_stack"]  # (2, P, K): spatial, temporal
-        block_rec = torch.einsum("bhpk,cpk->bhc", mass, members) / rows.numel()
+        B, H, P, K = mass.shape
+        # (spatial, temporal) recall = mean over probe rows of the mass inside each pattern's blocks: one matmul
+        # with the (P*K, 2) membership matrix (already divided by P).
+        block_rec = (mass.reshape(B * H, P * K) @ dplan["probe_member_mat"]).view(B, H, 2)
         return torch.cat([block_rec, tex.mean(-1, keepdim=True)], dim=-1)
 
 
 def choose_patterns(
-    recalls: torch.Tensor, plan: RainFusionPlan, candidates: list[int], threshold: float, rule: str = "cheapest"
+    recalls: torch.Tensor, plan: RainFusionPlan, candidates: list[int], threshold: float, rule: str = "cheapest",
+    out_dtype: torch.dtype = torch.int8,
 ) -> torch.Tensor:
     """Pattern id per (batch, head) from ARM recalls (or any per-pattern kept mass, e.g. an exact oracle's).
 
@@ -110,25 +113,39 @@ def choose_patterns(
     * ``"cheapest"``: the first (cheapest) candidate whose recall >= ``threshold``; dense if none reaches it.
     * ``"argmax"``: the candidate with the highest recall (ties to the cheaper); dense if that recall < threshold.
       Raw recall favours whichever pattern executes more keys.
+
+    Runs on the device with no host synchronisation; ``out_dtype`` is the dtype of the ids.
     """
     if rule not in ARM_RULES:
         raise ValueError(f"arm rule must be one of {ARM_RULES}, got {rule!r}")
-    order = sorted(
+    order = tuple(sorted(
         (p for p in candidates if plan.density[p] < 1.0 - 1e-9 and not (p == TEXTURAL and plan.params.stride == 1)),
         key=lambda p: (plan.density[p], p),
-    )
+    ))
     B, H, _ = recalls.shape
     if not order:
-        return torch.zeros(B, H, dtype=torch.int8, device=recalls.device)
+        return torch.zeros(B, H, dtype=out_dtype, device=recalls.device)
+    cols, ids = _choice_consts(plan, order, recalls.device, out_dtype)
     with torch.no_grad():
-        cols = torch.as_tensor([p - 1 for p in order], device=recalls.device)
-        r = recalls.detach().index_select(-1, cols)
-        ok = r >= threshold
+        r = recalls.index_select(-1, cols)  # (B, H, C): candidates, cheapest first
         if rule == "cheapest":
-            pick = ok.to(torch.uint8).argmax(dim=-1)  # argmax returns the first maximum: the cheapest passing
-            passed = ok.any(dim=-1)
-        else:
-            pick = r.argmax(dim=-1)  # first maximum: the lowest density among ties
-            passed = ok.gather(-1, pick.unsqueeze(-1)).squeeze(-1)
-        ids = torch.as_tensor(order, device=recalls.device)[pick]
-        return torch.where(passed, ids, torch.zeros_like(ids)).to(torch.int8)
+            # A last column that always passes stands for dense, so argmax (the first maximum) is the cheapest
+            # passing candidate or dense; a NaN recall never passes.
+            ok = torch.nn.functional.pad((r >= threshold).to(torch.uint8), (0, 1), value=1)
+            return ids[ok.argmax(dim=-1)]
+        best, pick = r.max(dim=-1)  # the first maximum: the lowest density among ties
+        return ids[pick] * (best >= threshold)  # dense (0) when the best recall is below the threshold or NaN
+
+
+def _choice_consts(plan: "RainFusionPlan", order: tuple[int, ...], device: torch.device,
+                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Device constants of one candidate order (cached on the plan): recall columns, and pattern ids with dense
+    appended."""
+    cache = plan.__dict__.setdefault("_choice_consts", {})
+    key = (order, device, dtype)
+    hit = cache.get(key)
+    if hit is None:
+        cols = torch.tensor([p - 1 for p in order], device=device)
+        ids = torch.tensor([*order, 0], dtype=dtype, device=device)
+        hit = cache[key] = (cols, ids)
+    return hit

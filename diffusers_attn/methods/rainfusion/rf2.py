@@ -33,7 +33,7 @@ import torch
 from ...kernels import block_sparse_attention, fast_kernel_unavailable, num_blocks, select_backend
 from ...kernels.selfcheck import stats_info as kernel_check_info
 from ...layout import TokenLayout
-from ..base import CallInfo, MethodRecord, dense_record, valid_key_counts
+from ..base import CallInfo, MethodRecord, deferred_record, dense_record, valid_key_counts
 
 logger = logging.getLogger(__name__)
 
@@ -95,19 +95,31 @@ class RF2Plan:
         return d
 
 
-@dataclass
 class RF2Decision:
-    """The last rf2 selection of a layer (for inspection and tests; small host arrays only)."""
+    """The last rf2 selection of a layer (for inspection and tests). ``density`` (B, H): executed video x video
+    density of each head's block lists; ``kept_mass`` (B, H): pooled-softmax estimate of the attention mass kept,
+    over video queries. Both are read from the device on first access (never on the hot path)."""
 
-    step: int
-    density: np.ndarray  # (B, H) executed video x video density of each head's block lists
-    kept_mass: np.ndarray  # (B, H) pooled-softmax estimate of the attention mass kept, over video queries
-    budget: float  # 1 - sparsity
-    forced_density: float  # video x video share of the forced regions alone
-    blocks_per_row: int  # top-k count of the free query blocks
-    reused: bool  # the lists came from the reuse cache
-    layout: Any
-    head_offset: int = 0  # global id of head 0 of this call (context parallelism)
+    def __init__(self, step: int, stats: torch.Tensor, nv2: float, budget: float, forced_density: float,
+                 blocks_per_row: int, reused: bool, layout: Any, head_offset: int = 0) -> None:
+        self.step, self.budget, self.forced_density = step, budget, forced_density  # budget: 1 - sparsity
+        self.blocks_per_row = blocks_per_row  # top-k count of the free query blocks
+        self.reused = reused  # the lists came from the reuse cache
+        self.layout, self.head_offset = layout, head_offset  # head_offset: global id of head 0 (context parallel)
+        self._stats, self._nv2 = stats, nv2
+
+    def _host(self) -> np.ndarray:
+        if isinstance(self._stats, torch.Tensor):
+            self._stats = self._stats.cpu().numpy()
+        return self._stats
+
+    @property
+    def density(self) -> np.ndarray:
+        return self._host()[..., 1] / self._nv2
+
+    @property
+    def kept_mass(self) -> np.ndarray:
+        return self._host()[..., 2]
 
 
 def _block_sums(x: torch.Tensor, block: int, weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -195,7 +207,7 @@ class _CacheEntry:
     step: int
     key: tuple
     lists: tuple[torch.Tensor, torch.Tensor]
-    stats: np.ndarray  # (B, H, 4): computed pairs, video pairs, kept mass, valid keys of the batch element
+    stats: torch.Tensor  # (B, H, 4) fp64 on the device: computed pairs, video pairs, kept mass, valid keys of b
 
 
 class RF2Attention:
@@ -243,8 +255,9 @@ class RF2Attention:
             )
         reason = self.method.fallback_reason(layout, call.layer_index, call)
         if reason is not None:
-            valid = valid_key_counts(key_padding_mask, B, N)
-            return dense_fn(), dense_record(reason, batch=B, heads=H, head_dim=D, n_q=N, n_k_valid=float(sum(valid)),
+            valid = self.method._valid_counts(key_padding_mask)
+            return dense_fn(), dense_record(reason, batch=B, heads=H, head_dim=D, n_q=N,
+                                            n_k_valid=float(N * B) if valid is None else valid,
                                             n_video=layout.num_video, pattern_names=RF2_PATTERN_NAMES)
         dev = q.device
         with call.timer("plan", dev):
@@ -264,8 +277,8 @@ class RF2Attention:
         with call.timer("attention", dev):
             out = block_sparse_attention(q, k, v, *lists, block_m=cfg.block_m, block_n=cfg.block_n,
                                          key_padding_mask=key_padding_mask, scale=scale, backend=backend)
-        if entry is None:  # the one device->host copy of the call, after the kernel launch
-            entry = _CacheEntry(call.step, pending, lists, stats.cpu().numpy())
+        if entry is None:  # the stats stay on the device until they are read
+            entry = _CacheEntry(call.step, pending, lists, stats)
             if pending is not None:
                 self._cache[self._cache_key(call)] = entry
         return out, self._record(plan, entry, call, D, backend, q, k, v, reused)
@@ -299,21 +312,22 @@ class RF2Attention:
                    f"{plan.budget:.3f} (rf2_first_frame={cfg.rf2_first_frame!r}): only the forced part is kept")
             info["rf2_budget_unmet"] = msg
             self._warn_once(msg)
-        record = MethodRecord(
-            head_patterns=np.full((B, H), RF2, dtype=np.int64),
-            computed=float(entry.stats[..., 0].sum()) * head_dim,
-            total=float(plan.n) * float(entry.stats[..., 3].sum()) * head_dim,
-            video_computed=float(entry.stats[..., 1].sum()) * head_dim,
-            video_total=nv2 * B * H * head_dim,
-            pattern_names=RF2_PATTERN_NAMES,
-            recalls=entry.stats[..., 2:3].astype(np.float32),  # per-head mean in the stats: the kept-mass estimate
-            kernel=backend,
-            info=info,
-        )
+
+        def finish(arrays: list[np.ndarray]) -> dict[str, Any]:
+            st = arrays[0]
+            return {
+                "head_patterns": np.full((B, H), RF2, dtype=np.int64),
+                "computed": float(st[..., 0].sum()) * head_dim,
+                "total": float(plan.n) * float(st[..., 3].sum()) * head_dim,
+                "video_computed": float(st[..., 1].sum()) * head_dim,
+                "video_total": nv2 * B * H * head_dim,
+                "recalls": st[..., 2:3].astype(np.float32),  # per-head mean in the stats: the kept-mass estimate
+            }
+
+        record = deferred_record((entry.stats,), finish, pattern_names=RF2_PATTERN_NAMES, kernel=backend, info=info)
         record.decision = RF2Decision(
-            step=call.step, density=entry.stats[..., 1] / nv2, kept_mass=entry.stats[..., 2], budget=plan.budget,
-            forced_density=plan.forced_density, blocks_per_row=plan.blocks_per_row, reused=reused,
-            layout=plan.layout, head_offset=call.head_offset,
+            step=call.step, stats=entry.stats, nv2=nv2, budget=plan.budget, forced_density=plan.forced_density,
+            blocks_per_row=plan.blocks_per_row, reused=reused, layout=plan.layout, head_offset=call.head_offset,
         )
         if q.is_cuda and backend != "triton":  # exact but slow on a GPU: say so once, and count it in stats
             reason = fast_kernel_unavailable(q, k, v, cfg.block_m, cfg.block_n) or f"kernel_backend={backend!r}"
