@@ -57,7 +57,7 @@ class Shape:
 SHAPES = {
     "cogvideox-5b": Shape("cogvideox-5b", (13, 30, 45), 226, 48, 64, 2, True, None),
     "hunyuan-720p": Shape("hunyuan-720p", (33, 45, 80), 256, 24, 128, 1, False, 200),
-    "tiny": Shape("tiny", (4, 8, 12), 16, 8, 32, 2, False, 11),
+    "tiny": Shape("tiny", (4, 8, 32), 16, 8, 32, 2, False, 11),
 }
 
 _SDPA_OPS = {"_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",

@@ -311,10 +311,28 @@ def launch_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
+_KEY_BOUNDS_MEMO: list = []  # [(mask, key, bounds)], most recent first, at most 4 (a call may use a few masks)
+
+
 def key_bounds(key_padding_mask: torch.Tensor) -> torch.Tensor:
     """int32 (B, 2) per batch row of a bool (B, Nk) key mask (True = valid): the first padded key and the last
     valid key + 1 (equal when the padding is a contiguous tail, as padded text is). Computed on the mask's device,
-    no host sync."""
+    no host sync. Every layer of a forward passes the same mask, so the last result is reused while the mask's
+    memory and version are unchanged (the memo holds the masks, so their memory cannot be reused meanwhile)."""
+    key = (key_padding_mask.data_ptr(), tuple(key_padding_mask.shape), key_padding_mask.stride(),
+           key_padding_mask._version, key_padding_mask.device)
+    for i, (_, k, bounds) in enumerate(_KEY_BOUNDS_MEMO):
+        if k == key:
+            if i:
+                _KEY_BOUNDS_MEMO.insert(0, _KEY_BOUNDS_MEMO.pop(i))
+            return bounds
+    bounds = _key_bounds(key_padding_mask)
+    _KEY_BOUNDS_MEMO.insert(0, (key_padding_mask, key, bounds))
+    del _KEY_BOUNDS_MEMO[4:]
+    return bounds
+
+
+def _key_bounds(key_padding_mask: torch.Tensor) -> torch.Tensor:
     n = key_padding_mask.shape[-1]
     ar = torch.arange(n, device=key_padding_mask.device, dtype=torch.int32)
     first_pad = torch.where(key_padding_mask, n, ar).amin(-1)

@@ -111,6 +111,12 @@ def test_key_bounds_on_device():
     kpm = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0], [1, 0, 1, 1, 0]], dtype=torch.bool)
     got = key_bounds(kpm)
     assert got.dtype == torch.int32 and got.tolist() == [[3, 3], [5, 5], [0, 0], [1, 4]]
+    assert key_bounds(kpm) is got  # memoized: every layer of a forward passes the same mask
+    kpm[1, 4] = False  # an in-place change bumps the version: recomputed
+    assert key_bounds(kpm).tolist() == [[3, 3], [4, 4], [0, 0], [1, 4]]
+    other = kpm.clone()
+    other[0] = True
+    assert key_bounds(other).tolist()[0] == [5, 5] and key_bounds(kpm).tolist()[0] == [3, 3]
 
 
 def test_unsupported_strides_refused_with_reason():

@@ -90,12 +90,26 @@ def _textural_all_heads(cfg, q, k, v, patterns, plan, dplan, t, kpm, scale, time
     s0, s1 = plan.layout.sparse_rows
     with timer("gather", q.device):
         kc, vc = k.index_select(2, gi), v.index_select(2, gi)
-        kpm_c = kpm.index_select(1, gi) if kpm is not None else None
+        kpm_c = _gathered_mask(dplan, kpm, gi)
     o = block_sparse_attention_table(q[:, :, s0:s1], kc, vc, *t["textural"], t["tex_row"][patterns],
                                      block_m=cfg.block_m, block_n=cfg.block_n, key_padding_mask=kpm_c, scale=scale,
                                      backend="triton")
     rows = out[:, :, s0:s1]
     torch.where(t["is_tex"][patterns], o, rows, out=rows)
+
+
+def _gathered_mask(dplan: dict[str, Any], kpm: torch.Tensor | None, gi: torch.Tensor) -> torch.Tensor | None:
+    """``kpm`` at the gathered key columns. Every layer of a forward passes the same mask, so the gather is reused
+    while the mask's memory and version are unchanged (and the kernel's key bounds of it with it)."""
+    if kpm is None:
+        return None
+    key = (kpm.data_ptr(), tuple(kpm.shape), kpm.stride(), kpm._version, kpm.device)
+    hit = dplan.get("_gathered_mask")
+    if hit is not None and hit[1] == key:
+        return hit[2]
+    kpm_c = kpm.index_select(1, gi)
+    dplan["_gathered_mask"] = (kpm, key, kpm_c)
+    return kpm_c
 
 
 def _textural_gathered(cfg, q, k, v, tex, plan, dplan, kpm, scale, timer, out) -> None:
