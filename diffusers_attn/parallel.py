@@ -21,6 +21,7 @@ import torch.distributed as dist
 from .adapters import get_adapter
 from .adapters.token_order import register_order_hooks
 from .adapters.ulysses import UlyssesExchange, global_to_joint, joint_to_global
+from .context import CONTEXT_HOOK_NAME, ContextHook
 from .install import installed_state, resolve_transformer
 
 logger = logging.getLogger(__name__)
@@ -91,6 +92,12 @@ def enable_context_parallel(
     if state.context.order_sites is not None:
         # The inverse permutation must see the gathered sequence: re-register it outside the gather hooks.
         register_order_hooks(transformer, state.context.order_sites, state.context, which="unpermute")
+        if state.context.order_sites.forward_kwargs:
+            # Transformer inputs in the token order (Wan TI2V's per-token timestep) are permuted by the context
+            # hook, which must then run before a split of the same input at the model itself: make it outermost.
+            registry = transformer._diffusers_hook
+            registry.remove_hook(CONTEXT_HOOK_NAME, recurse=False)
+            registry.register_hook(ContextHook(state.context), CONTEXT_HOOK_NAME)
     logger.info("diffusers-attn: Ulysses context parallelism over %d ranks", ulysses_degree)
     return config
 

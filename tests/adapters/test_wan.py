@@ -213,3 +213,28 @@ def test_unsupported_variants_are_clear_errors():
     apply_rainfusion(model, RainFusionConfig(sparsity=0.0, num_inference_steps=4))
     with pytest.raises(ValueError, match="cross-attention layers keep the stock"):
         model.blocks[0].attn1.processor(model.blocks[0].attn1, torch.randn(1, 4, 24), torch.randn(1, 3, 24))
+
+
+@pytest.mark.parametrize("model,order", [("wan", "raster"), ("wan-ti2v", "tiles")])
+def test_ulysses_degree2_equals_single_process(tmp_path, model, order):
+    """2 gloo processes at Ulysses degree 2 (diffusers' own Wan plan: video, RoPE and per-token timesteps split)
+    equal the single-process run at sparsity 0 and 0.75, per-head patterns included; in tile order the per-token
+    timesteps are permuted before diffusers splits them."""
+    import numpy as np
+    import torch.multiprocessing as mp
+
+    import _cp_worker
+
+    mp.start_processes(_cp_worker.run, args=(2, str(tmp_path / "init"), model, (0.0, 0.75), str(tmp_path), order),
+                       nprocs=2, join=True, start_method="spawn")
+    for sparsity in (0.0, 0.75):
+        for rank in range(2):
+            r = torch.load(tmp_path / f"{sparsity}-rank{rank}.pt", weights_only=False)
+            assert rel_err(r["out"], r["ref"]) <= 1e-5, (sparsity, rank)
+            if sparsity > 0:
+                assert r["density"] < 1.0 and r["ref_dec"]
+                assert r["token_order"] == ((1, 2, 8) if order == "tiles" else None)
+                for layer, (pat, off) in r["dec"].items():
+                    h = pat.shape[1]
+                    assert off == rank * h
+                    assert np.array_equal(pat, r["ref_dec"][layer][:, off : off + h])
