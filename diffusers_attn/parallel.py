@@ -22,7 +22,7 @@ from .adapters import get_adapter
 from .adapters.token_order import register_order_hooks
 from .adapters.ulysses import UlyssesExchange, global_to_joint, joint_to_global
 from .context import CONTEXT_HOOK_NAME, ContextHook
-from .install import installed_state, resolve_transformer
+from .install import installed_state, pipeline_transformers, resolve_transformer
 
 logger = logging.getLogger(__name__)
 
@@ -48,11 +48,21 @@ def enable_context_parallel(
     Call after ``apply_rainfusion`` (use ``RainFusionConfig(sparsity=0)`` for a dense baseline) inside an
     initialised ``torch.distributed`` job (``torchrun``), with the model on this rank's device. Returns the
     diffusers ``ParallelConfig``. On CUDA this goes through ``ModelMixin.enable_parallelism``; without an accelerator
-    (CPU tests, gloo) the same pieces are set up by hand, because diffusers' device lookup needs one.
+    (CPU tests, gloo) the same pieces are set up by hand, because diffusers' device lookup needs one. A pipeline's
+    second accelerated transformer (Wan 2.2 A14B's ``transformer_2``) is sharded too.
     """
     from diffusers.hooks import apply_context_parallel
     from diffusers.models._modeling_parallel import ContextParallelConfig, ParallelConfig
 
+    experts = [t for name, t in pipeline_transformers(pipe_or_model).items() if name != "transformer"]
+    experts = [t for t in experts if installed_state(t) is not None]
+    if experts:  # Wan 2.2 A14B: shard every accelerated transformer of the pipeline the same way
+        transformer, _ = resolve_transformer(pipe_or_model)
+        config = enable_context_parallel(transformer, ulysses_degree=ulysses_degree, ring_degree=ring_degree,
+                                         mesh=mesh)
+        for expert in experts:
+            enable_context_parallel(expert, ulysses_degree=ulysses_degree, ring_degree=ring_degree, mesh=mesh)
+        return config
     transformer, _ = resolve_transformer(pipe_or_model)
     state = installed_state(transformer)
     if state is None:

@@ -238,3 +238,53 @@ def test_ulysses_degree2_equals_single_process(tmp_path, model, order):
                     h = pat.shape[1]
                     assert off == rank * h
                     assert np.array_equal(pat, r["ref_dec"][layer][:, off : off + h])
+
+
+class _TwoExperts:
+    pass
+
+
+def _two_expert_cp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """One rank: a two-expert "pipeline" (Wan 2.2 A14B layout), RainFusion on both, then Ulysses on both."""
+    import os
+
+    import torch.distributed as dist
+
+    from diffusers_attn.parallel import enable_context_parallel
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        experts = [make_wan(num_layers=1, heads=4, head_dim=12) for _ in range(2)]
+        with torch.no_grad():
+            for p in experts[1].parameters():
+                p.mul_(0.9)  # a different second expert
+        pipe = _TwoExperts()  # what apply_rainfusion reads of a WanPipeline: its two transformers
+        pipe.transformer, pipe.transformer_2 = experts
+        kw = {**wan_inputs(batch=1, frames=5, h=8, w=32), "return_dict": False}
+        apply_rainfusion(pipe, RainFusionConfig(sparsity=0.75, arm_threshold=0.0, **SPARSE))
+        with torch.no_grad():
+            ref = [m(**kw)[0] for m in experts]
+            enable_context_parallel(pipe, ulysses_degree=world)
+            out = [m(**kw)[0] for m in experts]
+        from diffusers_attn import get_attention_context
+
+        sharded = [get_attention_context(m).parallel_config is not None and m._parallel_config is not None
+                   for m in experts]
+        torch.save({"ref": ref, "out": out, "density": get_attention_stats(pipe, log=False).density,
+                    "sharded": sharded},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ulysses_shards_both_experts(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_two_expert_cp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True,
+                       start_method="spawn")
+    for rank in range(2):
+        r = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        assert r["sharded"] == [True, True]
+        assert r["density"] < 1.0 and not torch.equal(r["ref"][0], r["ref"][1])
+        for a, b in zip(r["out"], r["ref"]):
+            assert rel_err(a, b) <= 1e-5
