@@ -6,6 +6,7 @@ RainFusion, bf16 on GPU.
     python benchmarks/step_e2e.py --smoke                          # tiny configs on CPU: checks the script only
     python benchmarks/step_e2e.py --models opensora-256px opensora-768px  # Open-Sora 2.0 (11.9B), 129 frames
     python benchmarks/step_e2e.py --models opensora-256px --reduced-opensora --frames 33  # CPU: 2 heads, 1+1 layers
+    python benchmarks/step_e2e.py --models wan2.1-14b-720p          # Wan2.1-T2V-14B 81x720x1280 (75,600 tokens)
 
 Random weights have no attention structure, so ARM at its default threshold keeps most heads dense; the step is
 therefore also timed with ``arm_threshold=0`` (every head takes its best sparse pattern), which is what a step
@@ -35,6 +36,34 @@ COGVIDEOX_5B = dict(  # THUDM/CogVideoX-5b transformer/config.json
     temporal_interpolation_scale=1.0, text_embed_dim=4096, time_embed_dim=512, timestep_activation_fn="silu",
     use_rotary_positional_embeddings=True,
 )
+
+
+# Wan-AI/Wan2.1-T2V-14B-Diffusers transformer/config.json: diffusers' WanTransformer3DModel defaults are this config
+WAN21_14B = dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16,
+                 out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
+                 qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+
+
+def _build_wan(frames, device, smoke):
+    """Wan2.1 T2V 14B at 720p: latent (F-1)/4+1 x 90 x 160, patch (1, 2, 2); self-attention is video only, the
+    512 (padded) UMT5 tokens enter through cross-attention."""
+    from diffusers import WanTransformer3DModel
+
+    cfg = dict(WAN21_14B)
+    lat_f, lat_h, lat_w, text_len = (frames - 1) // 4 + 1, 90, 160, 512
+    if smoke:
+        cfg.update(num_attention_heads=2, attention_head_dim=64, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2)
+        lat_f, lat_h, lat_w, text_len = 5, 16, 16, 16
+    model = WanTransformer3DModel(**cfg).eval()
+    kwargs = dict(
+        hidden_states=torch.randn(1, 16, lat_f, lat_h, lat_w),
+        timestep=torch.tensor([500], device=device),
+        encoder_hidden_states=torch.randn(1, text_len, cfg["text_dim"]),
+    )
+    n = lat_f * (lat_h // 2) * (lat_w // 2)
+    desc = (f"{frames} frames -> latent {lat_f}x{lat_h}x{lat_w}, {n} video tokens (self-attention), "
+            f"{text_len} text tokens (cross-attention), {cfg['num_layers']} layers")
+    return model, kwargs, desc
 
 
 OPENSORA_LATENT = {"opensora-256px": (24, 42), "opensora-768px": (72, 128)}  # 16:9, spec opensora.md 4.3
@@ -96,6 +125,8 @@ def build(name, frames, device, dtype, smoke, reduced=False):
                 desc = f"{frames} frames -> latent {lat_f}x{lat_h}x{lat_w}, {lat_f * gh * gw + text_len} tokens"
             elif name.startswith("opensora"):
                 model, kwargs, desc = _build_opensora(name, frames, device, smoke, reduced)
+            elif name.startswith("wan"):
+                model, kwargs, desc = _build_wan(frames, device, smoke)
             else:
                 from diffusers import HunyuanVideoTransformer3DModel
 
@@ -125,7 +156,7 @@ def build(name, frames, device, dtype, smoke, reduced=False):
 
 
 def run(name, args, device, dtype, timing):
-    frames = args.frames or (49 if name == "cogvideox-5b" else 129)
+    frames = args.frames or {"cogvideox-5b": 49, "wan2.1-14b-720p": 81}.get(name, 129)
     model, kwargs, desc = build(name, frames, device, dtype, args.smoke, getattr(args, "reduced_opensora", False))
     if args.smoke:
         desc = "SMOKE (tiny config, CPU; numbers meaningless): " + desc.split("-> ", 1)[1]

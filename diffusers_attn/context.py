@@ -109,6 +109,14 @@ class AttentionContext:
         self.order_grid: tuple[int, int, int] | None = None  # the grid they apply to
         self.permuter: TokenPermuter | None = None  # eager only: the index tensors of ``order_tile``
         self._permuters: dict[tuple, TokenPermuter] = {}
+        self._generation: int | None = None  # the tracker generation these stats belong to
+
+    def share_steps_with(self, other: AttentionContext) -> None:
+        """Count denoising steps with ``other``'s tracker: pipelines that switch transformers within one run (Wan
+        2.2 A14B: ``transformer`` for high noise, ``transformer_2`` after the boundary) then number steps, dense
+        warm-up and new generations over the whole run instead of per transformer."""
+        self.tracker = other.tracker
+        self._generation = None
 
     @property
     def pipeline(self) -> Any:
@@ -163,7 +171,9 @@ class AttentionContext:
         t = self._timestep_value(timestep)
         pipe = self.pipeline
         schedule = getattr(getattr(pipe, "scheduler", None), "timesteps", None) if pipe is not None else None
-        if self.tracker.observe(t, schedule if isinstance(schedule, torch.Tensor) else None):
+        new_generation = self.tracker.observe(t, schedule if isinstance(schedule, torch.Tensor) else None)
+        if new_generation or self.tracker.generation != self._generation:  # (a shared tracker moved on)
+            self._generation = self.tracker.generation
             self.stats.reset()
             self.last_decisions.clear()
             logger.debug("diffusers-attn: new generation %d", self.tracker.generation)

@@ -24,7 +24,7 @@ from .context import (
     get_attention_context,
 )
 from .methods.base import AttentionMethod
-from .stats import AttentionStats
+from .stats import AttentionStats, combine_stats
 
 logger = logging.getLogger(__name__)
 
@@ -51,19 +51,37 @@ def resolve_transformer(pipe_or_model: Any) -> tuple[torch.nn.Module, Any]:
     )
 
 
+#: pipeline attributes of the transformers a pipeline may switch between within one run (Wan 2.2 A14B)
+SECOND_TRANSFORMERS = ("transformer_2",)
+
+
+def pipeline_transformers(pipe_or_model: Any) -> dict[str, torch.nn.Module]:
+    """``{"transformer": ..., "transformer_2": ...}``: every transformer of a pipeline (one for a bare model)."""
+    transformer, pipe = resolve_transformer(pipe_or_model)
+    out = {"transformer": transformer}
+    for name in SECOND_TRANSFORMERS:
+        module = getattr(pipe, name, None) if pipe is not None else None
+        if isinstance(module, torch.nn.Module):
+            out[name] = module
+    return out
+
+
 def install_method(
     pipe_or_model: Any,
     method: AttentionMethod,
     *,
     num_inference_steps: int | None = None,
     processor_cls: type | None = None,
+    pipeline: Any = None,
 ) -> AttentionContext:
     """Install ``method`` on every attention layer of the transformer. Re-installing replaces the previous one.
 
     ``processor_cls``, when given, is a subclass of the adapter's processor to build instead (a method that ships
     its own processor subclass, e.g. FEAT). A method may define ``on_install(transformer) -> dict`` (its return
-    value is kept in the stats' info, e.g. which linears were quantized) and ``on_remove(transformer)``."""
+    value is kept in the stats' info, e.g. which linears were quantized) and ``on_remove(transformer)``.
+    ``pipeline``: the pipeline a bare transformer belongs to (its second transformer), for step counting."""
     transformer, pipe = resolve_transformer(pipe_or_model)
+    pipe = pipe if pipe is not None else pipeline
     adapter = get_adapter(transformer)
     kinds = getattr(method, "layouts", ("video",))
     if adapter.layout_kind not in kinds:
@@ -104,8 +122,13 @@ def install_method(
 
 def remove_attention_acceleration(pipe_or_model: Any) -> bool:
     """Restore the stock processors (and whatever the method changed at install, e.g. quantized linears) and
-    remove the context hook, whatever method is installed. Returns False if nothing was installed."""
-    transformer, _ = resolve_transformer(pipe_or_model)
+    remove the context hook, whatever method is installed, on every transformer of a pipeline (both experts of
+    Wan 2.2 A14B). Returns False if nothing was installed."""
+    removed = [_remove_one(t) for t in pipeline_transformers(pipe_or_model).values()]
+    return any(removed)
+
+
+def _remove_one(transformer: torch.nn.Module) -> bool:
     state: InstalledState | None = getattr(transformer, _STATE_ATTR, None)
     if state is None:
         return False
@@ -128,21 +151,27 @@ def installed_state(pipe_or_model: Any) -> InstalledState | None:
 
 
 def get_attention_stats(pipe_or_model: Any, *, log: bool = True) -> AttentionStats:
-    """Stats of the last generation (see :class:`~diffusers_attn.stats.AttentionStats`); logs a summary at INFO."""
-    transformer, _ = resolve_transformer(pipe_or_model)
-    context = get_attention_context(transformer)
-    if context is None:
+    """Stats of the last generation (see :class:`~diffusers_attn.stats.AttentionStats`); logs a summary at INFO.
+
+    A pipeline with two accelerated transformers (Wan 2.2 A14B) gets their totals, each one's own stats in
+    ``per_transformer``."""
+    contexts = {name: get_attention_context(t) for name, t in pipeline_transformers(pipe_or_model).items()}
+    contexts = {name: c for name, c in contexts.items() if c is not None}
+    if not contexts:
         raise ValueError(
             "diffusers-attn: no accelerated attention is installed on this model (call an apply_* function first)"
         )
-    stats = context.stats.summary()
+    if len(contexts) == 1:
+        stats = next(iter(contexts.values())).stats.summary()
+    else:
+        stats = combine_stats({name: c.stats for name, c in contexts.items()})
     if log:
         logger.info("%s", stats)
     return stats
 
 
 def reset_attention_stats(pipe_or_model: Any) -> None:
-    transformer, _ = resolve_transformer(pipe_or_model)
-    context = get_attention_context(transformer)
-    if context is not None:
-        context.stats.reset()
+    for transformer in pipeline_transformers(pipe_or_model).values():
+        context = get_attention_context(transformer)
+        if context is not None:
+            context.stats.reset()

@@ -116,6 +116,12 @@ MODEL_SHAPES: dict[str, ModelShape] = {
                    (81, 720, 1280)),
         ModelShape("wan2.1-1.3b", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", 4, 8, 1, 2, 512, "none", 12, 128, 30,
                    (81, 480, 832)),
+        # Wan 2.2 A14B: two experts of the 14B shape (high noise, then low noise); each forward runs one of them.
+        ModelShape("wan2.2-a14b", "Wan-AI/Wan2.2-T2V-A14B-Diffusers", 4, 8, 1, 2, 512, "none", 40, 128, 40,
+                   (81, 720, 1280), layers_note="per expert; two experts switched at a boundary timestep"),
+        # Wan 2.2 TI2V-5B: the Wan2.2 VAE (4x16x16); its 720p is 704x1280 (multiples of 32), 121 frames.
+        ModelShape("wan2.2-ti2v-5b", "Wan-AI/Wan2.2-TI2V-5B-Diffusers", 4, 16, 1, 2, 512, "none", 24, 128, 30,
+                   (121, 704, 1280)),
     )
 }
 

@@ -21,7 +21,8 @@ import torch.distributed as dist
 from .adapters import get_adapter
 from .adapters.token_order import register_order_hooks
 from .adapters.ulysses import UlyssesExchange, global_to_joint, joint_to_global
-from .install import installed_state, resolve_transformer
+from .context import CONTEXT_HOOK_NAME, ContextHook
+from .install import installed_state, pipeline_transformers, resolve_transformer
 
 logger = logging.getLogger(__name__)
 
@@ -47,11 +48,21 @@ def enable_context_parallel(
     Call after ``apply_rainfusion`` (use ``RainFusionConfig(sparsity=0)`` for a dense baseline) inside an
     initialised ``torch.distributed`` job (``torchrun``), with the model on this rank's device. Returns the
     diffusers ``ParallelConfig``. On CUDA this goes through ``ModelMixin.enable_parallelism``; without an accelerator
-    (CPU tests, gloo) the same pieces are set up by hand, because diffusers' device lookup needs one.
+    (CPU tests, gloo) the same pieces are set up by hand, because diffusers' device lookup needs one. A pipeline's
+    second accelerated transformer (Wan 2.2 A14B's ``transformer_2``) is sharded too.
     """
     from diffusers.hooks import apply_context_parallel
     from diffusers.models._modeling_parallel import ContextParallelConfig, ParallelConfig
 
+    experts = [t for name, t in pipeline_transformers(pipe_or_model).items() if name != "transformer"]
+    experts = [t for t in experts if installed_state(t) is not None]
+    if experts:  # Wan 2.2 A14B: shard every accelerated transformer of the pipeline the same way
+        transformer, _ = resolve_transformer(pipe_or_model)
+        config = enable_context_parallel(transformer, ulysses_degree=ulysses_degree, ring_degree=ring_degree,
+                                         mesh=mesh)
+        for expert in experts:
+            enable_context_parallel(expert, ulysses_degree=ulysses_degree, ring_degree=ring_degree, mesh=mesh)
+        return config
     transformer, _ = resolve_transformer(pipe_or_model)
     state = installed_state(transformer)
     if state is None:
@@ -91,6 +102,12 @@ def enable_context_parallel(
     if state.context.order_sites is not None:
         # The inverse permutation must see the gathered sequence: re-register it outside the gather hooks.
         register_order_hooks(transformer, state.context.order_sites, state.context, which="unpermute")
+        if state.context.order_sites.forward_kwargs:
+            # Transformer inputs in the token order (Wan TI2V's per-token timestep) are permuted by the context
+            # hook, which must then run before a split of the same input at the model itself: make it outermost.
+            registry = transformer._diffusers_hook
+            registry.remove_hook(CONTEXT_HOOK_NAME, recurse=False)
+            registry.register_hook(ContextHook(state.context), CONTEXT_HOOK_NAME)
     logger.info("diffusers-attn: Ulysses context parallelism over %d ranks", ulysses_degree)
     return config
 

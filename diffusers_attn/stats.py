@@ -306,6 +306,9 @@ class AttentionStats:
     slow_path: dict[str, int] = field(default_factory=dict)
     layers: list[LayerStats] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
+    #: pipelines with several accelerated transformers (Wan 2.2 A14B): each one's stats; the fields above are
+    #: their totals (``steps``: of the whole run) and ``layers`` is empty
+    per_transformer: dict[str, AttentionStats] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
@@ -342,7 +345,50 @@ class AttentionStats:
             used = {p for layer in self.layers for p in layer.dominant_patterns} - {"none"}
             legend = ", ".join(f"{_ABBREV.get(p, '?')} {p}" for p in sorted(used, key=lambda p: _ABBREV.get(p, "?")))
             lines.append(f"  (heads: {legend})")
+        for name, sub in self.per_transformer.items():
+            lines.append(f"  [{name}] {sub.calls} attention calls, steps seen up to {sub.steps}")
+            lines.extend("  " + line for line in str(sub).splitlines()[1:])
         return "\n".join(lines)
+
+
+def combine_stats(recorders: dict[str, StatsRecorder]) -> AttentionStats:
+    """Totals over several transformers of one pipeline run (each one's summary in ``per_transformer``)."""
+    per = {name: rec.summary() for name, rec in recorders.items()}
+    recs = list(recorders.values())
+
+    def pairs(attr: str) -> float:
+        return sum(getattr(acc, attr) for rec in recs for acc in rec.layers.values())
+
+    def add(dicts: list[dict[str, Any]]) -> dict[str, Any]:
+        out: Counter = Counter()
+        for d in dicts:
+            out.update(d)
+        return dict(out)
+
+    computed, total, vcomp, vtot = (pairs(a) for a in ("computed", "total", "video_computed", "video_total"))
+    hist = add([s.pattern_histogram for s in per.values()])
+    head_calls = sum(hist.values())
+    info: dict[str, Any] = {}
+    for s in per.values():
+        info.update(s.info)
+    first = next(iter(per.values()))
+    return AttentionStats(
+        method=first.method,
+        calls=sum(s.calls for s in per.values()),
+        skipped_calls=sum(s.skipped_calls for s in per.values()),
+        steps=max(s.steps for s in per.values()),  # a shared step counter: the last one seen is the run's
+        density=computed / total if total else 1.0,
+        video_density=vcomp / vtot if vtot else 1.0,
+        pattern_histogram=hist,
+        dense_fallbacks=add([s.dense_fallbacks for s in per.values()]),
+        dense_fallback_rate=(hist.get("fallback", 0) / head_calls) if head_calls else 0.0,
+        timings_ms=add([s.timings_ms for s in per.values()]),
+        kernel_backends=add([s.kernel_backends for s in per.values()]),
+        slow_path=add([s.slow_path for s in per.values()]),
+        layers=[],
+        info=info,
+        per_transformer=per,
+    )
 
 
 _ABBREV = {"dense": "D", "spatial": "S", "temporal": "T", "textural": "X", "fallback": "F", "none": ".",

@@ -104,3 +104,36 @@ def tiny_cogvideox():
 @pytest.fixture
 def tiny_hunyuan():
     return make_hunyuan()
+
+
+def make_wan(*, num_layers: int = 1, heads: int = 2, head_dim: int = 12, image: bool = False, vace: bool = False,
+             in_channels: int = 4):
+    """A tiny ``WanTransformer3DModel`` (``image``: I2V/FLF2V cross-attention to CLIP tokens; ``vace``: the VACE
+    variant with one control block)."""
+    from diffusers import WanTransformer3DModel, WanVACETransformer3DModel
+
+    torch.manual_seed(0)
+    kw = dict(patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim, in_channels=in_channels,
+              out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=num_layers, rope_max_seq_len=32)
+    if image:
+        kw.update(image_dim=8, added_kv_proj_dim=heads * head_dim)
+    if vace:
+        return WanVACETransformer3DModel(**kw, vace_layers=[0], vace_in_channels=6).eval()
+    return WanTransformer3DModel(**kw).eval()
+
+
+def wan_inputs(batch: int = 2, frames: int = 5, h: int = 8, w: int = 16, text_len: int = 7, seed: int = 1,
+               model=None):
+    """Latents (B, C, F, h, w) -> grid (F, h/2, w/2); I2V adds 4 image tokens, VACE a control video."""
+    g = torch.Generator().manual_seed(seed)
+    c = model.config.in_channels if model is not None else 4
+    kw = dict(hidden_states=torch.randn(batch, c, frames, h, w, generator=g),
+              timestep=torch.full((batch,), 500, dtype=torch.long),
+              encoder_hidden_states=torch.randn(batch, text_len, 16, generator=g))
+    if model is not None and model.config.image_dim:
+        # the stock cross-attention splits off everything before the last 512 tokens as image tokens
+        kw["encoder_hidden_states"] = torch.randn(batch, 512, 16, generator=g)
+        kw["encoder_hidden_states_image"] = torch.randn(batch, 4, 8, generator=g)
+    if model is not None and getattr(model.config, "vace_in_channels", None):
+        kw["control_hidden_states"] = torch.randn(batch, 6, frames, h, w, generator=g)
+    return kw

@@ -15,8 +15,10 @@ from .hunyuan_video import HunyuanVideoAdapter, HunyuanVideoAttnProcessor
 from .opensora import OpenSoraAdapter, OpenSoraAttnProcessor
 from .processor import AcceleratedAttnProcessor, run_method
 from .var import VARAcceleratedAttnProcessor, VARAdapter
+from .wan import WanAdapter, WanAttnProcessor, WanVACEAdapter
 
 _ADAPTERS: list[ModelAdapter] = [CogVideoXAdapter(), HunyuanVideoAdapter(), OpenSoraAdapter(), VARAdapter()]
+_ADAPTERS += [WanAdapter(), WanVACEAdapter()]
 
 
 def register_adapter(adapter: ModelAdapter) -> None:
@@ -52,6 +54,9 @@ __all__ = [
     "OpenSoraAttnProcessor",
     "VARAdapter",
     "VARAcceleratedAttnProcessor",
+    "WanAdapter",
+    "WanAttnProcessor",
+    "WanVACEAdapter",
     "get_adapter",
     "register_adapter",
     "run_method",

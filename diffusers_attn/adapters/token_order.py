@@ -3,7 +3,8 @@
 The permutation is applied where the video tokens are created (patch embedding output, RoPE tables) and inverted
 where they leave (the output projection), never per layer: every layer between only mixes tokens through
 attention, which is equivariant to a consistent permutation of q, k, v and RoPE. Each adapter names these sites
-(:class:`TokenOrderSites`); the video tokens are the last ``T*H*W`` entries along the named dimension.
+(:class:`TokenOrderSites`); the video tokens are the last ``T*H*W`` entries along the named dimension (or along
+consecutive dimensions flattened, e.g. ``(2, 3, 4)`` for a Conv3d output (B, C, T, H, W)).
 
 Under diffusers' context parallelism the permutation must happen on the whole sequence: permuting hooks are
 registered before the context-parallel split hooks (inner), inverting hooks after its gather hooks (outer);
@@ -27,11 +28,14 @@ UNPERMUTE_HOOK = "diffusers_attn_token_order_inverse"
 
 @dataclass
 class TokenOrderSites:
-    """Where a model family's video tokens enter and leave: module name -> sequence dim of its output."""
+    """Where a model family's video tokens enter and leave: module name -> sequence dim of its output (an int, or
+    a tuple of consecutive dims that flatten to the sequence). A tensor without that dim is left alone (Wan's
+    timestep: per token in TI2V, per sample otherwise)."""
 
-    permute: dict[str, int]
-    unpermute: dict[str, int]
-    forward_kwargs: dict[str, int] = field(default_factory=dict)  # transformer inputs built outside (RoPE tables)
+    permute: dict[str, int | tuple[int, ...]]
+    unpermute: dict[str, int | tuple[int, ...]]
+    # transformer inputs built outside (RoPE tables, per-token timesteps)
+    forward_kwargs: dict[str, int | tuple[int, ...]] = field(default_factory=dict)
 
 
 class TokenPermuter:
@@ -66,7 +70,7 @@ class TokenPermuter:
         return self._apply(x, dim, self.inv)
 
 
-def permute_tokens(context: Any, x: Any, dim: int, inverse: bool) -> Any:
+def permute_tokens(context: Any, x: Any, dim: int | tuple[int, ...], inverse: bool) -> Any:
     """Put ``x`` (a tensor or a tuple of them) into ``context``'s token order for this forward (or back).
 
     Eager: an ``index_select`` with the context's cached permutation. While ``torch.compile`` traces: the opaque op
@@ -78,6 +82,12 @@ def permute_tokens(context: Any, x: Any, dim: int, inverse: bool) -> Any:
     if isinstance(x, (tuple, list)):
         return type(x)(permute_tokens(context, v, dim, inverse) for v in x)
     if not isinstance(x, torch.Tensor):
+        return x
+    if isinstance(dim, tuple):  # consecutive dims that flatten into the token dim, e.g. (B, C, T, H, W) -> (2, 3, 4)
+        d0, d1 = dim[0] % x.dim(), dim[-1] % x.dim()
+        out = permute_tokens(context, x.flatten(d0, d1), d0, inverse)
+        return out.unflatten(d0, x.shape[d0 : d1 + 1])
+    if 0 <= dim and x.dim() <= dim:  # no token dim here (e.g. a per-sample timestep where per-token ones exist)
         return x
     if torch.compiler.is_compiling():
         return permute_tokens_op(x, context.op_handle, dim, inverse, *context.order_grid, *tile)
@@ -102,7 +112,7 @@ def _(x, handle, dim, inverse, frames, height, width, tt, th, tw):
 class _OrderHook(ModelHook):
     _is_stateful = False
 
-    def __init__(self, context: Any, dim: int, inverse: bool) -> None:
+    def __init__(self, context: Any, dim: int | tuple[int, ...], inverse: bool) -> None:
         super().__init__()
         self.context, self.dim, self.inverse = context, dim, inverse
 

@@ -6,12 +6,13 @@ from typing import Any
 
 from ..adapters import get_adapter
 from ..context import AttentionContext
-from ..install import install_method, resolve_transformer
+from ..install import install_method, pipeline_transformers, resolve_transformer
 from ..methods.rainfusion import RainFusionConfig, RainFusionMethod
 
 
 def apply_rainfusion(pipe_or_model: Any, config: RainFusionConfig | None = None) -> AttentionContext:
-    """Install RainFusion sparse attention on a CogVideoX, HunyuanVideo or Open-Sora pipeline (or bare transformer).
+    """Install RainFusion sparse attention on a CogVideoX, HunyuanVideo, Open-Sora or Wan pipeline (or bare
+    transformer). A pipeline with a second transformer (Wan 2.2 A14B's ``transformer_2``) gets it on both.
 
     Example::
 
@@ -36,4 +37,14 @@ def apply_rainfusion(pipe_or_model: Any, config: RainFusionConfig | None = None)
                     f"RainFusionConfig.{name}={val} is a fraction of the run, but a bare transformer does not know "
                     "the number of steps: pass the pipeline, set num_inference_steps, or give an int step count."
                 )
-    return install_method(pipe_or_model, RainFusionMethod(config), num_inference_steps=config.num_inference_steps)
+    context = install_method(pipe_or_model, RainFusionMethod(config), num_inference_steps=config.num_inference_steps)
+    for name, second in pipeline_transformers(pipe_or_model).items():
+        if name == "transformer":
+            continue
+        # Wan 2.2 A14B: the low-noise expert gets its own method state and counts steps with the first, so dense
+        # warm-up and the schedule refer to the whole run across the boundary switch.
+        get_adapter(second, "video")
+        ctx = install_method(second, RainFusionMethod(config), num_inference_steps=config.num_inference_steps,
+                             pipeline=pipe)
+        ctx.share_steps_with(context)
+    return context

@@ -1,4 +1,4 @@
-"""Tiny CogVideoX and HunyuanVideo pipelines built offline from configs (random weights, no download).
+"""Tiny CogVideoX, HunyuanVideo, Open-Sora and Wan pipelines built offline from configs (random weights, no download).
 
 They exercise the real diffusers pipeline and model classes end to end on a CPU in seconds: the built-in default
 of ``diffusers-attn compare`` and the test suite. Their weights are random, so their outputs say nothing about
@@ -17,7 +17,7 @@ from .opensora import OpenSoraPipeline, OpenSoraTransformer3DModel
 from .opensora.convert import scheduler_for_opensora
 from .var import VQVAE, VARPipeline, VARTransformer
 
-TINY_MODELS = ("tiny-cogvideox", "tiny-cogvideox-1.5", "tiny-hunyuan", "tiny-opensora")
+TINY_MODELS = ("tiny-cogvideox", "tiny-cogvideox-1.5", "tiny-hunyuan", "tiny-opensora", "tiny-wan", "tiny-wan2.2")
 # Class-conditional image models (VAR): separate from TINY_MODELS, whose entries are text-to-video pipelines.
 TINY_VAR_MODELS = ("tiny-var",)
 TINY_VAR_PATCH_NUMS = (1, 2, 3, 4, 6, 8)
@@ -28,7 +28,7 @@ class TinyPipelineSpec:
     """A built tiny pipeline plus what is needed to call it without a text encoder."""
 
     pipe: Any
-    family: str  # "cogvideox" | "hunyuan_video" | "opensora"
+    family: str  # "cogvideox" | "hunyuan_video" | "opensora" | "wan"
     text_len: int
     text_dim: int
     pooled_dim: int = 0
@@ -37,7 +37,7 @@ class TinyPipelineSpec:
     def prompt_kwargs(self, prompt: str, negative_prompt: str | None = None) -> dict[str, Any]:
         """Pipeline keyword arguments carrying pseudo-embeddings for ``prompt``."""
         emb, mask = prompt_embeddings(prompt, self.text_len, self.text_dim)
-        if self.family == "cogvideox":
+        if self.family in ("cogvideox", "wan"):  # padded states attended unmasked (Wan: through cross-attention)
             neg, _ = prompt_embeddings(negative_prompt or "", self.text_len, self.text_dim)
             return {"prompt_embeds": emb, "negative_prompt_embeds": neg}
         pooled = pooled_embedding(prompt, self.pooled_dim)
@@ -225,6 +225,44 @@ def build_tiny_opensora(seed: int = 0, *, num_layers: int = 1, num_single_layers
     )
 
 
+def build_tiny_wan(seed: int = 0, *, experts: int = 1, num_layers: int = 2, text_encoder: bool = False
+                   ) -> TinyPipelineSpec:
+    """A Wan pipeline with 2-head x 16 ``WanTransformer3DModel`` s (patch (1, 2, 2), video-only self-attention,
+    text through cross-attention) and a 3-channel Wan VAE (4x temporal, 8x spatial).
+
+    ``experts=2`` is Wan 2.2 A14B's layout: ``transformer`` (high noise) and ``transformer_2`` (low noise) switched
+    at ``boundary_ratio=0.5`` of the training timesteps. ``text_encoder=True`` adds a tiny real T5 encoder and
+    tokenizer (see :func:`tiny_t5`).
+    """
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+
+    if experts not in (1, 2):
+        raise ValueError(f"experts must be 1 or 2, got {experts!r}")
+    torch.manual_seed(seed)
+    text_len, text_dim = 16, 32
+
+    def transformer() -> WanTransformer3DModel:
+        return WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16,
+            text_dim=text_dim, freq_dim=32, ffn_dim=64, num_layers=num_layers, rope_max_seq_len=64,
+        )
+
+    first = transformer()
+    second = transformer() if experts == 2 else None
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])
+    encoder, tokenizer = tiny_t5(text_dim, seed) if text_encoder else (None, None)
+    pipe = WanPipeline(
+        tokenizer=tokenizer, text_encoder=encoder, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        transformer=first, transformer_2=second, boundary_ratio=0.5 if experts == 2 else None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return TinyPipelineSpec(
+        pipe, "wan", text_len, text_dim,
+        defaults={"height": 128, "width": 128, "num_frames": 17, "num_inference_steps": 8, "guidance_scale": 5.0},
+    )
+
+
 def build_tiny_pipeline(name: str, seed: int = 0) -> TinyPipelineSpec:
     """Build one of :data:`TINY_MODELS`."""
     if name == "tiny-cogvideox":
@@ -235,6 +273,10 @@ def build_tiny_pipeline(name: str, seed: int = 0) -> TinyPipelineSpec:
         return build_tiny_hunyuan(seed)
     if name == "tiny-opensora":
         return build_tiny_opensora(seed)
+    if name == "tiny-wan":
+        return build_tiny_wan(seed)
+    if name == "tiny-wan2.2":
+        return build_tiny_wan(seed, experts=2)
     if name in TINY_VAR_MODELS:
         raise ValueError(f"{name!r} is a class-conditional VAR model: build it with build_tiny_var()")
     raise ValueError(f"unknown tiny model {name!r}; available: {', '.join(TINY_MODELS)}")
