@@ -12,11 +12,14 @@ import torch
 from .base import ModelAdapter
 from .cogvideox import CogVideoXAdapter, CogVideoXAttnProcessor
 from .hunyuan_video import HunyuanVideoAdapter, HunyuanVideoAttnProcessor
+from .hunyuan_video15 import HunyuanVideo15Adapter, HunyuanVideo15AttnProcessor
 from .opensora import OpenSoraAdapter, OpenSoraAttnProcessor
 from .processor import AcceleratedAttnProcessor, run_method
 from .var import VARAcceleratedAttnProcessor, VARAdapter
 
-_ADAPTERS: list[ModelAdapter] = [CogVideoXAdapter(), HunyuanVideoAdapter(), OpenSoraAdapter(), VARAdapter()]
+_ADAPTERS: list[ModelAdapter] = [
+    CogVideoXAdapter(), HunyuanVideoAdapter(), OpenSoraAdapter(), VARAdapter(), HunyuanVideo15Adapter(),
+]
 
 
 def register_adapter(adapter: ModelAdapter) -> None:
@@ -48,6 +51,8 @@ __all__ = [
     "CogVideoXAttnProcessor",
     "HunyuanVideoAdapter",
     "HunyuanVideoAttnProcessor",
+    "HunyuanVideo15Adapter",
+    "HunyuanVideo15AttnProcessor",
     "OpenSoraAdapter",
     "OpenSoraAttnProcessor",
     "VARAdapter",

@@ -1,4 +1,4 @@
-"""Tiny CogVideoX and HunyuanVideo pipelines built offline from configs (random weights, no download).
+"""Tiny CogVideoX, HunyuanVideo and HunyuanVideo-1.5 pipelines built offline from configs (random weights, no download).
 
 They exercise the real diffusers pipeline and model classes end to end on a CPU in seconds: the built-in default
 of ``diffusers-attn compare`` and the test suite. Their weights are random, so their outputs say nothing about
@@ -17,7 +17,7 @@ from .opensora import OpenSoraPipeline, OpenSoraTransformer3DModel
 from .opensora.convert import scheduler_for_opensora
 from .var import VQVAE, VARPipeline, VARTransformer
 
-TINY_MODELS = ("tiny-cogvideox", "tiny-cogvideox-1.5", "tiny-hunyuan", "tiny-opensora")
+TINY_MODELS = ("tiny-cogvideox", "tiny-cogvideox-1.5", "tiny-hunyuan", "tiny-opensora", "tiny-hunyuanvideo-1.5")
 # Class-conditional image models (VAR): separate from TINY_MODELS, whose entries are text-to-video pipelines.
 TINY_VAR_MODELS = ("tiny-var",)
 TINY_VAR_PATCH_NUMS = (1, 2, 3, 4, 6, 8)
@@ -28,11 +28,12 @@ class TinyPipelineSpec:
     """A built tiny pipeline plus what is needed to call it without a text encoder."""
 
     pipe: Any
-    family: str  # "cogvideox" | "hunyuan_video" | "opensora"
+    family: str  # "cogvideox" | "hunyuan_video" | "opensora" | "hunyuan_video15"
     text_len: int
     text_dim: int
-    pooled_dim: int = 0
+    pooled_dim: int = 0  # HunyuanVideo-1.5: the ByT5 (glyph text) embedding width
     defaults: dict[str, Any] | None = None
+    text_len_2: int = 0  # HunyuanVideo-1.5: ByT5 tokens
 
     def prompt_kwargs(self, prompt: str, negative_prompt: str | None = None) -> dict[str, Any]:
         """Pipeline keyword arguments carrying pseudo-embeddings for ``prompt``."""
@@ -40,6 +41,8 @@ class TinyPipelineSpec:
         if self.family == "cogvideox":
             neg, _ = prompt_embeddings(negative_prompt or "", self.text_len, self.text_dim)
             return {"prompt_embeds": emb, "negative_prompt_embeds": neg}
+        if self.family == "hunyuan_video15":
+            return hunyuan_video15_prompt_kwargs(self, prompt, negative_prompt)
         pooled = pooled_embedding(prompt, self.pooled_dim)
         if self.family == "opensora":  # T5 states are attended unmasked; negative defaults to the empty prompt
             nemb, _ = prompt_embeddings(negative_prompt or "", self.text_len, self.text_dim)
@@ -225,6 +228,73 @@ def build_tiny_opensora(seed: int = 0, *, num_layers: int = 1, num_single_layers
     )
 
 
+def hunyuan_video15_prompt_kwargs(spec: TinyPipelineSpec, prompt: str,
+                                  negative_prompt: str | None = None) -> dict[str, Any]:
+    """HunyuanVideo-1.5's four embedding inputs (and the negative ones, which its CFG guider needs: the negative
+    defaults to the empty prompt): Qwen2.5-VL-like states + mask, and ByT5-like states + mask of the quoted (glyph)
+    text, zero with an all-False mask when there is none, as the pipeline does."""
+    kw: dict[str, Any] = {}
+    for prefix, text in (("", prompt), ("negative_", negative_prompt or "")):
+        emb, mask = prompt_embeddings(text, spec.text_len, spec.text_dim)
+        glyph = " ".join(text.split('"')[1::2])  # the words inside double quotes
+        if glyph.strip():
+            emb2, mask2 = prompt_embeddings(glyph, spec.text_len_2, spec.pooled_dim)
+        else:
+            emb2, mask2 = torch.zeros(1, spec.text_len_2, spec.pooled_dim), torch.zeros(1, spec.text_len_2, dtype=torch.bool)
+        kw.update({f"{prefix}prompt_embeds": emb, f"{prefix}prompt_embeds_mask": mask,
+                   f"{prefix}prompt_embeds_2": emb2, f"{prefix}prompt_embeds_mask_2": mask2})
+    return kw
+
+
+def build_tiny_hunyuan_video15(seed: int = 0, *, num_layers: int = 2, guidance_scale: float = 6.0) -> TinyPipelineSpec:
+    """A HunyuanVideo-1.5 text-to-video pipeline: a 2-head x 16 transformer (dual-stream blocks, text refiner, ByT5
+    and image projections) and a 4-channel, 16x-spatial HunyuanVideo-1.5 VAE; classifier-free guidance through the
+    pipeline's guider (``guidance_scale`` lives there, not in ``__call__``).
+
+    The VAE decodes one video at a time (``enable_slicing``): its causal mid-block attention mask is built with a
+    batch dimension that SDPA broadcasts against the head dimension, so decoding a batch > 1 fails in diffusers
+    0.42 (``output with shape [2, 1, N, N] doesn't match the broadcast shape [2, 2, N, N]``)."""
+    from diffusers import (
+        AutoencoderKLHunyuanVideo15,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideo15Pipeline,
+        HunyuanVideo15Transformer3DModel,
+    )
+    from diffusers.guiders import ClassifierFreeGuidance
+
+    torch.manual_seed(seed)
+    text_len, text_dim, byt5_len, byt5_dim, latent = 16, 16, 8, 8, 4
+    transformer = HunyuanVideo15Transformer3DModel(
+        in_channels=2 * latent + 1,  # noisy latents + conditioning latents + conditioning mask
+        out_channels=latent,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        num_layers=num_layers,
+        num_refiner_layers=1,
+        patch_size=1,
+        patch_size_t=1,
+        text_embed_dim=text_dim,
+        text_embed_2_dim=byt5_dim,
+        image_embed_dim=8,
+        rope_axes_dim=(4, 6, 6),
+        target_size=64,
+        task_type="t2v",
+    )
+    vae = AutoencoderKLHunyuanVideo15(latent_channels=latent, block_out_channels=(8, 8, 8, 8, 8), layers_per_block=1)
+    vae.enable_slicing()
+    pipe = HunyuanVideo15Pipeline(
+        text_encoder=None, tokenizer=None, transformer=transformer, vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0), text_encoder_2=None, tokenizer_2=None,
+        guider=ClassifierFreeGuidance(guidance_scale=guidance_scale),
+    )
+    pipe.vision_num_semantic_tokens = 4  # image-embedding tokens in the joint sequence (729 at full size)
+    pipe.set_progress_bar_config(disable=True)
+    return TinyPipelineSpec(
+        pipe, "hunyuan_video15", text_len, text_dim, byt5_dim, text_len_2=byt5_len,
+        defaults={"height": 128, "width": 128, "num_frames": 17, "num_inference_steps": 8},
+    )
+
+
 def build_tiny_pipeline(name: str, seed: int = 0) -> TinyPipelineSpec:
     """Build one of :data:`TINY_MODELS`."""
     if name == "tiny-cogvideox":
@@ -235,6 +305,8 @@ def build_tiny_pipeline(name: str, seed: int = 0) -> TinyPipelineSpec:
         return build_tiny_hunyuan(seed)
     if name == "tiny-opensora":
         return build_tiny_opensora(seed)
+    if name == "tiny-hunyuanvideo-1.5":
+        return build_tiny_hunyuan_video15(seed)
     if name in TINY_VAR_MODELS:
         raise ValueError(f"{name!r} is a class-conditional VAR model: build it with build_tiny_var()")
     raise ValueError(f"unknown tiny model {name!r}; available: {', '.join(TINY_MODELS)}")
