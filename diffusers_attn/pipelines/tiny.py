@@ -240,7 +240,8 @@ def hunyuan_video15_prompt_kwargs(spec: TinyPipelineSpec, prompt: str,
         if glyph.strip():
             emb2, mask2 = prompt_embeddings(glyph, spec.text_len_2, spec.pooled_dim)
         else:
-            emb2, mask2 = torch.zeros(1, spec.text_len_2, spec.pooled_dim), torch.zeros(1, spec.text_len_2, dtype=torch.bool)
+            emb2 = torch.zeros(1, spec.text_len_2, spec.pooled_dim)
+            mask2 = torch.zeros(1, spec.text_len_2, dtype=torch.bool)
         kw.update({f"{prefix}prompt_embeds": emb, f"{prefix}prompt_embeds_mask": mask,
                    f"{prefix}prompt_embeds_2": emb2, f"{prefix}prompt_embeds_mask_2": mask2})
     return kw

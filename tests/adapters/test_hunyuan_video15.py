@@ -217,7 +217,8 @@ def _cp_worker(rank: int, world: int, init_file: str, out_dir: str, runs: tuple)
             dec = {k: (v.patterns.copy(), v.head_offset) for k, v in ctx.last_decisions.items()
                    if hasattr(v, "patterns")}
             torch.save({"ref": ref, "out": out, "ref_dec": ref_dec, "dec": dec, "token_order": ctx.token_order,
-                        "density": ctx.stats.summary().density}, os.path.join(out_dir, f"{mode}-{sparsity}-rank{rank}.pt"))
+                        "density": ctx.stats.summary().density},
+                       os.path.join(out_dir, f"{mode}-{sparsity}-rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
