@@ -247,10 +247,51 @@ def hunyuan_video15_prompt_kwargs(spec: TinyPipelineSpec, prompt: str,
     return kw
 
 
-def build_tiny_hunyuan_video15(seed: int = 0, *, num_layers: int = 2, guidance_scale: float = 6.0) -> TinyPipelineSpec:
+def tiny_hunyuan_video15_text_encoders(text_dim: int, byt5_dim: int, seed: int = 0) -> dict[str, Any]:
+    """HunyuanVideo-1.5's two text encoders, tiny and random, built offline: a 2-layer Qwen2.5-VL text model with a
+    byte-level tokenizer and a chat template (the pipeline crops the first 108 template tokens and takes the third
+    hidden state from the end), and a 1-layer T5 encoder with the (file-less) ByT5 tokenizer. For tests of the real
+    ``from_pretrained`` + prompt path."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import (
+        ByT5Tokenizer,
+        Qwen2_5_VLTextConfig,
+        Qwen2_5_VLTextModel,
+        Qwen2TokenizerFast,
+        T5Config,
+        T5EncoderModel,
+    )
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    tokenizer = Qwen2TokenizerFast(tokenizer_object=tok, pad_token="<|endoftext|>", eos_token="<|im_end|>",
+                                   unk_token=None, bos_token=None)
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    torch.manual_seed(seed)
+    qwen = Qwen2_5_VLTextModel(Qwen2_5_VLTextConfig(
+        vocab_size=len(tokenizer), hidden_size=text_dim, intermediate_size=2 * text_dim, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, text_dim // 4 - 2]},
+    )).eval()
+    tokenizer_2 = ByT5Tokenizer()
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=byt5_dim, d_ff=2 * byt5_dim, d_kv=4,
+                                 num_layers=1, num_heads=2)).eval()
+    return {"text_encoder": qwen, "tokenizer": tokenizer, "text_encoder_2": t5, "tokenizer_2": tokenizer_2}
+
+
+def build_tiny_hunyuan_video15(seed: int = 0, *, num_layers: int = 2, guidance_scale: float = 6.0,
+                               text_encoders: bool = False) -> TinyPipelineSpec:
     """A HunyuanVideo-1.5 text-to-video pipeline: a 2-head x 16 transformer (dual-stream blocks, text refiner, ByT5
     and image projections) and a 4-channel, 16x-spatial HunyuanVideo-1.5 VAE; classifier-free guidance through the
-    pipeline's guider (``guidance_scale`` lives there, not in ``__call__``).
+    pipeline's guider (``guidance_scale`` lives there, not in ``__call__``). ``text_encoders=True`` adds tiny real
+    text encoders (:func:`tiny_hunyuan_video15_text_encoders`).
 
     The VAE decodes one video at a time (``enable_slicing``): its causal mid-block attention mask is built with a
     batch dimension that SDPA broadcasts against the head dimension, so decoding a batch > 1 fails in diffusers
@@ -283,10 +324,11 @@ def build_tiny_hunyuan_video15(seed: int = 0, *, num_layers: int = 2, guidance_s
     )
     vae = AutoencoderKLHunyuanVideo15(latent_channels=latent, block_out_channels=(8, 8, 8, 8, 8), layers_per_block=1)
     vae.enable_slicing()
+    encoders = (tiny_hunyuan_video15_text_encoders(text_dim, byt5_dim, seed) if text_encoders else
+                dict.fromkeys(("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")))
     pipe = HunyuanVideo15Pipeline(
-        text_encoder=None, tokenizer=None, transformer=transformer, vae=vae,
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0), text_encoder_2=None, tokenizer_2=None,
-        guider=ClassifierFreeGuidance(guidance_scale=guidance_scale),
+        transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
+        guider=ClassifierFreeGuidance(guidance_scale=guidance_scale), **encoders,
     )
     pipe.vision_num_semantic_tokens = 4  # image-embedding tokens in the joint sequence (729 at full size)
     pipe.set_progress_bar_config(disable=True)
