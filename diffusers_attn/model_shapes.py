@@ -116,6 +116,13 @@ MODEL_SHAPES: dict[str, ModelShape] = {
                    (81, 720, 1280)),
         ModelShape("wan2.1-1.3b", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", 4, 8, 1, 2, 512, "none", 12, 128, 30,
                    (81, 480, 832)),
+        # HunyuanVideo-1.5: 16x-spatial VAE, patch 1; the conditioning tail is 1000 Qwen2.5-VL + 256 ByT5 + 729 image
+        # tokens (padding and, for text-to-video, the image tokens masked but in the sequence); 121 frames at the
+        # pipeline's default 16:9 size for target_size 640 / 960.
+        ModelShape("hunyuanvideo-1.5-480p", "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_t2v", 4, 16, 1, 1,
+                   1985, "last", 16, 128, 54, (121, 480, 848), layers_note="dual-stream"),
+        ModelShape("hunyuanvideo-1.5-720p", "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-720p_t2v", 4, 16, 1, 1,
+                   1985, "last", 16, 128, 54, (121, 720, 1280), layers_note="dual-stream"),
     )
 }
 

@@ -272,3 +272,26 @@ def test_composes_with_pyramid_attention_broadcast():
     assert stats.calls + stats.skipped_calls == 3 * 2 * 2  # steps x (cond, uncond) x layers
     remove_attention_acceleration(pipe)
     assert torch.equal(gen(), cache_only)
+
+
+def test_plan_shapes_match_the_diffusers_defaults():
+    """`diffusers-attn plan`'s HunyuanVideo-1.5 rows are the released config (diffusers' defaults, which the hub
+    configs keep: only target_size / task_type differ per checkpoint) and the pipeline's default 16:9 sizes."""
+    import inspect
+
+    from diffusers import AutoencoderKLHunyuanVideo15, HunyuanVideo15Transformer3DModel
+    from diffusers.pipelines.hunyuan_video1_5.image_processor import HunyuanVideo15ImageProcessor
+
+    from diffusers_attn.model_shapes import get_model_shape
+
+    tr = {k: p.default for k, p in inspect.signature(HunyuanVideo15Transformer3DModel.__init__).parameters.items()}
+    vae = {k: p.default for k, p in inspect.signature(AutoencoderKLHunyuanVideo15.__init__).parameters.items()}
+    sizes = HunyuanVideo15ImageProcessor(vae_scale_factor=16)
+    for name, target in (("hunyuanvideo-1.5-480p", 640), ("hunyuanvideo-1.5-720p", 960)):
+        s = get_model_shape(name)
+        assert (s.heads, s.head_dim, s.layers) == (tr["num_attention_heads"], tr["attention_head_dim"],
+                                                   tr["num_layers"])
+        assert (s.patch_t, s.patch_hw) == (tr["patch_size_t"], tr["patch_size"])
+        assert (s.vae_temporal, s.vae_spatial) == (vae["temporal_compression_ratio"], vae["spatial_compression_ratio"])
+        assert s.default_video[1:] == sizes.calculate_default_height_width(9, 16, target)
+        assert s.text_len == 1000 + 256 + 729 and s.text_position == "last"
