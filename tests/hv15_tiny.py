@@ -49,3 +49,26 @@ def valid_conditioning(inputs: dict) -> list[int]:
     img = 0 if bool((inputs["image_embeds"] == 0).all()) else inputs["image_embeds"].shape[1]
     m1, m2 = inputs["encoder_attention_mask"], inputs["encoder_attention_mask_2"]
     return [img + int(m1[b].sum()) + int(m2[b].sum()) for b in range(m1.shape[0])]
+
+
+def tiny_image_to_video_pipeline(seed: int = 0):
+    """diffusers' HunyuanVideo15ImageToVideoPipeline on the tiny text-to-video pipeline's transformer, VAE and
+    scheduler, plus a tiny SigLIP vision encoder (4 image tokens of width IMAGE_DIM): the image enters as unmasked
+    conditioning tokens and, VAE-encoded, as the first latent frame in the input channels."""
+    from diffusers import HunyuanVideo15ImageToVideoPipeline
+    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+
+    from diffusers_attn.pipelines.tiny import build_tiny_hunyuan_video15
+
+    spec = build_tiny_hunyuan_video15(seed)
+    t2v = spec.pipe
+    torch.manual_seed(seed + 1)
+    encoder = SiglipVisionModel(SiglipVisionConfig(hidden_size=IMAGE_DIM, intermediate_size=16, num_hidden_layers=1,
+                                                   num_attention_heads=2, image_size=32, patch_size=16)).eval()
+    pipe = HunyuanVideo15ImageToVideoPipeline(
+        text_encoder=None, tokenizer=None, transformer=t2v.transformer, vae=t2v.vae, scheduler=t2v.scheduler,
+        text_encoder_2=None, tokenizer_2=None, guider=t2v.guider, image_encoder=encoder,
+        feature_extractor=SiglipImageProcessor(size={"height": 32, "width": 32}),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return spec, pipe
