@@ -16,6 +16,7 @@ python benchmarks/rainfusion_attention.py --json "$out/rainfusion_attention.json
 python benchmarks/step_e2e.py --json "$out/step_e2e.json" 2>&1 | tee "$out/step_e2e.txt"
 python benchmarks/step_e2e.py --models wan2.1-14b-720p --json "$out/step_e2e_wan.json" 2>&1 | tee "$out/step_e2e_wan.txt"
 python benchmarks/step_e2e.py --models opensora-256px opensora-768px --json "$out/step_e2e_opensora.json" 2>&1 | tee "$out/step_e2e_opensora.txt"
+python benchmarks/step_e2e.py --models hunyuanvideo-1.5-720p --json "$out/step_e2e_hv15.json" 2>&1 | tee "$out/step_e2e_hv15.txt"
 # FEAT (issue 8): Bi-WKV kernel correctness, then kernel / attention-call / step timings
 python benchmarks/feat_gpu_check.py 2>&1 | tee "$out/feat_gpu_check.txt"
 python benchmarks/feat.py --json "$out/feat.json" 2>&1 | tee "$out/feat.txt"

@@ -7,6 +7,7 @@ RainFusion, bf16 on GPU.
     python benchmarks/step_e2e.py --models opensora-256px opensora-768px  # Open-Sora 2.0 (11.9B), 129 frames
     python benchmarks/step_e2e.py --models opensora-256px --reduced-opensora --frames 33  # CPU: 2 heads, 1+1 layers
     python benchmarks/step_e2e.py --models wan2.1-14b-720p          # Wan2.1-T2V-14B 81x720x1280 (75,600 tokens)
+    python benchmarks/step_e2e.py --models hunyuanvideo-1.5-720p   # HunyuanVideo-1.5 720p T2V (8.3B), 121 frames
 
 Random weights have no attention structure, so ARM at its default threshold keeps most heads dense; the step is
 therefore also timed with ``arm_threshold=0`` (every head takes its best sparse pattern), which is what a step
@@ -96,6 +97,40 @@ def _build_opensora(name, frames, device, smoke, reduced):
     return model, kwargs, desc
 
 
+def _build_hunyuan_video15(frames, device, smoke):
+    """HunyuanVideo-1.5 720p T2V (hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-720p_t2v: diffusers' defaults
+    with target_size 960, task_type t2v; 8.3B) at 1280x720: latent 31x45x80 for 121 frames (VAE 4x16, patch 1).
+    Conditioning as the pipeline builds it: 1000 Qwen2.5-VL tokens (80 valid), 256 ByT5 tokens (none valid: no
+    quoted text), 729 zero image tokens (masked for T2V). The stock processor materialises an N x N boolean mask
+    (about 13 GB at 113,585 tokens) in every dense call; use --frames to shrink the video if memory runs out."""
+    from diffusers import HunyuanVideo15Transformer3DModel
+
+    lat_f, lat_h, lat_w, text_len, byt5_len, image_len, valid = (frames - 1) // 4 + 1, 45, 80, 1000, 256, 729, 80
+    cfg = dict(target_size=960, task_type="t2v")
+    if smoke:
+        cfg.update(num_attention_heads=2, attention_head_dim=64, num_layers=2, num_refiner_layers=1,
+                   text_embed_dim=32, text_embed_2_dim=16, image_embed_dim=16, rope_axes_dim=(16, 24, 24))
+        lat_f, lat_h, lat_w, text_len, byt5_len, image_len, valid = 5, 16, 16, 16, 8, 4, 8
+    model = HunyuanVideo15Transformer3DModel(**cfg).eval()
+    c = model.config
+    mask = torch.zeros(1, text_len, dtype=torch.bool)
+    mask[:, :valid] = True
+    kwargs = dict(
+        hidden_states=torch.randn(1, c.in_channels, lat_f, lat_h, lat_w),
+        timestep=torch.tensor([500.0], device=device),
+        encoder_hidden_states=torch.randn(1, text_len, c.text_embed_dim),
+        encoder_attention_mask=mask,
+        encoder_hidden_states_2=torch.zeros(1, byt5_len, c.text_embed_2_dim),
+        encoder_attention_mask_2=torch.zeros(1, byt5_len, dtype=torch.bool),
+        image_embeds=torch.zeros(1, image_len, c.image_embed_dim),
+    )
+    n = lat_f * lat_h * lat_w
+    cond = text_len + byt5_len + image_len
+    desc = (f"{frames} frames -> latent {lat_f}x{lat_h}x{lat_w}, {n + cond} tokens ({n} video + {cond} conditioning, "
+            f"{valid} valid), {c.num_layers} layers")
+    return model, kwargs, desc
+
+
 def build(name, frames, device, dtype, smoke, reduced=False):
     """(model, forward kwargs, description)."""
     default = torch.get_default_dtype()
@@ -127,6 +162,8 @@ def build(name, frames, device, dtype, smoke, reduced=False):
                 model, kwargs, desc = _build_opensora(name, frames, device, smoke, reduced)
             elif name.startswith("wan"):
                 model, kwargs, desc = _build_wan(frames, device, smoke)
+            elif name == "hunyuanvideo-1.5-720p":
+                model, kwargs, desc = _build_hunyuan_video15(frames, device, smoke)
             else:
                 from diffusers import HunyuanVideoTransformer3DModel
 
@@ -156,7 +193,7 @@ def build(name, frames, device, dtype, smoke, reduced=False):
 
 
 def run(name, args, device, dtype, timing):
-    frames = args.frames or {"cogvideox-5b": 49, "wan2.1-14b-720p": 81}.get(name, 129)
+    frames = args.frames or {"cogvideox-5b": 49, "wan2.1-14b-720p": 81, "hunyuanvideo-1.5-720p": 121}.get(name, 129)
     model, kwargs, desc = build(name, frames, device, dtype, args.smoke, getattr(args, "reduced_opensora", False))
     if args.smoke:
         desc = "SMOKE (tiny config, CPU; numbers meaningless): " + desc.split("-> ", 1)[1]

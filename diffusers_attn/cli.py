@@ -38,7 +38,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", default="ref-cogvideox",
                    help="ref-cogvideox (trained, default) | ref-hunyuan | tiny-cogvideox | tiny-cogvideox-1.5 | "
-                   "tiny-hunyuan | tiny-opensora | tiny-wan | tiny-wan2.2 | a diffusers hub id or local folder")
+                   "tiny-hunyuan | tiny-opensora | tiny-wan | tiny-wan2.2 | tiny-hunyuanvideo-1.5 | a diffusers hub id or local folder")
     p.add_argument("--prompt", default=None,
                    help=f"default: the reference models' '<colour> <shape> <motion> over <background>' caption, "
                    f"else {DEFAULT_PROMPT!r}")

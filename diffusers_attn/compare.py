@@ -131,7 +131,8 @@ def load_pipeline(model: str, device: torch.device, dtype: torch.dtype, seed: in
         spec.pipe.to(device)
         if dtype != torch.float32:
             spec.pipe.to(dtype=dtype)
-        return LoadedPipeline(spec.pipe, model, spec.prompt_kwargs, dict(spec.defaults or {}), tiny=True)
+        return LoadedPipeline(spec.pipe, model, spec.prompt_kwargs, dict(spec.defaults or {}), tiny=True,
+                              decode_module=_decode_module(spec.pipe))
 
     # Check the transformer class from the (small) config before loading any weights.
     try:
@@ -158,7 +159,7 @@ def load_pipeline(model: str, device: torch.device, dtype: torch.dtype, seed: in
             kw["negative_prompt"] = negative_prompt
         return kw
 
-    return LoadedPipeline(pipe, model, prompt_kwargs, {}, tiny=False)
+    return LoadedPipeline(pipe, model, prompt_kwargs, {}, tiny=False, decode_module=_decode_module(pipe))
 
 
 def parse_class_labels(text: str, num_classes: int, max_labels: int = 8) -> list[int]:
@@ -226,6 +227,22 @@ def _accepts(pipe: Any, name: str) -> bool:
     return name in inspect.signature(pipe.__call__).parameters
 
 
+def _decode_module(pipe: Any) -> str | None:
+    """Where decoding starts, for video pipelines without ``callback_on_step_end`` (HunyuanVideo-1.5)."""
+    if _accepts(pipe, "callback_on_step_end"):
+        return None
+    return "vae.decoder" if isinstance(getattr(getattr(pipe, "vae", None), "decoder", None), torch.nn.Module) else None
+
+
+def _guidance_to_guider(pipe: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Pipelines that take ``guidance_scale`` from their guider (HunyuanVideo-1.5), not from ``__call__``: set it
+    there."""
+    if "guidance_scale" in kwargs and not _accepts(pipe, "guidance_scale") and getattr(pipe, "guider", None):
+        kwargs = dict(kwargs)
+        pipe.guider = pipe.guider.new(guidance_scale=kwargs.pop("guidance_scale"))
+    return kwargs
+
+
 def generate(
     pipe: Any,
     kwargs: dict[str, Any],
@@ -247,6 +264,7 @@ def generate(
     """
     marks: list[float] = []
     total_steps = int(kwargs.get("num_inference_steps", 0) or num_steps or 0)
+    kwargs = _guidance_to_guider(pipe, kwargs)
     if not _accepts(pipe, "callback_on_step_end"):
         return _generate_hooked(pipe, kwargs, seed, device, on_step, step_module, decode_module, total_steps,
                                 all_images)

@@ -122,6 +122,13 @@ MODEL_SHAPES: dict[str, ModelShape] = {
         # Wan 2.2 TI2V-5B: the Wan2.2 VAE (4x16x16); its 720p is 704x1280 (multiples of 32), 121 frames.
         ModelShape("wan2.2-ti2v-5b", "Wan-AI/Wan2.2-TI2V-5B-Diffusers", 4, 16, 1, 2, 512, "none", 24, 128, 30,
                    (121, 704, 1280)),
+        # HunyuanVideo-1.5: 16x-spatial VAE, patch 1; the conditioning tail is 1000 Qwen2.5-VL + 256 ByT5 + 729 image
+        # tokens (padding and, for text-to-video, the image tokens masked but in the sequence); 121 frames at the
+        # pipeline's default 16:9 size for target_size 640 / 960.
+        ModelShape("hunyuanvideo-1.5-480p", "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_t2v", 4, 16, 1, 1,
+                   1985, "last", 16, 128, 54, (121, 480, 848), layers_note="dual-stream"),
+        ModelShape("hunyuanvideo-1.5-720p", "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-720p_t2v", 4, 16, 1, 1,
+                   1985, "last", 16, 128, 54, (121, 720, 1280), layers_note="dual-stream"),
     )
 }
 

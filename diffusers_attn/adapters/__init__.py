@@ -12,6 +12,7 @@ import torch
 from .base import ModelAdapter
 from .cogvideox import CogVideoXAdapter, CogVideoXAttnProcessor
 from .hunyuan_video import HunyuanVideoAdapter, HunyuanVideoAttnProcessor
+from .hunyuan_video15 import HunyuanVideo15Adapter, HunyuanVideo15AttnProcessor
 from .opensora import OpenSoraAdapter, OpenSoraAttnProcessor
 from .processor import AcceleratedAttnProcessor, run_method
 from .var import VARAcceleratedAttnProcessor, VARAdapter
@@ -19,6 +20,7 @@ from .wan import WanAdapter, WanAttnProcessor, WanVACEAdapter
 
 _ADAPTERS: list[ModelAdapter] = [CogVideoXAdapter(), HunyuanVideoAdapter(), OpenSoraAdapter(), VARAdapter()]
 _ADAPTERS += [WanAdapter(), WanVACEAdapter()]
+_ADAPTERS += [HunyuanVideo15Adapter()]
 
 
 def register_adapter(adapter: ModelAdapter) -> None:
@@ -50,6 +52,8 @@ __all__ = [
     "CogVideoXAttnProcessor",
     "HunyuanVideoAdapter",
     "HunyuanVideoAttnProcessor",
+    "HunyuanVideo15Adapter",
+    "HunyuanVideo15AttnProcessor",
     "OpenSoraAdapter",
     "OpenSoraAttnProcessor",
     "VARAdapter",

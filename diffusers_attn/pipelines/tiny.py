@@ -1,4 +1,4 @@
-"""Tiny CogVideoX, HunyuanVideo, Open-Sora and Wan pipelines built offline from configs (random weights, no download).
+"""Tiny CogVideoX, HunyuanVideo, HunyuanVideo-1.5, Open-Sora and Wan pipelines built offline from configs (random weights, no download).
 
 They exercise the real diffusers pipeline and model classes end to end on a CPU in seconds: the built-in default
 of ``diffusers-attn compare`` and the test suite. Their weights are random, so their outputs say nothing about
@@ -17,7 +17,8 @@ from .opensora import OpenSoraPipeline, OpenSoraTransformer3DModel
 from .opensora.convert import scheduler_for_opensora
 from .var import VQVAE, VARPipeline, VARTransformer
 
-TINY_MODELS = ("tiny-cogvideox", "tiny-cogvideox-1.5", "tiny-hunyuan", "tiny-opensora", "tiny-wan", "tiny-wan2.2")
+TINY_MODELS = ("tiny-cogvideox", "tiny-cogvideox-1.5", "tiny-hunyuan", "tiny-opensora", "tiny-wan", "tiny-wan2.2",
+               "tiny-hunyuanvideo-1.5")
 # Class-conditional image models (VAR): separate from TINY_MODELS, whose entries are text-to-video pipelines.
 TINY_VAR_MODELS = ("tiny-var",)
 TINY_VAR_PATCH_NUMS = (1, 2, 3, 4, 6, 8)
@@ -28,11 +29,12 @@ class TinyPipelineSpec:
     """A built tiny pipeline plus what is needed to call it without a text encoder."""
 
     pipe: Any
-    family: str  # "cogvideox" | "hunyuan_video" | "opensora" | "wan"
+    family: str  # "cogvideox" | "hunyuan_video" | "opensora" | "wan" | "hunyuan_video15"
     text_len: int
     text_dim: int
-    pooled_dim: int = 0
+    pooled_dim: int = 0  # HunyuanVideo-1.5: the ByT5 (glyph text) embedding width
     defaults: dict[str, Any] | None = None
+    text_len_2: int = 0  # HunyuanVideo-1.5: ByT5 tokens
 
     def prompt_kwargs(self, prompt: str, negative_prompt: str | None = None) -> dict[str, Any]:
         """Pipeline keyword arguments carrying pseudo-embeddings for ``prompt``."""
@@ -40,6 +42,8 @@ class TinyPipelineSpec:
         if self.family in ("cogvideox", "wan"):  # padded states attended unmasked (Wan: through cross-attention)
             neg, _ = prompt_embeddings(negative_prompt or "", self.text_len, self.text_dim)
             return {"prompt_embeds": emb, "negative_prompt_embeds": neg}
+        if self.family == "hunyuan_video15":
+            return hunyuan_video15_prompt_kwargs(self, prompt, negative_prompt)
         pooled = pooled_embedding(prompt, self.pooled_dim)
         if self.family == "opensora":  # T5 states are attended unmasked; negative defaults to the empty prompt
             nemb, _ = prompt_embeddings(negative_prompt or "", self.text_len, self.text_dim)
@@ -263,6 +267,116 @@ def build_tiny_wan(seed: int = 0, *, experts: int = 1, num_layers: int = 2, text
     )
 
 
+def hunyuan_video15_prompt_kwargs(spec: TinyPipelineSpec, prompt: str,
+                                  negative_prompt: str | None = None) -> dict[str, Any]:
+    """HunyuanVideo-1.5's four embedding inputs (and the negative ones, which its CFG guider needs: the negative
+    defaults to the empty prompt): Qwen2.5-VL-like states + mask, and ByT5-like states + mask of the quoted (glyph)
+    text, zero with an all-False mask when there is none, as the pipeline does."""
+    kw: dict[str, Any] = {}
+    for prefix, text in (("", prompt), ("negative_", negative_prompt or "")):
+        emb, mask = prompt_embeddings(text, spec.text_len, spec.text_dim)
+        glyph = " ".join(text.split('"')[1::2])  # the words inside double quotes
+        if glyph.strip():
+            emb2, mask2 = prompt_embeddings(glyph, spec.text_len_2, spec.pooled_dim)
+        else:
+            emb2 = torch.zeros(1, spec.text_len_2, spec.pooled_dim)
+            mask2 = torch.zeros(1, spec.text_len_2, dtype=torch.bool)
+        kw.update({f"{prefix}prompt_embeds": emb, f"{prefix}prompt_embeds_mask": mask,
+                   f"{prefix}prompt_embeds_2": emb2, f"{prefix}prompt_embeds_mask_2": mask2})
+    return kw
+
+
+def tiny_hunyuan_video15_text_encoders(text_dim: int, byt5_dim: int, seed: int = 0) -> dict[str, Any]:
+    """HunyuanVideo-1.5's two text encoders, tiny and random, built offline: a 2-layer Qwen2.5-VL text model with a
+    byte-level tokenizer and a chat template (the pipeline crops the first 108 template tokens and takes the third
+    hidden state from the end), and a 1-layer T5 encoder with the (file-less) ByT5 tokenizer. For tests of the real
+    ``from_pretrained`` + prompt path."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import (
+        ByT5Tokenizer,
+        Qwen2_5_VLTextConfig,
+        Qwen2_5_VLTextModel,
+        Qwen2TokenizerFast,
+        T5Config,
+        T5EncoderModel,
+    )
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    tokenizer = Qwen2TokenizerFast(tokenizer_object=tok, pad_token="<|endoftext|>", eos_token="<|im_end|>",
+                                   unk_token=None, bos_token=None)
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    torch.manual_seed(seed)
+    qwen = Qwen2_5_VLTextModel(Qwen2_5_VLTextConfig(
+        vocab_size=len(tokenizer), hidden_size=text_dim, intermediate_size=2 * text_dim, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, text_dim // 4 - 2]},
+    )).eval()
+    tokenizer_2 = ByT5Tokenizer()
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=byt5_dim, d_ff=2 * byt5_dim, d_kv=4,
+                                 num_layers=1, num_heads=2)).eval()
+    return {"text_encoder": qwen, "tokenizer": tokenizer, "text_encoder_2": t5, "tokenizer_2": tokenizer_2}
+
+
+def build_tiny_hunyuan_video15(seed: int = 0, *, num_layers: int = 2, guidance_scale: float = 6.0,
+                               text_encoders: bool = False) -> TinyPipelineSpec:
+    """A HunyuanVideo-1.5 text-to-video pipeline: a 2-head x 16 transformer (dual-stream blocks, text refiner, ByT5
+    and image projections) and a 4-channel, 16x-spatial HunyuanVideo-1.5 VAE; classifier-free guidance through the
+    pipeline's guider (``guidance_scale`` lives there, not in ``__call__``). ``text_encoders=True`` adds tiny real
+    text encoders (:func:`tiny_hunyuan_video15_text_encoders`).
+
+    The VAE decodes one video at a time (``enable_slicing``): its causal mid-block attention mask is built with a
+    batch dimension that SDPA broadcasts against the head dimension, so decoding a batch > 1 fails in diffusers
+    0.42 (``output with shape [2, 1, N, N] doesn't match the broadcast shape [2, 2, N, N]``)."""
+    from diffusers import (
+        AutoencoderKLHunyuanVideo15,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideo15Pipeline,
+        HunyuanVideo15Transformer3DModel,
+    )
+    from diffusers.guiders import ClassifierFreeGuidance
+
+    torch.manual_seed(seed)
+    text_len, text_dim, byt5_len, byt5_dim, latent = 16, 16, 8, 8, 4
+    transformer = HunyuanVideo15Transformer3DModel(
+        in_channels=2 * latent + 1,  # noisy latents + conditioning latents + conditioning mask
+        out_channels=latent,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        num_layers=num_layers,
+        num_refiner_layers=1,
+        patch_size=1,
+        patch_size_t=1,
+        text_embed_dim=text_dim,
+        text_embed_2_dim=byt5_dim,
+        image_embed_dim=8,
+        rope_axes_dim=(4, 6, 6),
+        target_size=64,
+        task_type="t2v",
+    )
+    vae = AutoencoderKLHunyuanVideo15(latent_channels=latent, block_out_channels=(8, 8, 8, 8, 8), layers_per_block=1)
+    vae.enable_slicing()
+    encoders = (tiny_hunyuan_video15_text_encoders(text_dim, byt5_dim, seed) if text_encoders else
+                dict.fromkeys(("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")))
+    pipe = HunyuanVideo15Pipeline(
+        transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
+        guider=ClassifierFreeGuidance(guidance_scale=guidance_scale), **encoders,
+    )
+    pipe.vision_num_semantic_tokens = 4  # image-embedding tokens in the joint sequence (729 at full size)
+    pipe.set_progress_bar_config(disable=True)
+    return TinyPipelineSpec(
+        pipe, "hunyuan_video15", text_len, text_dim, byt5_dim, text_len_2=byt5_len,
+        defaults={"height": 128, "width": 128, "num_frames": 17, "num_inference_steps": 8},
+    )
+
+
 def build_tiny_pipeline(name: str, seed: int = 0) -> TinyPipelineSpec:
     """Build one of :data:`TINY_MODELS`."""
     if name == "tiny-cogvideox":
@@ -277,6 +391,8 @@ def build_tiny_pipeline(name: str, seed: int = 0) -> TinyPipelineSpec:
         return build_tiny_wan(seed)
     if name == "tiny-wan2.2":
         return build_tiny_wan(seed, experts=2)
+    if name == "tiny-hunyuanvideo-1.5":
+        return build_tiny_hunyuan_video15(seed)
     if name in TINY_VAR_MODELS:
         raise ValueError(f"{name!r} is a class-conditional VAR model: build it with build_tiny_var()")
     raise ValueError(f"unknown tiny model {name!r}; available: {', '.join(TINY_MODELS)}")
