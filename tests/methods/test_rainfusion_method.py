@@ -352,12 +352,12 @@ def test_triton_table_path_matches_grouped_torch_path():
 
 
 def test_tile_order_only_where_it_changes_the_order():
-    """A tile as wide as the frame orders tokens as raster does, so the raster plan (calibrated windows) is kept."""
+    """A tile covering whole frames orders tokens as raster does, so the raster plan (calibrated windows) is kept."""
     from diffusers_attn.methods.rainfusion.method import RainFusionMethod
 
     m = RainFusionMethod(RainFusionConfig(sparsity=0.6))
     assert m.config.resolved_tile == (1, 8, 16)
-    assert m.token_order((9, 8, 8)) is None  # tile wider than the 8-column frame: identity permutation
+    assert m.token_order((9, 8, 8)) is None  # an (8, 16) tile covers the 8 x 8 frame: identity permutation
     assert m.token_order((13, 60, 90)) == (1, 8, 16)  # CogVideoX-5B grid: a real permutation
     assert RainFusionMethod(RainFusionConfig(sparsity=0.6, tile=(2, 4, 8), min_video_tokens=0)).token_order((9, 8, 8)) == (2, 4, 8)
     assert RainFusionMethod(RainFusionConfig(sparsity=0.6, token_order="raster")).token_order((13, 60, 90)) is None

@@ -133,9 +133,10 @@ class RainFusionMethod:
         if cfg.min_video_tokens and grid[0] * grid[1] * grid[2] < cfg.min_video_tokens:
             return None
         tile = cfg.resolved_tile
-        # A tile as wide as the frame (and one frame deep, or as tall as it) orders tokens exactly as raster does:
-        # keep the raster plan then, whose windows are calibrated for small grids (e.g. 8 x 8 frames, 128 tiles).
-        if tile[2] >= grid[2] and (tile[0] == 1 or tile[1] >= grid[1]):
+        # A tile covering whole frames orders tokens exactly as raster does and a query block spans at least a
+        # frame, so there is nothing to localize: keep the raster plan, whose windows are calibrated for such small
+        # grids (e.g. 8 x 8 frames with the 128-token default tile).
+        if tile[1] >= grid[1] and tile[2] >= grid[2]:
             return None
         return tile
 
