@@ -143,7 +143,7 @@ class AttentionContext:
             video_computed=record.video_computed, video_total=record.video_total,
             pattern_names=record.pattern_names, recalls=record.recalls, fallback_reason=record.fallback_reason,
             head_offset=head_offset, total_heads=total_heads, group=record.group,
-            group_name=record.group_name,
+            group_name=record.group_name, pattern_video_pairs=record.pattern_video_pairs,
         )
         if record.kernel is not None:
             self.stats.kernel_calls[record.kernel] += 1

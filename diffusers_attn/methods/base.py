@@ -59,6 +59,9 @@ class MethodRecord:
     group: int | None = None  # a sub-step with its own density, counted as a step (VAR: the scale)
     group_name: str = "group"
     info: dict[str, Any] = field(default_factory=dict)  # merged into the stats' info
+    # pattern name -> (computed, total) video x video pairs times head_dim of the heads that ran it; needed only
+    # when heads of one call ran different patterns (one pattern per call is split by the stats themselves)
+    pattern_video_pairs: dict[str, tuple[float, float]] | None = None
 
 
 class AttentionMethod(Protocol):

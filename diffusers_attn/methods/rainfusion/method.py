@@ -243,6 +243,8 @@ class RainFusionMethod:
     def _record(self, plan, patterns, recalls, valid, head_dim) -> MethodRecord:
         B, H = patterns.shape
         computed = total = vcomp = 0.0
+        nv2 = float(plan.layout.num_video) ** 2
+        per_pattern: dict[str, tuple[float, float]] = {}  # executed video pairs per pattern, for the stats
         for b in range(B):
             # Padding is text padding in the supported models; execution is exact either way, only the
             # accounting assumes it sits in the text tail.
@@ -252,8 +254,12 @@ class RainFusionMethod:
                 c, t = plan.pairs(int(p), padded)
                 computed += c * nh
                 total += t * nh
-                vcomp += plan.video_pairs(int(p)) * nh
-        vtot = float(plan.layout.num_video) ** 2 * B * H
+                vp = plan.video_pairs(int(p)) * nh
+                vcomp += vp
+                name = PATTERN_NAMES[int(p)]
+                pc, pt = per_pattern.get(name, (0.0, 0.0))
+                per_pattern[name] = (pc + vp * head_dim, pt + nv2 * nh * head_dim)
+        vtot = nv2 * B * H
         return MethodRecord(
             head_patterns=patterns.astype(np.int64),
             computed=computed * head_dim,
@@ -262,4 +268,5 @@ class RainFusionMethod:
             video_total=vtot * head_dim,
             pattern_names=PATTERN_NAMES,
             recalls=recalls,
+            pattern_video_pairs=per_pattern,
         )
