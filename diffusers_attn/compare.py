@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 import logging
 import statistics
 import time
@@ -16,7 +17,7 @@ from diffusers.utils import deprecation_utils
 
 from .adapters import get_adapter, supported_transformers
 from .cli_checks import check_device
-from .eval.metrics import psnr, ssim
+from .eval.metrics import finite_mean, psnr, psnr_frames, ssim
 from .hub import check_hub_model, quiet_hub
 from .install import get_attention_stats, remove_attention_acceleration
 from .pipelines.tiny import TINY_MODELS, TINY_VAR_MODELS, build_tiny_pipeline, build_tiny_var
@@ -71,12 +72,13 @@ class ComparisonResult:
     dense: RunResult
     accelerated: RunResult
     psnr_db: float
-    psnr_per_frame_db: float
+    psnr_per_frame_db: float | None  # mean over the frames (images) that differ; None when all are identical
     ssim: float
     stats: AttentionStats
     settings: dict[str, Any]
     # why the timing ratio is not a speedup (nothing ran sparse, or a model too small to time), else None
     speedup_withheld: str | None = None
+    identical_frames: int = 0  # frames (images) equal to dense: infinite PSNR, left out of the per-frame mean
 
     @property
     def speedup(self) -> float:
@@ -113,8 +115,8 @@ class ComparisonResult:
             f"{s['method']:<13} total {self.accelerated.total_s:8.3f} s   denoise {self.accelerated.denoise_s:8.3f} s"
             f"   ({self.accelerated.spread})",
             f"speedup:      {self.speedup_text()}",
-            f"fidelity vs dense (same seed): PSNR {self.psnr_db:.2f} dB (global MSE; per-frame mean "
-            f"{self.psnr_per_frame_db:.2f} dB), SSIM {self.ssim:.4f} (Gaussian 11x11, RGB mean)",
+            f"fidelity vs dense (same seed): PSNR {format_psnr(self.psnr_db)} (global MSE; "
+            f"{self.per_frame_text()}), SSIM {self.ssim:.4f} (Gaussian 11x11, RGB mean)",
             f"realized density: {self.stats.density:.3f} (all tokens), {self.stats.video_density:.3f} "
             "(video x video)",
         ]
@@ -124,6 +126,14 @@ class ComparisonResult:
         if s.get("note"):
             lines.append(f"note: {s['note']}")
         return "\n".join(lines)
+
+    def per_frame_text(self, unit: str = "frame") -> str:
+        """"per-frame mean 31.20 dB (2 of 9 frames identical)" or "every frame identical"."""
+        n = self.identical_frames
+        if self.psnr_per_frame_db is None:
+            return f"every {unit} identical"
+        ident = f" over the {unit}s that differ, {n} identical" if n else ""
+        return f"per-{unit} mean {self.psnr_per_frame_db:.2f} dB{ident}"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -137,8 +147,10 @@ class ComparisonResult:
             "speedup_range": list(self.speedup_range),
             "speedup_withheld": self.speedup_withheld,
             "denoise_speedup": self.denoise_speedup,
-            "psnr_db": self.psnr_db,
+            "psnr_db": None if math.isinf(self.psnr_db) else self.psnr_db,  # JSON has no inf
+            "identical": math.isinf(self.psnr_db),
             "psnr_per_frame_db": self.psnr_per_frame_db,
+            "identical_frames": self.identical_frames,
             "ssim": self.ssim,
             "stats": self.stats.to_dict(),
         }
@@ -426,6 +438,7 @@ def run_comparison(
     finally:
         (remove_fn or remove_attention_acceleration)(pipe)
     phase("metrics (PSNR, SSIM)")
+    per_frame, identical = finite_mean(psnr_frames(dense.frames, accel.frames))
     settings = {
         "model": loaded.name,
         "transformer": type(pipe.transformer).__name__,
@@ -442,12 +455,17 @@ def run_comparison(
         dense=dense,
         accelerated=accel,
         psnr_db=psnr(dense.frames, accel.frames),
-        psnr_per_frame_db=psnr(dense.frames, accel.frames, mode="per_frame"),
+        psnr_per_frame_db=per_frame,
+        identical_frames=identical,
         ssim=ssim(dense.frames, accel.frames),
         stats=stats,
         settings=settings,
         speedup_withheld=speedup_withheld(stats, loaded.tiny),
     )
+
+
+def format_psnr(db: float) -> str:
+    return "inf (identical)" if math.isinf(db) else f"{db:.2f} dB"
 
 
 def _median_run(runs: list[RunResult]) -> RunResult:

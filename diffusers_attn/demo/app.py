@@ -61,7 +61,9 @@ def build_demo(runner: DemoRunner | None = None, *, default_method: str = "rainf
     runner = runner or DemoRunner()
     if default_method not in METHODS:
         default_method = next(iter(METHODS))
-    with gr.Blocks(title="diffusers-attn: dense vs accelerated", analytics_enabled=False) as demo:
+    # delete_cache: Gradio's copies of the outputs older than an hour go, checked every 30 minutes
+    with gr.Blocks(title="diffusers-attn: dense vs accelerated", analytics_enabled=False,
+                   delete_cache=(1800, 3600)) as demo:
         gr.Markdown(INTRO)
         inputs = _request_inputs(gr, default_method)
         knob_groups, knob_inputs = _knob_groups(gr, default_method)
