@@ -165,7 +165,8 @@ def _check_compare_args(args: argparse.Namespace) -> None:
         raise UsageError(
             f"--model {args.model} is a class-conditional VAR model; `compare` runs RainFusion on text-to-video "
             f"models. Compare LiteVAR against dense in the demo (`diffusers-attn demo`, method LiteVAR, model "
-            f"{args.model}) or from Python with diffusers_attn.demo.DemoRunner"
+            f"{args.model}) or from Python: diffusers_attn.demo.DemoRunner().run(DemoRequest(model='{args.model}', "
+            "method='litevar', prompt='0, 9'))"
         )
     check_model(args.model, VIDEO_BUILTIN_MODELS)
     check_out_path("out", args.out, VIDEO_SUFFIXES)
