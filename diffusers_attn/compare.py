@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import inspect
-import math
 import logging
+import math
 import statistics
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import deprecation_utils
@@ -24,6 +21,7 @@ from .pipelines.tiny import TINY_MODELS, TINY_VAR_MODELS, build_tiny_pipeline, b
 from .pipelines.var import VARPipeline
 from .reference_models import DEFAULT_PROMPT, REFERENCE_MODELS, load_reference_pipeline
 from .reference_models.var import DEFAULT_CALL, DEFAULT_CLASS_LABELS, REFERENCE_VAR_MODELS, load_reference_var_pipeline
+from .run_timing import RunResult, generate  # noqa: F401 - re-exported; compare.generate is patched in tests
 from .stats import AttentionStats
 from .video import side_by_side_frames, write_video  # noqa: F401 - re-exported (cli, demo, benchmarks)
 
@@ -48,23 +46,6 @@ class LoadedPipeline:
     num_steps: int | None = None  # fixed step count of such pipelines (VAR: the number of scales)
     cache: dict[str, Any] = field(default_factory=dict)  # per-loaded-model state (LiteVAR calibrated masks)
     default_prompt: str | None = None  # a prompt the model knows (the reference models' caption grammar)
-
-
-@dataclass
-class RunResult:
-    """One arm of a comparison: frames of its first run; times are medians over ``total_times`` when repeated."""
-
-    frames: np.ndarray  # (F, H, W, 3) float32 in [0, 1]
-    total_s: float
-    denoise_s: float
-    total_times: list[float] = field(default_factory=list)  # every timed run (repeats), seconds
-    denoise_times: list[float] = field(default_factory=list)
-
-    @property
-    def spread(self) -> str:
-        """"1.20-1.31 s over 3 runs" ("1 run" when not repeated)."""
-        t = self.total_times or [self.total_s]
-        return f"{min(t):.3f}-{max(t):.3f} s over {len(t)} runs" if len(t) > 1 else "1 run"
 
 
 @dataclass
@@ -279,108 +260,6 @@ def load_var_pipeline(model: str, device: torch.device, dtype: torch.dtype, seed
     if dtype != torch.float32:
         pipe.to(dtype)
     return var_loaded(pipe, model, tiny)
-
-
-def _accepts(pipe: Any, name: str) -> bool:
-    return name in inspect.signature(pipe.__call__).parameters
-
-
-def generate(
-    pipe: Any,
-    kwargs: dict[str, Any],
-    seed: int,
-    device: torch.device,
-    on_step: Callable[[int, int], None] | None = None,
-    *,
-    step_module: str | None = None,
-    decode_module: str | None = None,
-    num_steps: int | None = None,
-    all_images: bool = False,
-) -> RunResult:
-    """One timed generation; ``denoise_s`` ends at the last step's callback (before VAE decode).
-
-    ``on_step(done, total)`` is called after each denoising step (progress bars; outside the timed region's
-    synchronisation point but inside the run, so keep it cheap). Pipelines without ``callback_on_step_end``
-    (VAR) mark steps by calls of ``step_module`` and the end of sampling by the first call of ``decode_module``.
-    ``all_images``: keep every image of the batch as a frame (VAR: one per class label) instead of the first.
-    """
-    marks: list[float] = []
-    total_steps = int(kwargs.get("num_inference_steps", 0) or num_steps or 0)
-    if not _accepts(pipe, "callback_on_step_end"):
-        return _generate_hooked(pipe, kwargs, seed, device, on_step, step_module, decode_module, total_steps,
-                                all_images)
-
-    def on_step_end(_pipe, _i, _t, cb_kwargs):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        marks.append(time.perf_counter())
-        if on_step is not None:
-            on_step(len(marks), total_steps)
-        return cb_kwargs
-
-    gen = torch.Generator(device=device if device.type == "cuda" else "cpu").manual_seed(seed)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    out = pipe(**kwargs, generator=gen, output_type="np", callback_on_step_end=on_step_end)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t1 = time.perf_counter()
-    return RunResult(frames=_frames(out, all_images), total_s=t1 - t0,
-                     denoise_s=(marks[-1] - t0) if marks else t1 - t0)
-
-
-def _frames(out: Any, all_images: bool) -> np.ndarray:
-    frames = out.frames if hasattr(out, "frames") else out.images
-    frames = np.asarray(frames if all_images else frames[0], dtype=np.float32)
-    if frames.ndim == 3:
-        frames = frames[None]
-    return frames
-
-
-def _submodule(pipe: Any, path: str) -> torch.nn.Module:
-    head, _, rest = path.partition(".")
-    mod = getattr(pipe, head)
-    return mod.get_submodule(rest) if rest else mod
-
-
-def _generate_hooked(pipe: Any, kwargs: dict[str, Any], seed: int, device: torch.device,
-                     on_step: Callable[[int, int], None] | None, step_module: str | None, decode_module: str | None,
-                     total_steps: int, all_images: bool) -> RunResult:
-    marks: list[float] = []
-    decode_at: list[float] = []
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    def on_step_hook(*_a: Any) -> None:
-        marks.append(0.0)
-        if on_step is not None:
-            on_step(len(marks), total_steps)
-
-    def on_decode(*_a: Any) -> None:
-        if not decode_at:
-            sync()
-            decode_at.append(time.perf_counter())
-
-    handles = []
-    if step_module:
-        handles.append(_submodule(pipe, step_module).register_forward_hook(on_step_hook))
-    if decode_module:
-        handles.append(_submodule(pipe, decode_module).register_forward_pre_hook(on_decode))
-    gen = torch.Generator(device=device if device.type == "cuda" else "cpu").manual_seed(seed)
-    try:
-        sync()
-        t0 = time.perf_counter()
-        out = pipe(**kwargs, generator=gen, output_type="np")
-        sync()
-        t1 = time.perf_counter()
-    finally:
-        for h in handles:
-            h.remove()
-    return RunResult(frames=_frames(out, all_images), total_s=t1 - t0,
-                     denoise_s=(decode_at[0] - t0) if decode_at else t1 - t0)
 
 
 def run_comparison(
