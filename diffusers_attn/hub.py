@@ -58,16 +58,16 @@ def check_hub_model(model: str, builtin: tuple[str, ...] = ()) -> None:
         return
     hint = f" Built-in offline models: {', '.join(builtin)}." if builtin else ""
     if model.startswith(("/", "./", "../", "~")) or model.count("/") > 1:
-        raise ValueError(f"model {model!r}: the path does not exist.{hint}")
+        raise ValueError(f"cannot load model {model!r}: the path does not exist.{hint}")
     if _cached(model):
         return
     if _offline():
-        raise ValueError(f"model {model!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+        raise ValueError(f"cannot load model {model!r}: it is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
                          f"download it first or pass a local folder.{hint}")
     endpoint = _endpoint()
     why = _reachable(endpoint)
     if why is not None:
-        raise ValueError(f"model {model!r} is not in the local Hugging Face cache and {endpoint} cannot be "
+        raise ValueError(f"cannot load model {model!r}: it is not in the local Hugging Face cache and {endpoint} cannot be "
                          f"reached ({why}); pass a local folder or connect.{hint}")
 
 
