@@ -157,6 +157,16 @@ def progress(msg: str) -> None:
     print(f"diffusers-attn: {msg}", file=sys.stderr, flush=True)
 
 
+def _step_ticker():
+    """``progress(phase, done, total)`` for a terminal: one line per run, rewritten at each step."""
+
+    def tick(phase: str, done: int, total: int) -> None:
+        end = "\n" if done >= total else ""
+        print(f"\r  {phase}: step {done}/{total}", end=end, file=sys.stderr, flush=True)
+
+    return tick
+
+
 def _check_compare_args(args: argparse.Namespace) -> None:
     """Everything about ``compare``'s arguments that can be known before a model loads."""
     check_call_args(args)
@@ -199,7 +209,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         loaded, lambda pipe: apply_rainfusion(pipe, config), method_name="rainfusion",
         prompt=prompt, negative_prompt=args.negative_prompt, call_kwargs=call, seed=args.seed,
         device=device, warmup=not args.no_warmup, note=_compare_note(args.model), on_phase=progress,
-        repeats=args.repeats or (1 if small else 3),
+        progress=_step_ticker() if sys.stderr.isatty() else None, repeats=args.repeats or (1 if small else 3),
     )
     result.settings.update(rainfusion_mode=config.mode, sparsity=config.sparsity)
     print(f"RainFusion {config.mode}, sparsity {config.sparsity:g}")
