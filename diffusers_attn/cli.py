@@ -260,6 +260,11 @@ def _add_convert_opensora(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_convert_opensora(args: argparse.Namespace) -> int:
+    for flag, path in (("original", args.original), ("vae", args.vae)):
+        if path is not None and not Path(path).is_file():
+            raise UsageError(f"{flag} {path}: file not found")
+    if Path(args.outdir).is_file():
+        raise UsageError(f"outdir {args.outdir}: is a file, not a folder")
     import torch
 
     from .pipelines.opensora.convert import convert_opensora_v2_to_diffusers
