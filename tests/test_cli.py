@@ -40,6 +40,11 @@ def test_help_imports_no_torch_and_shows_the_library_default():
         "        main(argv)\n"
         "    except SystemExit:\n"
         "        pass\n"
+        "from diffusers_attn.generate import main as generate_main\n"
+        "try:\n"
+        "    generate_main(['--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
         f"print('HEAVY', sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
     )
     proc = _run(code=code)
