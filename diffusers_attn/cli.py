@@ -19,7 +19,26 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .model_shapes import MODEL_SHAPES, get_model_shape, resolve_video  # standard library only
+from ._defaults import (  # standard library only, as are the two below
+    DEFAULT_MODE,
+    DEFAULT_SPARSITY,
+    RAINFUSION_MODES,
+    VAR_BUILTIN_MODELS,
+    VIDEO_BUILTIN_MODELS,
+)
+from .cli_checks import (
+    VIDEO_SUFFIXES,
+    UsageError,
+    check_device,
+    check_dtype,
+    check_float,
+    check_int,
+    check_model,
+    check_out_path,
+    check_video_size,
+    write_text_replacing,
+)
+from .model_shapes import MODEL_SHAPES, get_model_shape, resolve_video
 
 # The command handlers import what they run (torch, diffusers, the pipelines) inside themselves: building the
 # parser, e.g. for ``diffusers-attn --help``, needs none of it.
@@ -32,7 +51,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
         "compare",
         help="dense vs RainFusion on one prompt: side-by-side mp4, latency, PSNR/SSIM, density",
         description="Run a pipeline dense and with RainFusion (same seed), write a side-by-side video and report "
-        "latency, speedup, fidelity and realized density. The default model is ref-cogvideox, a small CogVideoX "
+        "latency, speedup, fidelity and executed density. The default model is ref-cogvideox, a small CogVideoX "
         "trained on procedural moving shapes and shipped with the package (runs offline on a CPU in seconds); "
         "the tiny-* models have random weights (plumbing only: their outputs say nothing about quality).",
     )
@@ -43,35 +62,65 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
                    help=f"default: the reference models' '<colour> <shape> <motion> over <background>' caption, "
                    f"else {DEFAULT_PROMPT!r}")
     p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (tiny default 8, else 50)")
-    p.add_argument("--frames", type=int, default=None, help="number of frames")
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--guidance-scale", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    add_call_args(p)
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32")
     add_rainfusion_args(p)
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed runs per arm; the report gives the median and the spread (default 3; 1 for the "
+                   "built-in small models, whose timings are not reported as a speedup)")
     p.add_argument("--no-warmup", action="store_true", help="skip the 1-step warm-up runs before timing")
-    p.add_argument("--out", default="outputs/compare.mp4", help="side-by-side mp4 path")
+    p.add_argument("--out", default="outputs/compare.mp4",
+                   help="side-by-side video (default: %(default)s); replaced only when the run succeeds")
     p.add_argument("--json", default=None, help="also write the report as JSON here")
     p.add_argument("--fps", type=int, default=8)
     p.set_defaults(func=_cmd_compare)
 
 
+def add_call_args(p: argparse.ArgumentParser) -> None:
+    """Pipeline call settings shared by ``compare`` and ``python -m diffusers_attn.generate``."""
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's; 50 for hub "
+                   "models)")
+    p.add_argument("--frames", type=int, default=None, help="number of frames (default: the model's)")
+    p.add_argument("--height", type=int, default=None, help="pixels, a multiple of 16 (default: the model's)")
+    p.add_argument("--width", type=int, default=None, help="pixels, a multiple of 16 (default: the model's)")
+    p.add_argument("--guidance-scale", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+
+
 def add_rainfusion_args(p: argparse.ArgumentParser) -> None:
     """The RainFusion knobs shared by ``compare`` and ``python -m diffusers_attn.generate``."""
     g = p.add_argument_group("RainFusion")
-    g.add_argument("--sparsity", type=float, default=0.75)
+    g.add_argument("--sparsity", type=float, default=DEFAULT_SPARSITY,
+                   help="share of video x video pairs skipped, in [0, 1) (default: %(default)s; 0 = stock attention)")
+    g.add_argument("--mode", default=DEFAULT_MODE, choices=RAINFUSION_MODES,
+                   help="rf1: per-head Spatial/Temporal/Textural patterns (ARM); rf2: RainFusion 2.0 block top-k "
+                   "(default: %(default)s)")
     g.add_argument("--dense-steps", type=_dense_steps_value, default=0.25,
                    help="dense warm-up: a fraction of the run (0.25) or a number of steps (3)")
     g.add_argument("--dense-layers", type=int, default=1)
-    g.add_argument("--arm-threshold", type=float, default=0.9)
+    g.add_argument("--arm-threshold", type=float, default=0.9, help="rf1 only (default: %(default)s)")
     g.add_argument("--min-video-tokens", type=int, default=None,
                    help="dense below this many video tokens (library default 4096; 0 for the tiny models)")
     g.add_argument("--block-m", type=int, default=None, help="query block (default 128; 16 for the tiny models)")
     g.add_argument("--block-n", type=int, default=None, help="key block (default 64; 16 for the tiny models)")
     g.add_argument("--force-pattern", default=None, choices=["spatial", "temporal", "textural", "dense"])
+
+
+def check_call_args(args: argparse.Namespace) -> None:
+    """The checks of :func:`add_call_args` and :func:`add_rainfusion_args` values that need no import."""
+    check_int("steps", args.steps, 1)
+    check_video_size(args.frames, args.height, args.width)
+    check_float("guidance-scale", args.guidance_scale, 0.0, 1e4)
+    check_int("seed", args.seed, 0, 2**63 - 1)
+    check_float("sparsity", args.sparsity, 0.0, 1.0, hi_open=True)
+    check_int("dense-layers", args.dense_layers, 0)
+    check_float("arm-threshold", args.arm_threshold, 0.0, 1.0)
+    check_int("min-video-tokens", args.min_video_tokens, 0)
+    check_int("block-m", args.block_m, 1)
+    check_int("block-n", args.block_n, 1)
+    check_int("fps", getattr(args, "fps", None), 1, 120)
+    check_dtype(args.dtype)
 
 
 def rainfusion_config_from_args(args: argparse.Namespace, tiny: bool):
@@ -80,6 +129,7 @@ def rainfusion_config_from_args(args: argparse.Namespace, tiny: bool):
 
     return RainFusionConfig(
         sparsity=args.sparsity,
+        mode=args.mode,
         dense_steps=args.dense_steps,
         dense_layers=args.dense_layers,
         arm_threshold=args.arm_threshold,
@@ -102,24 +152,51 @@ def _dense_steps_value(text: str) -> int | float:
         raise argparse.ArgumentTypeError(f"expected a step count or a fraction, got {text!r}") from None
 
 
+def progress(msg: str) -> None:
+    """A progress line on stderr (stdout keeps the report)."""
+    print(f"diffusers-attn: {msg}", file=sys.stderr, flush=True)
+
+
+def _step_ticker():
+    """``progress(phase, done, total)`` for a terminal: one line per run, rewritten at each step."""
+
+    def tick(phase: str, done: int, total: int) -> None:
+        end = "\n" if done >= total else ""
+        print(f"\r  {phase}: step {done}/{total}", end=end, file=sys.stderr, flush=True)
+
+    return tick
+
+
+def _check_compare_args(args: argparse.Namespace) -> None:
+    """Everything about ``compare``'s arguments that can be known before a model loads."""
+    check_call_args(args)
+    check_int("repeats", args.repeats, 1, 100)
+    if args.model in VAR_BUILTIN_MODELS:
+        raise UsageError(
+            f"--model {args.model} is a class-conditional VAR model; `compare` runs RainFusion on text-to-video "
+            f"models. Compare LiteVAR against dense in the demo (`diffusers-attn demo`, method LiteVAR, model "
+            f"{args.model}) or from Python: diffusers_attn.demo.DemoRunner().run(DemoRequest(model='{args.model}', "
+            "method='litevar', prompt='0, 9'))"
+        )
+    check_model(args.model, VIDEO_BUILTIN_MODELS)
+    check_out_path("out", args.out, VIDEO_SUFFIXES)
+    check_out_path("json", args.json, (".json",))
+    check_device(args.device)  # imports torch: after the cheap checks
+    if args.model not in VIDEO_BUILTIN_MODELS:
+        from .hub import check_hub_model
+
+        check_hub_model(args.model, VIDEO_BUILTIN_MODELS)  # offline / unreachable Hub: one line, no retries
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
+    _check_compare_args(args)
+    small = args.model in VIDEO_BUILTIN_MODELS  # small latent grids: small RainFusion defaults, 1 timed run
+    config = rainfusion_config_from_args(args, small)  # the config's own checks, before anything heavy loads
+    progress(f"loading {args.model}")
     from .api import apply_rainfusion
     from .compare import load_pipeline, resolve_device_dtype, run_comparison, side_by_side_frames, write_video
-    from .pipelines.tiny import TINY_MODELS, TINY_VAR_MODELS
-    from .reference_models import REFERENCE_MODELS
-    from .reference_models.var import DEFAULT_CLASS_LABELS, REFERENCE_VAR_MODELS
 
-    if args.model in TINY_VAR_MODELS or args.model in REFERENCE_VAR_MODELS:
-        raise ValueError(
-            f"--model {args.model} is a class-conditional VAR model; `compare` runs RainFusion on text-to-video "
-            "models. Compare LiteVAR against dense in the demo (`diffusers-attn demo`, method LiteVAR, model "
-            f"{args.model}) or from Python: diffusers_attn.demo.DemoRunner().run(DemoRequest(model='{args.model}', "
-            f"method='litevar', prompt='{DEFAULT_CLASS_LABELS}'))"
-        )
     device, dtype = resolve_device_dtype(args.device, args.dtype)
-    reference = args.model in REFERENCE_MODELS
-    tiny = args.model in TINY_MODELS or reference  # small latent grids: same RainFusion size defaults
-    config = rainfusion_config_from_args(args, tiny)  # validated before anything heavy loads
     loaded = load_pipeline(args.model, device, dtype, seed=args.seed)
     call = dict(loaded.defaults)
     for key, val in (("num_inference_steps", args.steps), ("num_frames", args.frames), ("height", args.height),
@@ -127,34 +204,37 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         if val is not None:
             call[key] = val
     call.setdefault("num_inference_steps", 50)
-    note = None
     prompt = args.prompt or loaded.default_prompt or DEFAULT_PROMPT
-    if reference:
-        note = ("trained reference model (procedural moving shapes, 9 latent frames x 8 x 8 tokens): "
-                "min_video_tokens=0 and 16-token blocks so the sparse path runs at this size. Timings at this size "
-                "measure overheads, not attention speed.")
-    elif tiny:
-        note = ("tiny random-weight model: it has no learned attention structure, so its ARM decisions and "
-                "fidelity figures check the plumbing, not quality; min_video_tokens=0 and 16-token blocks so the "
-                "sparse path runs at all. Timings at this size measure overheads, not attention speed.")
     result = run_comparison(
         loaded, lambda pipe: apply_rainfusion(pipe, config), method_name="rainfusion",
         prompt=prompt, negative_prompt=args.negative_prompt, call_kwargs=call, seed=args.seed,
-        device=device, warmup=not args.no_warmup, note=note,
+        device=device, warmup=not args.no_warmup, note=_compare_note(args.model), on_phase=progress,
+        progress=_step_ticker() if sys.stderr.isatty() else None, repeats=args.repeats or (1 if small else 3),
     )
+    result.settings.update(rainfusion_mode=config.mode, sparsity=config.sparsity)
+    print(f"RainFusion {config.mode}, sparsity {config.sparsity:g}")
     print(result.report())
     print(result.stats)
+    timing = "" if result.speedup_withheld else f" ({result.speedup:.2f}x)"
     frames = side_by_side_frames(
         result.dense.frames, result.accelerated.frames,
-        ("dense", f"RainFusion s={config.sparsity:g} ({result.speedup:.2f}x)"),
+        ("dense", f"RainFusion {config.mode} s={config.sparsity:g}{timing}"),
     )
-    path = write_video(args.out, frames, fps=args.fps)
-    print(f"wrote {path}")
+    print(f"wrote {write_video(args.out, frames, fps=args.fps)}")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2, default=str))
-        print(f"wrote {args.json}")
+        print(f"wrote {write_text_replacing(args.json, json.dumps(result.to_dict(), indent=2, default=str))}")
     return 0
+
+
+def _compare_note(model: str) -> str | None:
+    if model.startswith("ref-"):
+        return ("trained reference model (procedural moving shapes, 9 latent frames x 8 x 8 tokens): "
+                "min_video_tokens=0 and 16-token blocks so the sparse path runs at this size")
+    if model.startswith("tiny-"):
+        return ("tiny random-weight model: it has no learned attention structure, so its ARM decisions and "
+                "fidelity figures check the plumbing, not quality; min_video_tokens=0 and 16-token blocks so the "
+                "sparse path runs at all")
+    return None
 
 
 def _add_convert_opensora(sub: argparse._SubParsersAction) -> None:
@@ -180,6 +260,11 @@ def _add_convert_opensora(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_convert_opensora(args: argparse.Namespace) -> int:
+    for flag, path in (("original", args.original), ("vae", args.vae)):
+        if path is not None and not Path(path).is_file():
+            raise UsageError(f"{flag} {path}: file not found")
+    if Path(args.outdir).is_file():
+        raise UsageError(f"outdir {args.outdir}: is a file, not a folder")
     import torch
 
     from .pipelines.opensora.convert import convert_opensora_v2_to_diffusers
@@ -215,15 +300,23 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    try:
-        import gradio  # noqa: F401
-    except ImportError:
-        raise RuntimeError('the demo needs Gradio: pip install "diffusers-attn[demo]"') from None
+    check_int("port", args.port, 1, 65535)
+    check_dtype(args.dtype)
+    import importlib.util
+
+    if importlib.util.find_spec("gradio") is None:
+        raise RuntimeError('the demo needs Gradio: pip install "diffusers-attn[demo]"')
+    check_device(args.device)
     from .demo import DemoRunner, launch_demo
 
-    if not 0 < args.port < 65536:
-        raise ValueError(f"--port must be in 1..65535, got {args.port}")
-    launch_demo(host=args.host, port=args.port, share=args.share, runner=DemoRunner(args.device, args.dtype))
+    demo = launch_demo(host=args.host, port=args.port, share=args.share, runner=DemoRunner(args.device, args.dtype),
+                       quiet=True, prevent_thread_lock=True)
+    print(f"diffusers-attn demo: running on {demo.local_url}")
+    if args.share:
+        print(f"public link: {demo.share_url}" if demo.share_url else "could not open a public link (see above)")
+    else:
+        print("for a public link, run again with --share")
+    demo.block_thread()
     return 0
 
 
@@ -250,7 +343,6 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=50, help="denoising steps of the schedule (default 50)")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the report as JSON here")
     p.set_defaults(func=_cmd_plan)
-    _one_line_errors(p)
 
 
 def _one_line_errors(p: argparse.ArgumentParser) -> None:
@@ -293,28 +385,60 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffusers-attn", description="faster attention for diffusers pipelines")
-    parser.add_argument("-v", "--verbose", action="store_true", help="INFO logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="INFO logging and full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_compare(sub)
     _add_convert_opensora(sub)
     _add_demo(sub)
     _add_eval(sub)
     _add_plan(sub)
+    _one_line_errors_everywhere(parser)
     return parser
+
+
+def _one_line_errors_everywhere(parser: argparse.ArgumentParser) -> None:
+    """:func:`_one_line_errors` on ``parser`` and every sub-command parser below it."""
+    _one_line_errors(parser)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):
+                _one_line_errors_everywhere(sub)
+
+
+def setup_logging(verbose: bool) -> None:
+    """One handler, on the package's logger: ``basicConfig`` would add a root handler beside the ones diffusers
+    and huggingface_hub install, and every library warning would print twice."""
+    log = logging.getLogger("diffusers_attn")
+    if not any(getattr(h, "_diffusers_attn_cli", False) for h in log.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+        handler._diffusers_attn_cli = True  # type: ignore[attr-defined]
+        log.addHandler(handler)
+    log.setLevel(logging.INFO if verbose else logging.WARNING)
+    log.propagate = False
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    setup_logging(args.verbose)
     try:
         return args.func(args)
     except (ValueError, TypeError, RuntimeError, FileNotFoundError, OSError) as e:
         # Bad input gets one readable line; -v shows the traceback.
         if args.verbose:
             raise
-        print(f"diffusers-attn: error: {e}", file=sys.stderr)
+        print(f"diffusers-attn: error: {one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("diffusers-attn: interrupted (no output was replaced)", file=sys.stderr)
+        return 130
+
+
+def one_line(e: BaseException) -> str:
+    """The first line of an exception's message (library errors can span screens)."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    return lines[0] if lines else e.__class__.__name__
 
 
 if __name__ == "__main__":

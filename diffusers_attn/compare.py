@@ -2,28 +2,28 @@
 
 from __future__ import annotations
 
-import inspect
 import logging
-import time
+import math
+import statistics
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
-import imageio
-import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import deprecation_utils
-from PIL import Image, ImageDraw
 
 from .adapters import get_adapter, supported_transformers
-from .eval.metrics import psnr, ssim
+from .cli_checks import check_device
+from .eval.metrics import finite_mean, psnr, psnr_frames, ssim
+from .hub import check_hub_model, quiet_hub
 from .install import get_attention_stats, remove_attention_acceleration
 from .pipelines.tiny import TINY_MODELS, TINY_VAR_MODELS, build_tiny_pipeline, build_tiny_var
 from .pipelines.var import VARPipeline
 from .reference_models import DEFAULT_PROMPT, REFERENCE_MODELS, load_reference_pipeline
 from .reference_models.var import DEFAULT_CALL, DEFAULT_CLASS_LABELS, REFERENCE_VAR_MODELS, load_reference_var_pipeline
+from .run_timing import RunResult, _decode_module, generate  # noqa: F401 - generate re-exported; compare.generate is patched in tests
 from .stats import AttentionStats
+from .video import side_by_side_frames, write_video  # noqa: F401 - re-exported (cli, demo, benchmarks)
 
 logger = logging.getLogger(__name__)
 
@@ -49,25 +49,38 @@ class LoadedPipeline:
 
 
 @dataclass
-class RunResult:
-    frames: np.ndarray  # (F, H, W, 3) float32 in [0, 1]
-    total_s: float
-    denoise_s: float
-
-
-@dataclass
 class ComparisonResult:
     dense: RunResult
     accelerated: RunResult
     psnr_db: float
-    psnr_per_frame_db: float
+    psnr_per_frame_db: float | None  # mean over the frames (images) that differ; None when all are identical
     ssim: float
     stats: AttentionStats
     settings: dict[str, Any]
+    # why the timing ratio is not a speedup (nothing ran sparse, or a model too small to time), else None
+    speedup_withheld: str | None = None
+    identical_frames: int = 0  # frames (images) equal to dense: infinite PSNR, left out of the per-frame mean
 
     @property
     def speedup(self) -> float:
+        """Ratio of the median total times."""
         return self.dense.total_s / self.accelerated.total_s
+
+    @property
+    def speedup_range(self) -> tuple[float, float]:
+        """Lowest and highest ratio over all (dense run, accelerated run) pairs."""
+        d = self.dense.total_times or [self.dense.total_s]
+        a = self.accelerated.total_times or [self.accelerated.total_s]
+        return min(d) / max(a), max(d) / min(a)
+
+    def speedup_text(self) -> str:
+        """"1.45x total (median of 3; 1.38-1.52 over run pairs), ..." or why there is no speedup to report."""
+        if self.speedup_withheld:
+            return f"not reported: {self.speedup_withheld}"
+        n = len(self.dense.total_times or [0])
+        lo, hi = self.speedup_range
+        spread = f" (median of {n} runs each; {lo:.2f}-{hi:.2f}x over run pairs)" if n > 1 else " (single run)"
+        return f"{self.speedup:.2f}x total{spread}, {self.denoise_speedup:.2f}x denoise"
 
     @property
     def denoise_speedup(self) -> float:
@@ -78,33 +91,55 @@ class ComparisonResult:
         lines = [
             f"model: {s['model']} ({s['transformer']}), {s['num_frames']} frames {s['height']}x{s['width']}, "
             f"{s['num_inference_steps']} steps, seed {s['seed']}, {s['device']} {s['dtype']}",
-            f"dense:        total {self.dense.total_s:8.3f} s   denoise {self.dense.denoise_s:8.3f} s",
-            f"{s['method']:<13} total {self.accelerated.total_s:8.3f} s   denoise {self.accelerated.denoise_s:8.3f} s",
-            f"speedup:      {self.speedup:.2f}x total, {self.denoise_speedup:.2f}x denoise",
-            f"fidelity vs dense (same seed): PSNR {self.psnr_db:.2f} dB (global MSE; per-frame mean "
-            f"{self.psnr_per_frame_db:.2f} dB), SSIM {self.ssim:.4f} (Gaussian 11x11, RGB mean)",
+            f"dense:        total {self.dense.total_s:8.3f} s   denoise {self.dense.denoise_s:8.3f} s   "
+            f"({self.dense.spread})",
+            f"{s['method']:<13} total {self.accelerated.total_s:8.3f} s   denoise {self.accelerated.denoise_s:8.3f} s"
+            f"   ({self.accelerated.spread})",
+            f"speedup:      {self.speedup_text()}",
+            f"fidelity vs dense (same seed): PSNR {format_psnr(self.psnr_db)} (global MSE; "
+            f"{self.per_frame_text()}), SSIM {self.ssim:.4f} (Gaussian 11x11, RGB mean)",
             f"realized density: {self.stats.density:.3f} (all tokens), {self.stats.video_density:.3f} "
             "(video x video)",
         ]
+        if self.stats.pattern_video_density:
+            lines.append("executed video density per pattern: " + ", ".join(
+                f"{k} {v:.3f}" for k, v in self.stats.pattern_video_density.items()))
         if s.get("note"):
             lines.append(f"note: {s['note']}")
         return "\n".join(lines)
 
+    def per_frame_text(self, unit: str = "frame") -> str:
+        """"per-frame mean 31.20 dB (2 of 9 frames identical)" or "every frame identical"."""
+        n = self.identical_frames
+        if self.psnr_per_frame_db is None:
+            return f"every {unit} identical"
+        ident = f" over the {unit}s that differ, {n} identical" if n else ""
+        return f"per-{unit} mean {self.psnr_per_frame_db:.2f} dB{ident}"
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "settings": self.settings,
-            "dense": {"total_s": self.dense.total_s, "denoise_s": self.dense.denoise_s},
-            "accelerated": {"total_s": self.accelerated.total_s, "denoise_s": self.accelerated.denoise_s},
+            "dense": {"total_s": self.dense.total_s, "denoise_s": self.dense.denoise_s,
+                      "total_times": self.dense.total_times, "denoise_times": self.dense.denoise_times},
+            "accelerated": {"total_s": self.accelerated.total_s, "denoise_s": self.accelerated.denoise_s,
+                            "total_times": self.accelerated.total_times,
+                            "denoise_times": self.accelerated.denoise_times},
             "speedup": self.speedup,
+            "speedup_range": list(self.speedup_range),
+            "speedup_withheld": self.speedup_withheld,
             "denoise_speedup": self.denoise_speedup,
-            "psnr_db": self.psnr_db,
+            "psnr_db": None if math.isinf(self.psnr_db) else self.psnr_db,  # JSON has no inf
+            "identical": math.isinf(self.psnr_db),
             "psnr_per_frame_db": self.psnr_per_frame_db,
+            "identical_frames": self.identical_frames,
             "ssim": self.ssim,
             "stats": self.stats.to_dict(),
         }
 
 
 def resolve_device_dtype(device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:
+    """``device`` (default: cuda when available) checked against this torch; ``dtype`` ``auto`` or a name."""
+    check_device(device)  # one line for "cuda" on a CPU-only torch, not an assertion deep inside .to()
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
              "float16": torch.float16, "fp16": torch.float16}
@@ -134,13 +169,18 @@ def load_pipeline(model: str, device: torch.device, dtype: torch.dtype, seed: in
         return LoadedPipeline(spec.pipe, model, spec.prompt_kwargs, dict(spec.defaults or {}), tiny=True,
                               decode_module=_decode_module(spec.pipe))
 
-    # Check the transformer class from the (small) config before loading any weights.
+    # Check the transformer class from the (small) config before loading any weights; a path that does not exist
+    # or an unreachable Hub is said in one line before huggingface_hub retries.
+    builtin = (*REFERENCE_MODELS, *TINY_MODELS)
+    check_hub_model(model, builtin)
     try:
-        cfg = DiffusionPipeline.load_config(model)
+        with quiet_hub(logger.isEnabledFor(logging.DEBUG)):
+            cfg = DiffusionPipeline.load_config(model)
     except Exception as e:  # network errors, missing folders, bad ids
+        first = (str(e).strip().splitlines() or [""])[0]
         raise ValueError(
-            f"cannot load model {model!r}: {e.__class__.__name__}: {e}. Built-in offline models: "
-            f"{', '.join((*REFERENCE_MODELS, *TINY_MODELS))}"
+            f"cannot load model {model!r}: {e.__class__.__name__}: {first} Built-in offline models: "
+            f"{', '.join(builtin)}"
         ) from None
     entry = cfg.get("transformer")
     cls_name = entry[1] if isinstance(entry, (list, tuple)) and len(entry) == 2 else None
@@ -223,125 +263,6 @@ def load_var_pipeline(model: str, device: torch.device, dtype: torch.dtype, seed
     return var_loaded(pipe, model, tiny)
 
 
-def _accepts(pipe: Any, name: str) -> bool:
-    return name in inspect.signature(pipe.__call__).parameters
-
-
-def _decode_module(pipe: Any) -> str | None:
-    """Where decoding starts, for video pipelines without ``callback_on_step_end`` (HunyuanVideo-1.5)."""
-    if _accepts(pipe, "callback_on_step_end"):
-        return None
-    return "vae.decoder" if isinstance(getattr(getattr(pipe, "vae", None), "decoder", None), torch.nn.Module) else None
-
-
-def _guidance_to_guider(pipe: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Pipelines that take ``guidance_scale`` from their guider (HunyuanVideo-1.5), not from ``__call__``: set it
-    there."""
-    if "guidance_scale" in kwargs and not _accepts(pipe, "guidance_scale") and getattr(pipe, "guider", None):
-        kwargs = dict(kwargs)
-        pipe.guider = pipe.guider.new(guidance_scale=kwargs.pop("guidance_scale"))
-    return kwargs
-
-
-def generate(
-    pipe: Any,
-    kwargs: dict[str, Any],
-    seed: int,
-    device: torch.device,
-    on_step: Callable[[int, int], None] | None = None,
-    *,
-    step_module: str | None = None,
-    decode_module: str | None = None,
-    num_steps: int | None = None,
-    all_images: bool = False,
-) -> RunResult:
-    """One timed generation; ``denoise_s`` ends at the last step's callback (before VAE decode).
-
-    ``on_step(done, total)`` is called after each denoising step (progress bars; outside the timed region's
-    synchronisation point but inside the run, so keep it cheap). Pipelines without ``callback_on_step_end``
-    (VAR) mark steps by calls of ``step_module`` and the end of sampling by the first call of ``decode_module``.
-    ``all_images``: keep every image of the batch as a frame (VAR: one per class label) instead of the first.
-    """
-    marks: list[float] = []
-    total_steps = int(kwargs.get("num_inference_steps", 0) or num_steps or 0)
-    kwargs = _guidance_to_guider(pipe, kwargs)
-    if not _accepts(pipe, "callback_on_step_end"):
-        return _generate_hooked(pipe, kwargs, seed, device, on_step, step_module, decode_module, total_steps,
-                                all_images)
-
-    def on_step_end(_pipe, _i, _t, cb_kwargs):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        marks.append(time.perf_counter())
-        if on_step is not None:
-            on_step(len(marks), total_steps)
-        return cb_kwargs
-
-    gen = torch.Generator(device=device if device.type == "cuda" else "cpu").manual_seed(seed)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    out = pipe(**kwargs, generator=gen, output_type="np", callback_on_step_end=on_step_end)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t1 = time.perf_counter()
-    return RunResult(frames=_frames(out, all_images), total_s=t1 - t0,
-                     denoise_s=(marks[-1] - t0) if marks else t1 - t0)
-
-
-def _frames(out: Any, all_images: bool) -> np.ndarray:
-    frames = out.frames if hasattr(out, "frames") else out.images
-    frames = np.asarray(frames if all_images else frames[0], dtype=np.float32)
-    if frames.ndim == 3:
-        frames = frames[None]
-    return frames
-
-
-def _submodule(pipe: Any, path: str) -> torch.nn.Module:
-    head, _, rest = path.partition(".")
-    mod = getattr(pipe, head)
-    return mod.get_submodule(rest) if rest else mod
-
-
-def _generate_hooked(pipe: Any, kwargs: dict[str, Any], seed: int, device: torch.device,
-                     on_step: Callable[[int, int], None] | None, step_module: str | None, decode_module: str | None,
-                     total_steps: int, all_images: bool) -> RunResult:
-    marks: list[float] = []
-    decode_at: list[float] = []
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    def on_step_hook(*_a: Any) -> None:
-        marks.append(0.0)
-        if on_step is not None:
-            on_step(len(marks), total_steps)
-
-    def on_decode(*_a: Any) -> None:
-        if not decode_at:
-            sync()
-            decode_at.append(time.perf_counter())
-
-    handles = []
-    if step_module:
-        handles.append(_submodule(pipe, step_module).register_forward_hook(on_step_hook))
-    if decode_module:
-        handles.append(_submodule(pipe, decode_module).register_forward_pre_hook(on_decode))
-    gen = torch.Generator(device=device if device.type == "cuda" else "cpu").manual_seed(seed)
-    try:
-        sync()
-        t0 = time.perf_counter()
-        out = pipe(**kwargs, generator=gen, output_type="np")
-        sync()
-        t1 = time.perf_counter()
-    finally:
-        for h in handles:
-            h.remove()
-    return RunResult(frames=_frames(out, all_images), total_s=t1 - t0,
-                     denoise_s=(decode_at[0] - t0) if decode_at else t1 - t0)
-
-
 def run_comparison(
     loaded: LoadedPipeline,
     apply_fn: Callable[[Any], None],
@@ -356,34 +277,48 @@ def run_comparison(
     note: str | None = None,
     progress: Callable[[str, int, int], None] | None = None,
     remove_fn: Callable[[Any], Any] | None = None,
+    repeats: int = 1,
+    on_phase: Callable[[str], None] | None = None,
 ) -> ComparisonResult:
-    """Run dense then accelerated with the same seed; the accelerated attention is removed afterwards
-    (``remove_fn``, default :func:`~diffusers_attn.install.remove_attention_acceleration`; LiteVAR passes
-    ``remove_litevar``).
+    """Run dense then accelerated with the same seed, each ``repeats`` times (times are medians; the frames are
+    the first run's); the accelerated attention is removed afterwards (``remove_fn``, default
+    :func:`~diffusers_attn.install.remove_attention_acceleration`; LiteVAR passes ``remove_litevar``).
 
-    ``progress(phase, done, total)`` reports steps of each phase (``warm-up``, ``dense``, the method name).
+    ``progress(phase, done, total)`` reports steps of each phase (``warm-up``, ``dense``, the method name);
+    ``on_phase(text)`` is called as each phase starts (and before the metrics).
     """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
     pipe = loaded.pipe
     kwargs = {**loaded.prompt_kwargs(prompt, negative_prompt), **call_kwargs}
     # VAR has a fixed number of scales: its warm-up is a full run.
     warm_kwargs = {**kwargs, "num_inference_steps": 1} if "num_inference_steps" in kwargs else dict(kwargs)
     extra = dict(step_module=loaded.step_module, decode_module=loaded.decode_module, num_steps=loaded.num_steps,
                  all_images=loaded.kind == "image")
+    phase = on_phase or (lambda _text: None)
 
-    def tick(phase: str) -> Callable[[int, int], None] | None:
-        return None if progress is None else (lambda done, total: progress(phase, done, total))
+    def tick(name: str) -> Callable[[int, int], None] | None:
+        return None if progress is None else (lambda done, total: progress(name, done, total))
 
-    if warmup:
-        generate(pipe, warm_kwargs, seed, device, on_step=tick("warm-up (dense)"), **extra)
-    dense = generate(pipe, kwargs, seed, device, on_step=tick("dense"), **extra)
+    def arm(name: str) -> RunResult:
+        if warmup:
+            phase(f"warm-up run ({name}, 1 step)")
+            generate(pipe, warm_kwargs, seed, device, on_step=tick(f"warm-up ({name})"), **extra)
+        runs = []
+        for i in range(repeats):
+            phase(f"{name} run" + (f" {i + 1}/{repeats}" if repeats > 1 else ""))
+            runs.append(generate(pipe, kwargs, seed, device, on_step=tick(name), **extra))
+        return _median_run(runs)
+
+    dense = arm("dense")
     try:
         apply_fn(pipe)
-        if warmup:
-            generate(pipe, warm_kwargs, seed, device, on_step=tick(f"warm-up ({method_name})"), **extra)
-        accel = generate(pipe, kwargs, seed, device, on_step=tick(method_name), **extra)
+        accel = arm(method_name)
         stats = get_attention_stats(pipe, log=False)
     finally:
         (remove_fn or remove_attention_acceleration)(pipe)
+    phase("metrics (PSNR, SSIM)")
+    per_frame, identical = finite_mean(psnr_frames(dense.frames, accel.frames))
     settings = {
         "model": loaded.name,
         "transformer": type(pipe.transformer).__name__,
@@ -392,6 +327,7 @@ def run_comparison(
         "device": str(device),
         "dtype": str(pipe.transformer.dtype).replace("torch.", ""),
         "warmup": warmup,
+        "repeats": repeats,
         "note": note,
         **{k: v for k, v in call_kwargs.items() if isinstance(v, (int, float, str))},
     }
@@ -399,37 +335,32 @@ def run_comparison(
         dense=dense,
         accelerated=accel,
         psnr_db=psnr(dense.frames, accel.frames),
-        psnr_per_frame_db=psnr(dense.frames, accel.frames, mode="per_frame"),
+        psnr_per_frame_db=per_frame,
+        identical_frames=identical,
         ssim=ssim(dense.frames, accel.frames),
         stats=stats,
         settings=settings,
+        speedup_withheld=speedup_withheld(stats, loaded.tiny),
     )
 
 
-def _label_strip(text: str, width: int, height: int = 20) -> np.ndarray:
-    img = Image.new("RGB", (width, height), (24, 24, 24))
-    ImageDraw.Draw(img).text((4, 4), text, fill=(240, 240, 240))
-    return np.asarray(img)
+def format_psnr(db: float) -> str:
+    return "inf (identical)" if math.isinf(db) else f"{db:.2f} dB"
 
 
-def side_by_side_frames(a: np.ndarray, b: np.ndarray, labels: tuple[str, str]) -> np.ndarray:
-    """uint8 (F, H', W', 3) frames: ``a`` left, ``b`` right, labelled, padded to multiples of 16 for codecs."""
-    if a.shape != b.shape:
-        raise ValueError(f"videos differ in shape: {a.shape} vs {b.shape}")
-    to8 = lambda x: (np.clip(x, 0, 1) * 255 + 0.5).astype(np.uint8)  # noqa: E731
-    Fn, H, W, _ = a.shape
-    gap = np.full((Fn, H, 4, 3), 255, np.uint8)
-    body = np.concatenate([to8(a), gap, to8(b)], axis=2)
-    strip = np.concatenate(
-        [_label_strip(labels[0], W), np.full((20, 4, 3), 255, np.uint8), _label_strip(labels[1], W)], axis=1
-    )
-    frames = np.concatenate([np.broadcast_to(strip, (Fn, *strip.shape)), body], axis=1)
-    ph, pw = (-frames.shape[1]) % 16, (-frames.shape[2]) % 16
-    return np.pad(frames, ((0, 0), (0, ph), (0, pw), (0, 0)))
+def _median_run(runs: list[RunResult]) -> RunResult:
+    totals, denoises = [r.total_s for r in runs], [r.denoise_s for r in runs]
+    return RunResult(frames=runs[0].frames, total_s=statistics.median(totals), denoise_s=statistics.median(denoises),
+                     total_times=totals, denoise_times=denoises)
 
 
-def write_video(path: str | Path, frames: np.ndarray, fps: int = 8) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    imageio.mimwrite(path, list(frames), fps=fps, macro_block_size=16)
-    return path
+def speedup_withheld(stats: AttentionStats, small_model: bool) -> str | None:
+    """Why a timing ratio would not be a speedup: nothing ran sparse (every call or head dense), or the model is
+    one of the built-in small ones, whose runs time overheads rather than attention. ``None``: report it."""
+    if stats.calls == 0 or stats.video_density >= 1.0 - 1e-9:
+        return ("nothing ran sparse (executed video density 1.000: sparsity 0, or every call/head dense); "
+                "the two timings differ only by noise")
+    if small_model:
+        return ("the built-in tiny/reference models are too small for timings to measure attention speed "
+                "(they time overheads); use a real model on a GPU")
+    return None

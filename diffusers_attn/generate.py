@@ -17,19 +17,22 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
-import numpy as np
-import torch
-import torch.distributed as dist
+from ._defaults import VIDEO_BUILTIN_MODELS
+from .cli import (
+    _one_line_errors,
+    add_call_args,
+    add_rainfusion_args,
+    check_call_args,
+    one_line,
+    progress,
+    rainfusion_config_from_args,
+)
+from .cli_checks import VIDEO_SUFFIXES, check_model, check_out_path, replace_on_success, write_text_replacing
 
-from .cli import add_rainfusion_args, rainfusion_config_from_args
-from .compare import generate, load_pipeline, resolve_device_dtype, write_video
-from .install import get_attention_stats
-from .parallel import enable_context_parallel
-from .pipelines.tiny import TINY_MODELS
-from .reference_models import REFERENCE_MODELS
+# torch, diffusers and the pipelines are imported by main() once the arguments are checked (--help stays fast).
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,33 +41,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="tiny-cogvideox")
     p.add_argument("--prompt", default="a red fox running through fresh snow at sunrise")
     p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--frames", type=int, default=None)
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--guidance-scale", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="auto")
+    add_call_args(p)
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32")
     add_rainfusion_args(p)  # --sparsity 0 = dense attention through the same processors
     p.add_argument("--ulysses", type=int, default=None, help="Ulysses degree (default: world size)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the transformer (fullgraph; the accelerated attention is one custom op)")
-    p.add_argument("--out", default="outputs/generate.mp4")
+    p.add_argument("--out", default="outputs/generate.mp4", help="video (replaced only when the run succeeds)")
     p.add_argument("--json", default=None)
     p.add_argument("--fps", type=int, default=8)
+    _one_line_errors(p)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .api import apply_rainfusion
-
     args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (ValueError, TypeError, RuntimeError, OSError) as e:
+        print(f"diffusers-attn generate: error: {one_line(e)}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    check_call_args(args)
+    check_model(args.model, VIDEO_BUILTIN_MODELS)
+    check_out_path("out", args.out, VIDEO_SUFFIXES)
+    check_out_path("json", args.json, (".json",))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    tiny = args.model in TINY_MODELS or args.model in REFERENCE_MODELS  # small grids: small-model defaults
-    use_cuda = torch.cuda.is_available()
+    if args.ulysses is not None and not (1 <= args.ulysses <= world and world % args.ulysses == 0):
+        raise ValueError(f"--ulysses must divide the world size {world}, got {args.ulysses}")
+    tiny = args.model in VIDEO_BUILTIN_MODELS  # small grids: small-model defaults
     config = rainfusion_config_from_args(args, tiny)
+    if rank == 0:
+        progress(f"loading {args.model}")
+
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+
+    from .api import apply_rainfusion
+    from .compare import generate, load_pipeline, resolve_device_dtype, write_video
+    from .install import get_attention_stats
+    from .parallel import enable_context_parallel
+
+    use_cuda = torch.cuda.is_available()
     if world > 1:
         dist.init_process_group("nccl" if use_cuda else "gloo")
     try:
@@ -85,20 +108,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                 call[key] = val
         kwargs = {**loaded.prompt_kwargs(args.prompt, args.negative_prompt), **call}
         t0 = time.perf_counter()
+        if rank == 0:
+            progress(f"generating ({config.mode}, sparsity {config.sparsity:g})")
         result = generate(loaded.pipe, kwargs, args.seed, device)
         stats = get_attention_stats(loaded.pipe, log=False)
         if rank == 0:
             path = write_video(args.out, result.frames, fps=args.fps)
             print(f"{args.model}: {world} rank(s), total {result.total_s:.3f} s (denoise {result.denoise_s:.3f} s), "
-                  f"sparsity {args.sparsity}; wall {time.perf_counter() - t0:.3f} s")
+                  f"{config.mode} sparsity {config.sparsity:g}; wall {time.perf_counter() - t0:.3f} s")
             print(stats)
             print(f"wrote {path}")
             if args.json:
-                Path(args.json).write_text(json.dumps(
-                    {"model": args.model, "world_size": world, "total_s": result.total_s,
-                     "denoise_s": result.denoise_s, "stats": stats.to_dict()}, indent=2, default=str))
-                np_path = Path(args.json).with_suffix(".npy")
-                np.save(np_path, result.frames)
+                write_text_replacing(args.json, json.dumps(
+                    {"model": args.model, "world_size": world, "mode": config.mode, "sparsity": config.sparsity,
+                     "total_s": result.total_s, "denoise_s": result.denoise_s, "stats": stats.to_dict()},
+                    indent=2, default=str))
+                with replace_on_success(Path(args.json).with_suffix(".npy")) as tmp:
+                    np.save(tmp, result.frames)
     finally:
         if world > 1:
             dist.destroy_process_group()

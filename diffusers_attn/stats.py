@@ -89,6 +89,7 @@ class StatsRecorder:
         self.pattern_names: list[str] = []  # every pattern name recorded, in order of first appearance
         self.groups: dict[int, list[float]] = {}  # sub-step group -> [video_computed, video_total, computed, total]
         self.group_name = "group"
+        self.pattern_video: dict[str, list[float]] = {}  # pattern -> [video pairs computed, video pairs total]
         self.info: dict[str, Any] = dict(self.static_info)
         self._pending: list[tuple[int, Any, dict[str, Any]]] = []  # (layer, record, record() kwargs), call order
 
@@ -105,7 +106,8 @@ class StatsRecorder:
                     video_computed=record.video_computed, video_total=record.video_total,
                     pattern_names=record.pattern_names, recalls=record.recalls,
                     fallback_reason=record.fallback_reason, head_offset=head_offset, total_heads=total_heads,
-                    group=record.group, group_name=record.group_name)
+                    group=record.group, group_name=record.group_name,
+                    pattern_video_pairs=record.pattern_video_pairs)
 
     def record_pending(self, layer: int, record: Any, **kwargs: Any) -> None:
         """Keep a method record whose numbers are still on the device (``record.pending``; records without one
@@ -161,12 +163,15 @@ class StatsRecorder:
         total_heads: int | None = None,
         group: int | None = None,
         group_name: str = "group",
+        pattern_video_pairs: dict[str, tuple[float, float]] | None = None,
     ) -> None:
         """Record one attention call. ``head_patterns`` is (B, H) of indices into ``pattern_names`` (negative:
         not counted); a call with a ``fallback_reason`` counts every head as ``fallback``.
 
         ``computed``/``total`` count (q, k) pairs times head_dim, summed over batch and heads. Under context
         parallelism a rank records its heads ``[head_offset, head_offset + H)`` of ``total_heads``.
+        ``pattern_video_pairs`` splits the video pairs by pattern (name -> (computed, total)); without it a call
+        whose counted heads all ran one pattern (or a fallback) is attributed to that pattern, a mixed call to none.
         """
         B, H = head_patterns.shape
         acc = self._layer(layer, total_heads or H)
@@ -187,6 +192,17 @@ class StatsRecorder:
         acc.total += total
         acc.video_computed += video_computed
         acc.video_total += video_total
+        if pattern_video_pairs is None:
+            if fallback_reason is not None:
+                pattern_video_pairs = {FALLBACK_NAME: (video_computed, video_total)}
+            else:
+                used = np.unique(head_patterns[head_patterns >= 0])
+                if used.size == 1 and video_total:
+                    pattern_video_pairs = {pattern_names[int(used[0])]: (video_computed, video_total)}
+        for name, (vc, vt) in (pattern_video_pairs or {}).items():
+            pv = self.pattern_video.setdefault(name, [0.0, 0.0])
+            pv[0] += vc
+            pv[1] += vt
         if recalls is not None:
             r = np.zeros((acc.heads, recalls.shape[-1]))
             r[rows] = recalls.reshape(B, H, -1).sum(0)
@@ -252,6 +268,8 @@ class StatsRecorder:
             pattern_histogram=dict(hist),
             dense_fallbacks=dict(self.fallbacks),
             dense_fallback_rate=(hist.get("fallback", 0) / head_calls) if head_calls else 0.0,
+            pattern_video_density={n: self.pattern_video[n][0] / self.pattern_video[n][1]
+                                   for n in self.pattern_names if n in self.pattern_video and self.pattern_video[n][1]},
             timings_ms={k: v * 1000.0 for k, v in sorted(secs.items())},
             kernel_backends=dict(self.kernel_calls),
             slow_path=dict(self.slow_path),
@@ -281,6 +299,9 @@ class AttentionStats:
     * ``pattern_histogram``: head-calls per pattern (``fallback`` = whole call ran the stock dense path); the
       names are the method's own (RainFusion: dense/spatial/temporal/textural; LiteVAR: full/windowed/cfg_shared/
       windowed+cfg_shared).
+    * ``pattern_video_density``: per pattern (RainFusion rf1: spatial/temporal/textural/dense; rf2: ``rf2``;
+      ``fallback``: whole calls that ran dense), the executed video x video density of the head-calls that ran it,
+      block rounding and forced regions included.
     * ``dense_fallbacks``: reason -> number of layer calls that ran dense.
     * ``skipped_calls``: layer calls that never reached the processor because a cache hook (FirstBlockCache,
       PyramidAttentionBroadcast, ...) skipped the block or reused its attention output; they compute nothing and
@@ -309,6 +330,7 @@ class AttentionStats:
     #: pipelines with several accelerated transformers (Wan 2.2 A14B): each one's stats; the fields above are
     #: their totals (``steps``: of the whole run) and ``layers`` is empty
     per_transformer: dict[str, AttentionStats] = field(default_factory=dict)
+    pattern_video_density: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
@@ -324,6 +346,9 @@ class AttentionStats:
         if self.pattern_histogram:
             hist = ", ".join(f"{k}={v}" for k, v in self.pattern_histogram.items() if v)
             lines.append(f"  head-calls per pattern: {hist}")
+        if self.pattern_video_density:
+            pvd = ", ".join(f"{k} {v:.3f}" for k, v in self.pattern_video_density.items())
+            lines.append(f"  executed video x video density per pattern: {pvd}")
         if self.dense_fallbacks:
             fb = "; ".join(f"{k}: {v}" for k, v in sorted(self.dense_fallbacks.items()))
             lines.append(f"  dense fallbacks (layer calls): {fb}")
@@ -371,6 +396,12 @@ def combine_stats(recorders: dict[str, StatsRecorder]) -> AttentionStats:
     info: dict[str, Any] = {}
     for s in per.values():
         info.update(s.info)
+    pv: dict[str, list[float]] = {}
+    for rec in recs:
+        for name, (c, t) in rec.pattern_video.items():
+            acc = pv.setdefault(name, [0.0, 0.0])
+            acc[0] += c
+            acc[1] += t
     first = next(iter(per.values()))
     return AttentionStats(
         method=first.method,
@@ -388,6 +419,7 @@ def combine_stats(recorders: dict[str, StatsRecorder]) -> AttentionStats:
         layers=[],
         info=info,
         per_transformer=per,
+        pattern_video_density={n: c / t for n, (c, t) in pv.items() if t},
     )
 
 

@@ -7,6 +7,7 @@ accelerated runs); bad input comes back as a readable message in the page and th
 
 from __future__ import annotations
 
+import os
 import random
 from typing import Any
 
@@ -44,14 +45,25 @@ INTRO = (
 VIDEO_ONLY = ("steps", "frames", "height", "width")  # hidden for VAR: fixed scales and size
 
 
+def import_gradio() -> Any:
+    """Gradio with its usage analytics off (unless the user set ``GRADIO_ANALYTICS_ENABLED`` themselves): the
+    variable is read when gradio is first imported."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    import gradio
+
+    return gradio
+
+
 def build_demo(runner: DemoRunner | None = None, *, default_method: str = "rainfusion"):
     """The ``gr.Blocks`` page (not launched). ``runner`` defaults to a :class:`DemoRunner` on the best device."""
-    import gradio as gr
+    gr = import_gradio()
 
     runner = runner or DemoRunner()
     if default_method not in METHODS:
         default_method = next(iter(METHODS))
-    with gr.Blocks(title="diffusers-attn: dense vs accelerated") as demo:
+    # delete_cache: Gradio's copies of the outputs older than an hour go, checked every 30 minutes
+    with gr.Blocks(title="diffusers-attn: dense vs accelerated", analytics_enabled=False,
+                   delete_cache=(1800, 3600)) as demo:
         gr.Markdown(INTRO)
         inputs = _request_inputs(gr, default_method)
         knob_groups, knob_inputs = _knob_groups(gr, default_method)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from .._defaults import DEFAULT_MODE, DEFAULT_SPARSITY, RAINFUSION_MODES
 from ..adapters import get_adapter
 from ..compare import LoadedPipeline, load_var_pipeline
 from ..pipelines.tiny import TINY_MODELS, TINY_VAR_MODELS
@@ -37,6 +38,7 @@ def _rainfusion_config(knobs: dict[str, Any], loaded: LoadedPipeline):
     # path to run at all.
     return RainFusionConfig(
         sparsity=knobs["sparsity"],
+        mode=knobs.get("mode", DEFAULT_MODE),
         dense_steps=knobs["dense_steps"],
         dense_layers=knobs["dense_layers"],
         arm_threshold=knobs["arm_threshold"],
@@ -63,19 +65,22 @@ def rainfusion_method() -> DemoMethod:
         key="rainfusion",
         label="RainFusion (sparse attention)",
         knobs=(
-            Knob("sparsity", "Sparsity", "float", 0.75, 0.0, 0.95, 0.05,
-                 info="share of video keys skipped (0 = stock attention)"),
+            Knob("sparsity", "Sparsity", "float", DEFAULT_SPARSITY, 0.0, 0.95, 0.01,
+                 info="share of video x video pairs skipped (0 = stock attention)"),
+            Knob("mode", "Mode", "choice", DEFAULT_MODE, choices=RAINFUSION_MODES,
+                 info="rf1: per-head Spatial/Temporal/Textural patterns (ARM); rf2: RainFusion 2.0 block top-k"),
             Knob("dense_steps", "Dense warm-up (fraction of steps)", "float", 0.25, 0.0, 1.0, 0.05),
             Knob("dense_layers", "Dense first layers", "int", 1, 0, 8, 1),
             Knob("arm_threshold", "ARM threshold", "float", 0.9, 0.0, 1.0, 0.05,
-                 info="a head goes sparse only with a pattern that keeps this share of the sampled mass; else dense"),
+                 info="rf1: a head goes sparse only with a pattern that keeps this share of the sampled mass; else dense"),
             Knob("arm_rule", "ARM rule", "choice", "cheapest", choices=("cheapest", "argmax"),
                  info="cheapest: the least-computing pattern that reaches the threshold; argmax: the highest recall"),
         ),
         make_apply=_rainfusion_apply,
         describe=_rainfusion_describe,
         models=(*REFERENCE_MODELS, *TINY_MODELS),  # trained reference models first: they show real motion
-        description="Per-head Spatial / Temporal / Textural block-sparse patterns chosen online (ARM).",
+        description="rf1: per-head Spatial / Temporal / Textural block-sparse patterns chosen online (ARM); "
+        "rf2: RainFusion 2.0, the top key blocks of every query block up to the budget.",
     )
 
 

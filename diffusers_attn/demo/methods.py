@@ -131,6 +131,11 @@ class DemoMethod:
     plot_label: str = ""
 
     def validate_knobs(self, values: dict[str, Any]) -> dict[str, Any]:
+        """Every knob's value (its default when not given); a name that is not a knob is refused."""
+        unknown = sorted(set(values) - {k.name for k in self.knobs})
+        if unknown:
+            raise DemoInputError(f"{self.label}: unknown setting(s) {unknown}; its settings are "
+                                 f"{[k.name for k in self.knobs]}")
         return {k.name: k.validate(values.get(k.name, k.default)) for k in self.knobs}
 
 

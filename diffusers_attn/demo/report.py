@@ -43,7 +43,17 @@ def latency_caption(label: str, denoise_s: float, total_s: float, phase: str = "
 
 
 def _fmt_db(x: float) -> str:
-    return "inf (identical)" if math.isinf(x) else f"{x:.2f} dB"
+    return "identical (infinite PSNR)" if math.isinf(x) else f"{x:.2f} dB"
+
+
+def speedup_line(result: ComparisonResult, phase: str = "denoising") -> str:
+    """The speedup, or why there is none to report (nothing ran sparse, or a model too small to time)."""
+    if result.speedup_withheld:
+        return f"**Speedup:** not reported: {result.speedup_withheld}  "
+    n = len(result.dense.total_times or [0])
+    lo, hi = result.speedup_range
+    spread = f" (median of {n} runs; {lo:.2f}-{hi:.2f}x)" if n > 1 else ""
+    return f"**Speedup:** {result.speedup:.2f}x total{spread}, {result.denoise_speedup:.2f}x {phase}  "
 
 
 def summarize(result: ComparisonResult, kind: str = "video") -> dict[str, Any]:
@@ -59,8 +69,10 @@ def summarize(result: ComparisonResult, kind: str = "video") -> dict[str, Any]:
             "accelerated_total_s": result.accelerated.total_s,
             "speedup_total": result.speedup,
             "speedup_sampling": result.denoise_speedup,
+            "speedup_withheld": result.speedup_withheld,
             "psnr_db": finite(result.psnr_db),
-            "psnr_per_image_db": finite(result.psnr_per_frame_db),
+            "psnr_per_image_db": result.psnr_per_frame_db,  # mean over the images that differ
+            "identical_images": result.identical_frames,
             "identical": math.isinf(result.psnr_db),
             "ssim": result.ssim,
             "density": st.video_density,
@@ -80,12 +92,15 @@ def summarize(result: ComparisonResult, kind: str = "video") -> dict[str, Any]:
         "accelerated_total_s": result.accelerated.total_s,
         "speedup_total": result.speedup,
         "speedup_denoise": result.denoise_speedup,
+        "speedup_withheld": result.speedup_withheld,
         "psnr_db": finite(result.psnr_db),
-        "psnr_per_frame_db": finite(result.psnr_per_frame_db),
+        "psnr_per_frame_db": result.psnr_per_frame_db,  # mean over the frames that differ
+        "identical_frames": result.identical_frames,
         "ssim": result.ssim,
         "density": result.stats.density,
         "video_density": result.stats.video_density,
         "pattern_histogram": result.stats.pattern_histogram,
+        "pattern_video_density": result.stats.pattern_video_density,
         "dense_fallbacks": result.stats.dense_fallbacks,
         "settings": {k: v for k, v in result.settings.items() if isinstance(v, (int, float, str, bool))},
     }
@@ -102,12 +117,12 @@ def summary_markdown(result: ComparisonResult, label: str, kind: str = "video",
         f"| Denoising latency | {result.dense.denoise_s:.3f} s | {result.accelerated.denoise_s:.3f} s |",
         f"| Total latency (with VAE decode) | {result.dense.total_s:.3f} s | {result.accelerated.total_s:.3f} s |",
         "",
-        f"**Speedup:** {result.speedup:.2f}x total, {result.denoise_speedup:.2f}x denoising  ",
-        f"**PSNR** vs dense: {_fmt_db(result.psnr_db)} (global MSE), {_fmt_db(result.psnr_per_frame_db)} "
-        "(per-frame mean)  ",
+        speedup_line(result, "denoising"),
+        f"**PSNR** vs dense: {_fmt_db(result.psnr_db)} (global MSE), {result.per_frame_text('frame')}  ",
         f"**SSIM** vs dense: {result.ssim:.4f} (Gaussian 11x11, sigma 1.5, RGB channels averaged)  ",
         f"**Realized density:** {result.stats.density:.3f} of dense (all tokens), {result.stats.video_density:.3f} "
         "(video x video)  ",
+        *_pattern_density_lines(result.stats),
         f"{s['device']} {s['dtype']}, seed {s['seed']}, warm-up run excluded from timing: {s['warmup']}",
     ]
     rep = method_report or {}
@@ -133,9 +148,9 @@ def _summary_markdown_image(result: ComparisonResult, label: str) -> str:
         f"| Sampling latency (all scales) | {result.dense.denoise_s:.3f} s | {result.accelerated.denoise_s:.3f} s |",
         f"| Total latency (with VQVAE decode) | {result.dense.total_s:.3f} s | {result.accelerated.total_s:.3f} s |",
         "",
-        f"**Speedup:** {result.speedup:.2f}x total, {result.denoise_speedup:.2f}x sampling  ",
+        speedup_line(result, "sampling"),
         f"**PSNR** vs dense: {_fmt_db(result.psnr_db)} (global MSE over all images), "
-        f"{_fmt_db(result.psnr_per_frame_db)} (per-image mean)  ",
+        f"{result.per_frame_text('image')}  ",
         f"**SSIM** vs dense: {result.ssim:.4f} (Gaussian 11x11, sigma 1.5, RGB channels averaged)  ",
         f"**Kept attention share:** {st.video_density:.3f} of dense (masks); attention scores computed: "
         f"{st.density:.3f} (CFG sharing computes one map for both halves)  ",
@@ -144,6 +159,13 @@ def _summary_markdown_image(result: ComparisonResult, label: str) -> str:
     if s.get("note"):
         lines.append(f"\n_Note: {s['note']}._")
     return "\n".join(lines)
+
+
+def _pattern_density_lines(stats: AttentionStats) -> list[str]:
+    if not stats.pattern_video_density:
+        return []
+    per = ", ".join(f"{k} {v:.3f}" for k, v in stats.pattern_video_density.items())
+    return [f"**Executed video density per pattern:** {per}  "]
 
 
 def pattern_plot(stats: AttentionStats, cell_w: int = 30, cell_h: int = 18) -> np.ndarray | None:

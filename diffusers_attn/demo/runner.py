@@ -4,10 +4,12 @@ default), and summarise latency, speedup, fidelity and density (the figures and 
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import inspect
 import logging
 import math
+import shutil
 import tempfile
 import threading
 import uuid
@@ -22,6 +24,7 @@ from PIL import Image
 from ..compare import ComparisonResult, LoadedPipeline, load_pipeline, resolve_device_dtype, run_comparison, write_video
 from ..pipelines.tiny import TINY_MODELS, TINY_VAR_MODELS
 from ..reference_models import REFERENCE_MODELS
+from ..reference_models.var import REFERENCE_VAR_MODELS
 from .methods import METHODS, ApplyCall, DemoInputError, get_method
 from .report import (
     PATTERN_COLORS,
@@ -40,6 +43,7 @@ logger = logging.getLogger(__name__)
 # bounded by the GPU and get wider limits.
 TINY_LIMITS = {"steps": (1, 50), "frames": (1, 49), "size": (32, 256)}
 MODEL_LIMITS = {"steps": (1, 200), "frames": (1, 257), "size": (64, 2048)}
+KEEP_RUNS = 4  # run folders kept per runner (older ones are deleted)
 
 @dataclass
 class DemoRequest:
@@ -106,7 +110,12 @@ class DemoRunner:
     def __init__(self, device: str | None = None, dtype: str | None = "auto", out_dir: str | Path | None = None,
                  loader: Callable[[str, torch.device, torch.dtype], LoadedPipeline] | None = None) -> None:
         self.device, self.dtype = resolve_device_dtype(device, dtype)
-        self.out_dir = Path(out_dir or tempfile.mkdtemp(prefix="diffusers-attn-demo-"))
+        # One folder per runner (session); it keeps the last KEEP_RUNS runs, and a folder the runner made itself
+        # is removed when the process exits.
+        self.out_dir = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="diffusers-attn-demo-"))
+        if not out_dir:
+            atexit.register(shutil.rmtree, self.out_dir, ignore_errors=True)
+        self._runs: list[Path] = []
         self._loader = loader or (lambda m, d, t: load_pipeline(m, d, t, seed=0))
         self._cached: tuple[tuple[str, str], LoadedPipeline] | None = None
         self._lock = threading.Lock()
@@ -227,10 +236,19 @@ class DemoRunner:
                 raise DemoInputError(str(e)) from None
         return loaded
 
+    def _new_run_dir(self) -> Path:
+        """A fresh folder for one run's outputs; the oldest beyond :data:`KEEP_RUNS` are deleted (the page has
+        already been served their files: Gradio copies outputs into its own cache)."""
+        run_dir = self.out_dir / uuid.uuid4().hex[:12]
+        self._runs.append(run_dir)
+        while len(self._runs) > KEEP_RUNS:
+            shutil.rmtree(self._runs.pop(0), ignore_errors=True)
+        return run_dir
+
     def _result(self, result: ComparisonResult, method: Any, loaded: LoadedPipeline, v: dict[str, Any],
                 method_report: dict[str, Any]) -> DemoResult:
         """Write the two outputs and assemble the figures, captions and summary."""
-        run_dir = self.out_dir / uuid.uuid4().hex[:12]
+        run_dir = self._new_run_dir()
         is_image = loaded.kind == "image" or result.dense.frames.shape[0] == 1
         outputs = (("dense", result.dense.frames), (method.key, result.accelerated.frames))
         if is_image:
@@ -289,7 +307,10 @@ def _note(model: str, loaded: LoadedPipeline) -> str | None:
     if model in REFERENCE_MODELS:
         return ("small reference model trained on procedural clips: fidelity to dense is meaningful, "
                 "CPU timings at this size measure overheads, not attention speed")
-    if loaded.tiny:
+    if model in REFERENCE_VAR_MODELS:
+        return ("small reference VAR trained on procedural shape images (36 classes): fidelity to dense is "
+                "meaningful, CPU timings at this size measure overheads, not attention speed")
+    if model in TINY_MODELS or model in TINY_VAR_MODELS:
         return "tiny random-weight model: figures check the plumbing, not quality"
     return None
 

@@ -17,8 +17,24 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .._defaults import DEFAULT_MODE, DEFAULT_SPARSITY, RAINFUSION_MODES, VIDEO_BUILTIN_MODELS
+from ..cli_checks import UsageError, check_device, check_dtype, check_float, check_int, check_model, check_video_size
 from .prompts import load_suite
 from .vbench import aggregate, default_cache_dir, doctor, format_aggregate, format_doctor, run_vbench, setup_venv
+
+EVAL_DESCRIPTION = """\
+Evaluate a method on a prompt suite: sample it dense and accelerated (same seeds), then measure paired fidelity
+and, optionally, VBench. For example:
+
+    diffusers-attn eval prompts --suite quick
+    diffusers-attn eval sample --model THUDM/CogVideoX-5b --suite quick --out runs/cogx5b-rf
+    diffusers-attn eval fidelity runs/cogx5b-rf
+    diffusers-attn eval vbench-setup --venv ~/venvs/vbench
+    diffusers-attn eval vbench-doctor --cache-dir ~/vbench_weights --venv ~/venvs/vbench
+    diffusers-attn eval vbench runs/cogx5b-rf --venv ~/venvs/vbench --cache-dir ~/vbench_weights --mode custom \\
+        --dimensions subject_consistency imaging_quality
+    diffusers-attn eval vbench-aggregate runs/cogx5b-rf/vbench
+"""
 
 # As in diffusers_attn.cli: the sampling and fidelity engines (torch, diffusers) are imported by their command
 # handlers, so building the parser (``diffusers-attn --help``) does not load them. prompts and vbench are light.
@@ -38,14 +54,20 @@ def _knob(text: str) -> tuple[str, Any]:
 
 def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluation: sample a prompt suite, paired fidelity, VBench",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=EVAL_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     es = p.add_subparsers(dest="eval_command", required=True)
 
     q = es.add_parser("prompts", help="list a prompt suite")
     q.add_argument("--suite", default="quick", help="quick | all | reference | dimension:NAME | file:PATH")
     q.set_defaults(func=_cmd_prompts)
 
-    s = es.add_parser("sample", help="resumable dense + accelerated sampling of a prompt suite")
+    s = es.add_parser(
+        "sample", help="resumable dense + accelerated sampling of a prompt suite",
+        description="Generate every prompt of a suite twice with the same seed, dense and with the method, into "
+        "OUT/dense and OUT/<method> (lossless frames, mp4s, per-video records of timing and density). Rerunning "
+        "with the same settings resumes; other settings on an existing folder are refused. Then run "
+        "`diffusers-attn eval fidelity OUT`.",
+    )
     s.add_argument("--model", default="ref-cogvideox",
                    help="ref-cogvideox (trained offline reference, default) | ref-hunyuan | tiny-cogvideox | "
                    "tiny-cogvideox-1.5 | tiny-hunyuan | tiny-opensora | a diffusers hub id or local folder")
@@ -54,7 +76,10 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
                    "dimension:NAME | file:PATH (default: reference for ref-* models, else quick)")
     s.add_argument("--method", default="rainfusion", help="a method key of the registry (diffusers_attn.demo)")
     s.add_argument("--knob", type=_knob, action="append", default=[], metavar="NAME=VALUE",
-                   help="method setting, repeatable (rainfusion: sparsity, dense_steps, dense_layers, arm_threshold)")
+                   help="method setting, repeatable (rainfusion: sparsity, mode, dense_steps, dense_layers, "
+                   f"arm_threshold, arm_rule; default sparsity {DEFAULT_SPARSITY})")
+    s.add_argument("--mode", default=None, choices=RAINFUSION_MODES,
+                   help=f"RainFusion mode, same as --knob mode=... (default {DEFAULT_MODE})")
     s.add_argument("--out", required=True, help="output root (resumed if it exists)")
     s.add_argument("--videos-per-prompt", type=int, default=1, help="VBench uses 5 (25 for temporal_flickering)")
     s.add_argument("--seed", type=int, default=0, help="base seed: video i of each prompt uses seed + i")
@@ -116,14 +141,27 @@ def _cmd_prompts(args: argparse.Namespace) -> int:
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    from ..reference_models import REFERENCE_MODELS
+    for name in ("videos_per_prompt", "limit", "steps"):
+        check_int(name.replace("_", "-"), getattr(args, name), 1)
+    check_video_size(args.frames, args.height, args.width)
+    check_float("guidance-scale", args.guidance_scale, 0.0, 1e4)
+    check_int("seed", args.seed, 0, 2**63 - 1)
+    check_int("fps", args.fps, 1, 120)
+    check_dtype(args.dtype)
+    check_model(args.model, VIDEO_BUILTIN_MODELS)
+    knobs = dict(args.knob)
+    if args.mode is not None:
+        if knobs.get("mode", args.mode) != args.mode:
+            raise UsageError(f"--mode {args.mode} and --knob mode={knobs['mode']} disagree")
+        knobs["mode"] = args.mode
+    check_device(args.device)
     from .sample import SampleConfig, sample
 
     call = {"num_inference_steps": args.steps, "num_frames": args.frames, "height": args.height,
             "width": args.width, "guidance_scale": args.guidance_scale}
-    suite = args.suite or ("reference" if args.model in REFERENCE_MODELS else "quick")
+    suite = args.suite or ("reference" if args.model.startswith("ref-") else "quick")
     cfg = SampleConfig(model=args.model, out=Path(args.out), suite=suite, method=args.method,
-                       knobs=dict(args.knob), videos_per_prompt=args.videos_per_prompt, seed=args.seed,
+                       knobs=knobs, videos_per_prompt=args.videos_per_prompt, seed=args.seed,
                        call=call, limit=args.limit, warmup=not args.no_warmup, device=args.device,
                        dtype=args.dtype, fps=args.fps)
     res = sample(cfg)

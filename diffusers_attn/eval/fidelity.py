@@ -63,8 +63,7 @@ def fidelity(root: str | Path, *, use_lpips: bool = True, lpips_backbone: str | 
             lpips_net = AlexLPIPS.from_files(lpips_backbone, lpips_heads)
             lpips_note = "computed"
         except LPIPSUnavailable as e:
-            lpips_note = str(e)
-            log(lpips_note)
+            lpips_note = str(e)  # "LPIPS skipped, ...": printed once, in the summary below
     rows = []
     unpaired = []
     for rec_path in sorted((root / accel_arm / "records").glob("*.json")):
@@ -112,6 +111,11 @@ def fidelity(root: str | Path, *, use_lpips: bool = True, lpips_backbone: str | 
     return summary
 
 
+def _lpips_status(status: str) -> str:
+    """``LPIPS <why>`` for a status that does not already say LPIPS (``disabled (--no-lpips)``)."""
+    return status if status.startswith("LPIPS") else f"LPIPS {status}"
+
+
 def format_summary(s: dict[str, Any]) -> str:
     def ms(key: str, unit: str = "", digits: int = 3) -> str:
         d = s[key]
@@ -124,7 +128,7 @@ def format_summary(s: dict[str, Any]) -> str:
         f"{s['model']} / {s['method']}: {s['videos']} paired videos (dense warm-up {s.get('dense_warmup')})",
         f"  PSNR {ms('psnr_db', ' dB', 2)} global; per-frame mean {ms('psnr_per_frame_db', ' dB', 2)}",
         f"  SSIM {ms('ssim', '', 4)}",
-        f"  LPIPS {ms('lpips', '', 4) if s['lpips_status'] == 'computed' else s['lpips_status']}",
+        "  " + (f"LPIPS {ms('lpips', '', 4)}" if s["lpips_status"] == "computed" else _lpips_status(s["lpips_status"])),
         f"  density {ms('density')}, video x video {ms('video_density')}",
         f"  speedup {s['speedup_overall']:.3f}x total, {s['speedup_overall_denoise']:.3f}x denoising (sums)",
     ]

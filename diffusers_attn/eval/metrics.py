@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["psnr", "ssim", "to_video_tensor"]
+__all__ = ["finite_mean", "psnr", "psnr_frames", "ssim", "to_video_tensor"]
 
 
 def to_video_tensor(x: Any) -> torch.Tensor:
@@ -48,6 +48,20 @@ def _pair(a: Any, b: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return ta, tb
 
 
+def psnr_frames(a: Any, b: Any, *, data_range: float = 1.0) -> list[float]:
+    """PSNR in dB of each frame (image) of a pair; ``inf`` for identical frames."""
+    ta, tb = _pair(a, b)
+    mse = ((ta - tb) ** 2).flatten(1).mean(1)
+    return [math.inf if m == 0 else 10.0 * math.log10(data_range**2 / float(m)) for m in mse]
+
+
+def finite_mean(values: list[float]) -> tuple[float | None, int]:
+    """(mean over the finite values or ``None`` when there are none, number of infinite values): a per-frame PSNR
+    mean that one identical frame does not turn into ``inf``."""
+    finite = [v for v in values if math.isfinite(v)]
+    return (float(np.mean(finite)) if finite else None), len(values) - len(finite)
+
+
 def psnr(a: Any, b: Any, *, data_range: float = 1.0, mode: str = "global") -> float:
     """PSNR in dB between two images/videos; ``mode`` is ``"global"`` or ``"per_frame"`` (see module doc)."""
     ta, tb = _pair(a, b)
@@ -55,9 +69,7 @@ def psnr(a: Any, b: Any, *, data_range: float = 1.0, mode: str = "global") -> fl
         mse = float(((ta - tb) ** 2).mean())
         return math.inf if mse == 0 else 10.0 * math.log10(data_range**2 / mse)
     if mode == "per_frame":
-        mse = ((ta - tb) ** 2).flatten(1).mean(1)
-        vals = [math.inf if m == 0 else 10.0 * math.log10(data_range**2 / float(m)) for m in mse]
-        return float(np.mean(vals))
+        return float(np.mean(psnr_frames(ta, tb, data_range=data_range)))
     raise ValueError(f"mode must be 'global' or 'per_frame', got {mode!r}")
 
 

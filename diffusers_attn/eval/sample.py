@@ -144,7 +144,13 @@ def sample(cfg: SampleConfig, *, loader: Callable[..., Any] | None = None,
     if not todo:
         if existing is None:
             raise ValueError(f"{root}: nothing to do but no {MANIFEST}; is this a sample folder?")
-        log(f"{root}: all {len(names)} videos x {len(arms)} arms already finished")
+        # The model is not loaded for a finished folder: compare what is known without it.
+        _refuse_changed(root, existing, {
+            "model": cfg.model, "method": method.key, "knobs": knobs, "base_seed": cfg.seed,
+            "dtype": str(dtype).replace("torch.", ""), "timing_warmup": cfg.warmup,
+            "call_kwargs": {**existing.get("call_kwargs", {}), **{k: v for k, v in cfg.call.items() if v is not None}},
+        })
+        log(f"{root}: all {len(names)} videos x {len(arms)} arms already finished with these settings")
         return SampleSummary(root, 0, skipped, arms, len(prompts))
 
     lp = (loader or (lambda m, d, t: compare.load_pipeline(m, d, t, seed=0)))(cfg.model, device, dtype)
@@ -217,14 +223,19 @@ def _manifest(cfg: SampleConfig, lp: Any, method_key: str, knobs: dict[str, Any]
 def _check_or_write_manifest(root: Path, manifest: dict[str, Any], existing: dict[str, Any] | None) -> None:
     """A resumed run must match what was sampled (:data:`FINGERPRINT_KEYS`); a new one writes its manifest."""
     if existing is not None:
-        diff = [k for k in FINGERPRINT_KEYS if json.dumps(existing.get(k), sort_keys=True, default=str)
-                != json.dumps(manifest.get(k), sort_keys=True, default=str)]
-        if diff:
-            raise ValueError(f"{root} was sampled with different settings ({', '.join(diff)}); "
-                             "use a new --out folder (finished videos are never overwritten)")
+        _refuse_changed(root, existing, {k: manifest.get(k) for k in FINGERPRINT_KEYS})
     else:
         root.mkdir(parents=True, exist_ok=True)
         _atomic_write(root / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=2, default=str)))
+
+
+def _refuse_changed(root: Path, existing: dict[str, Any], wanted: dict[str, Any]) -> None:
+    """``ValueError`` naming each setting in ``wanted`` that differs from the folder's manifest."""
+    same = lambda a, b: json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)  # noqa: E731
+    diff = [f"{k}: {existing.get(k)!r} -> {v!r}" for k, v in wanted.items() if not same(existing.get(k), v)]
+    if diff:
+        raise ValueError(f"{root} was sampled with other settings ({'; '.join(diff)}); use a new --out folder "
+                         "(finished videos are never overwritten)")
 
 
 def _sample_arm(root: Path, arm: str, lp: Any, apply_fn: Callable[[Any], Any] | None, kwargs: dict[str, Any],

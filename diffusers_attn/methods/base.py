@@ -71,6 +71,9 @@ class MethodRecord:
     group_name: str = "group"
     info: dict[str, Any] = field(default_factory=dict)  # merged into the stats' info
     pending: PendingStats | None = None  # numbers still on the device (the fields above are placeholders)
+    # pattern name -> (computed, total) video x video pairs times head_dim of the heads that ran it; needed only
+    # when heads of one call ran different patterns (one pattern per call is split by the stats themselves)
+    pattern_video_pairs: dict[str, tuple[float, float]] | None = None
 
 
 class AttentionMethod(Protocol):

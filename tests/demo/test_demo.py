@@ -60,8 +60,12 @@ def test_bad_input_is_rejected_before_loading(change, message):
 
 
 def test_unknown_model_id_is_a_readable_error(runner, tmp_path):
-    with pytest.raises(DemoInputError, match="(?s)cannot load model .*Built-in offline models: ref-cogvideox.*tiny-cogvideox"):
+    with pytest.raises(DemoInputError, match="the path does not exist. Built-in offline models: ref-cogvideox.*tiny-cogvideox"):
         runner.run(DemoRequest(**{**SMALL, "model": str(tmp_path / "missing")}, prompt="a fox"))
+    (tmp_path / "empty").mkdir()  # a folder that is not a pipeline: diffusers' error, in one line
+    with pytest.raises(DemoInputError, match="^cannot load model .*Built-in offline models: ref-cogvideox") as e:
+        runner.run(DemoRequest(**{**SMALL, "model": str(tmp_path / "empty")}, prompt="a fox"))
+    assert "\n" not in str(e.value)
 
 
 def test_bad_embeddings_file(runner, tmp_path):
@@ -213,21 +217,60 @@ def test_gradio_client_round_trip_var_images(served):
         client.predict("tiny-var", "litevar", "207, 1000", *fixed[3:], *api_knobs("litevar"), api_name="/compare")
 
 
-def test_cli_demo_binds_loopback_by_default(monkeypatch):
+def test_cli_demo_binds_loopback_by_default(monkeypatch, capsys):
     pytest.importorskip("gradio")
     from diffusers_attn import cli
     from diffusers_attn.demo import app
 
     seen = {}
-    monkeypatch.setattr(app, "launch_demo", lambda **kw: seen.update(kw))
+
+    class FakeDemo:
+        local_url, share_url = "http://127.0.0.1:7999/", None
+
+        def block_thread(self):
+            seen["blocked"] = True
+
+    def fake_launch(**kw):
+        seen.update(kw)
+        return FakeDemo()
+
+    monkeypatch.setattr(app, "launch_demo", fake_launch)
     import diffusers_attn.demo as demo_pkg
 
-    monkeypatch.setattr(demo_pkg, "launch_demo", lambda **kw: seen.update(kw))
+    monkeypatch.setattr(demo_pkg, "launch_demo", fake_launch)
     assert cli.main(["demo", "--port", "7999", "--device", "cpu"]) == 0
-    assert seen["host"] == "127.0.0.1" and seen["port"] == 7999 and seen["share"] is False
+    assert seen["host"] == "127.0.0.1" and seen["port"] == 7999 and seen["share"] is False and seen["blocked"]
+    # Gradio's own hint names launch(share=True); a CLI user is told the flag instead
+    assert seen["quiet"] is True and "run again with --share" in capsys.readouterr().out
     assert cli.main(["demo", "--host", "0.0.0.0", "--share", "--device", "cpu"]) == 0
     assert seen["host"] == "0.0.0.0" and seen["share"] is True
     assert cli.main(["demo", "--port", "0"]) == 2
+    assert cli.main(["demo", "--device", "cuda:9"]) == 2
+
+
+def test_demo_page_has_gradio_analytics_off():
+    pytest.importorskip("gradio")
+    import os
+
+    from diffusers_attn.demo.app import build_demo
+
+    page = build_demo(DemoRunner(device="cpu"))
+    assert page.analytics_enabled is False and os.environ["GRADIO_ANALYTICS_ENABLED"] == "False"
+
+
+def test_run_folders_are_pruned_and_ref_var_is_not_called_random(tmp_path):
+    from diffusers_attn.demo import runner as runner_mod
+
+    r = DemoRunner(device="cpu", out_dir=tmp_path)
+    made = []
+    for _ in range(runner_mod.KEEP_RUNS + 3):
+        made.append(r._new_run_dir())
+        made[-1].mkdir()  # as a run leaves it
+    assert sorted(tmp_path.iterdir()) == sorted(made[-runner_mod.KEEP_RUNS:])  # the newest runs are kept
+    from diffusers_attn.compare import LoadedPipeline
+
+    note = runner_mod._note("ref-var", LoadedPipeline(None, "ref-var", dict, tiny=True))
+    assert "random" not in note and "trained" in note
 
 
 def test_local_pipeline_folder_runs_through_the_real_loading_code(tmp_path):

@@ -39,7 +39,9 @@ def test_litevar_noop_settings_give_the_dense_images(runner):
     m = res.metrics
     assert m["identical"] is True and m["psnr_db"] is None and m["ssim"] == pytest.approx(1.0)
     assert m["density"] == 1.0 and m["computed_score_share"] == 1.0
-    assert "inf (identical)" in res.summary_md
+    # identical images: said in words, never an "inf" mean
+    assert "identical (infinite PSNR)" in res.summary_md and "every image identical" in res.summary_md
+    assert m["psnr_per_image_db"] is None and m["identical_images"] == 2 and "inf dB" not in res.summary_md
 
 
 def test_litevar_default_run_images_metrics_and_cached_calibration(runner):

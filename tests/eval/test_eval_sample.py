@@ -16,7 +16,7 @@ from diffusers_attn.eval.prompts import load_suite, video_name
 from diffusers_attn.eval.sample import SampleConfig, sample
 
 CALL = dict(num_inference_steps=2, num_frames=9, height=64, width=64)
-KNOBS = {"arm_threshold": 0.0, "dense_steps": 0.0}
+KNOBS = {"sparsity": 0.75, "arm_threshold": 0.0, "dense_steps": 0.0}
 
 
 def _cfg(out, **kw):
@@ -75,6 +75,14 @@ def test_sample_writes_vbench_layout_and_resumes_without_overwriting(tmp_path):
     res = sample(_cfg(root), loader=lambda *a: pytest.fail("loaded a model for a finished run"), log=lambda s: None)
     assert res.generated == 0 and res.skipped == 2
     assert _snapshot(root) == before
+    # ... and other settings on a finished folder are refused (not "already finished"), still without loading
+    for change, what in (({"knobs": {**KNOBS, "sparsity": 0.5}}, "knobs"), ({"seed": 7}, "base_seed"),
+                         ({"call": {**CALL, "num_inference_steps": 3}}, "call_kwargs"),
+                         ({"knobs": {**KNOBS, "mode": "rf2"}}, "knobs")):
+        with pytest.raises(ValueError, match=f"sampled with other settings \\({what}: "):
+            sample(SampleConfig(**{**_cfg(root).__dict__, **change}),
+                   loader=lambda *a: pytest.fail("loaded a model for a finished run"), log=lambda s: None)
+    assert _snapshot(root) == before
 
     # a crash after the frames and mp4 of one video but before its record: only that record is redone,
     # and its existing files are kept as they are
@@ -91,7 +99,7 @@ def test_sample_writes_vbench_layout_and_resumes_without_overwriting(tmp_path):
     # growing the run is allowed; changing what was sampled is refused
     res = sample(SampleConfig(**{**_cfg(root).__dict__, "videos_per_prompt": 3}), log=lambda s: None)
     assert res.generated == 2 and res.skipped == 2
-    with pytest.raises(ValueError, match="different settings \\(knobs, method_config\\)"):
+    with pytest.raises(ValueError, match="other settings \\(knobs: .*method_config: "):
         sample(SampleConfig(**{**_cfg(root).__dict__, "knobs": {**KNOBS, "sparsity": 0.5}, "videos_per_prompt": 4}),
                log=lambda s: None)
 
@@ -151,9 +159,17 @@ def test_cli_sample_and_fidelity(tmp_path, capsys):
     assert "generated 0 videos, 1 prompt/index pairs already finished" in capsys.readouterr().out
     assert main(["eval", "fidelity", str(out), "--lpips-backbone", str(tmp_path / "none.pth")]) == 0
     text = capsys.readouterr().out
-    assert "PSNR" in text and "LPIPS skipped, weights not present locally" in text
+    assert "PSNR" in text and text.count("LPIPS skipped, weights not present locally") == 1
+    assert "LPIPS LPIPS" not in text
     assert main(["eval", "sample", "--out", str(tmp_path / "x"), "--knob", "sparsity=3"]) == 2
     assert "Sparsity must be in" in capsys.readouterr().err
+    # argument errors: one line, before anything loads
+    for bad, msg in ((["--frames", "0"], "--frames must be >= 1"), (["--mode", "rf2", "--knob", "mode=rf1"], "disagree"),
+                     (["--knob", "sparcity=0.5"], "unknown setting"), (["--model", "/no/such/dir"], "does not exist")):
+        assert main(["eval", "sample", "--out", str(tmp_path / "y"), *bad]) == 2
+        err = capsys.readouterr().err
+        assert msg in err and err.count("\n") == 1, err
+    assert not (tmp_path / "y").exists()
 
 
 def test_reference_suite_is_the_reference_models_caption_grammar():

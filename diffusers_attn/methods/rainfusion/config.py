@@ -5,11 +5,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..._defaults import DEFAULT_MODE, DEFAULT_SPARSITY, RAINFUSION_MODES
+
 DENSE, SPATIAL, TEMPORAL, TEXTURAL = 0, 1, 2, 3
 PATTERN_NAMES = ("dense", "spatial", "temporal", "textural")
 SPARSE_PATTERNS = {"spatial": SPATIAL, "temporal": TEMPORAL, "textural": TEXTURAL}
 ARM_RULES = ("cheapest", "argmax")
-MODES = ("rf1", "rf2")
+MODES = RAINFUSION_MODES
 DENSE_HEADS = ("sdpa", "kernel")
 SKIP = 4  # table row with no key blocks: a head the same call computes elsewhere (dense heads sent to SDPA)
 RF2_FIRST_FRAME = ("sink", "dense", "none")
@@ -82,7 +84,7 @@ class RainFusionConfig:
         rf2_share_layers: ``rf2`` selects once per step (first sparse layer) and reuses those lists in every layer.
     """
 
-    sparsity: float = 0.64
+    sparsity: float = DEFAULT_SPARSITY
     dense_steps: int | float = 0.25
     dense_tail_steps: int | float = 0
     dense_layers: int = 1
@@ -105,7 +107,7 @@ class RainFusionConfig:
     dense_heads: str = "sdpa"
     token_order: str = "tiles"
     tile: tuple[int, int, int] | None = None
-    mode: str = "rf1"
+    mode: str = DEFAULT_MODE
     rf2_first_frame: str = "sink"
     rf2_reuse_steps: int = 1
     rf2_share_layers: bool = False

@@ -333,6 +333,8 @@ class RainFusionMethod:
     def _accounting(plan, patterns, recalls, valid, head_dim) -> dict[str, Any]:
         B, H = patterns.shape
         computed = total = vcomp = 0.0
+        nv2 = float(plan.layout.num_video) ** 2
+        per_pattern: dict[str, tuple[float, float]] = {}  # executed video pairs per pattern, for the stats
         for b in range(B):
             # Padding is text padding in the supported models; execution is exact either way, only the
             # accounting assumes it sits in the text tail.
@@ -342,7 +344,12 @@ class RainFusionMethod:
                 c, t = plan.pairs(int(p), padded)
                 computed += c * nh
                 total += t * nh
-                vcomp += plan.video_pairs(int(p)) * nh
-        vtot = float(plan.layout.num_video) ** 2 * B * H
+                vp = plan.video_pairs(int(p)) * nh
+                vcomp += vp
+                name = PATTERN_NAMES[int(p)]
+                pc, pt = per_pattern.get(name, (0.0, 0.0))
+                per_pattern[name] = (pc + vp * head_dim, pt + nv2 * nh * head_dim)
+        vtot = nv2 * B * H
         return dict(head_patterns=patterns, computed=computed * head_dim, total=total * head_dim,
-                    video_computed=vcomp * head_dim, video_total=vtot * head_dim, recalls=recalls)
+                    video_computed=vcomp * head_dim, video_total=vtot * head_dim, recalls=recalls,
+                    pattern_video_pairs=per_pattern)

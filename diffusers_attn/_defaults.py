@@ -1,0 +1,11 @@
+"""Defaults shared by the library and the command line, importable without torch (``diffusers-attn --help``)."""
+
+#: RainFusion's default sparsity: the share of video x video (query, key) pairs skipped
+DEFAULT_SPARSITY = 0.64
+#: RainFusion modes: per-head v1 patterns chosen by ARM, or RainFusion 2.0 block top-k
+RAINFUSION_MODES = ("rf1", "rf2")
+DEFAULT_MODE = "rf1"
+#: the built-in offline models by name (the lists live with their builders; tests keep these in step)
+VIDEO_BUILTIN_MODELS = ("ref-cogvideox", "ref-hunyuan", "tiny-cogvideox", "tiny-cogvideox-1.5", "tiny-hunyuan",
+                        "tiny-opensora")
+VAR_BUILTIN_MODELS = ("ref-var", "tiny-var")
