@@ -198,11 +198,12 @@ def test_torch_dtype_casts_without_the_diffusers_fp32_warning(tmp_path):
         pipe = VARPipeline.from_var_checkpoint(tmp_path / "vae.pth", tmp_path / "var.pth", depth=2,
                                                torch_dtype=torch.bfloat16, transformer_config=TINY_CFG,
                                                vqvae_config=TINY_VAE)
-        pipe.transformer.to(torch.float16)  # diffusers' own cast still warns: the handler does see this logger
+        assert not [r for r in records if "kept in float32" in r]  # diffusers 0.42 warned once per model
+        # the handler does see diffusers' model logger (so the check above can fail)
+        logging.getLogger("diffusers.models.modeling_utils").warning("probe kept in float32")
     finally:
         logging.getLogger("diffusers").removeHandler(handler)
-    fp32_warnings = [r for r in records if "kept in float32" in r]
-    assert len(fp32_warnings) == 1 and "VARTransformer" in fp32_warnings[0]  # only the explicit .to above
+    assert records[-1] == "probe kept in float32"
     assert {p.dtype for p in pipe.vqvae.parameters()} == {torch.bfloat16}
 
 
