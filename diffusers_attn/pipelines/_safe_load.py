@@ -45,7 +45,7 @@ def load_checkpoint_without_code(path: str | os.PathLike) -> Any:
     """``torch.load(path, weights_only=True)`` that tolerates unknown globals by loading them as placeholders."""
     if not (hasattr(torch.serialization, "get_unsafe_globals_in_checkpoint")
             and hasattr(torch.serialization, "safe_globals")):
-        raise RuntimeError("loading checkpoints with non-tensor entries needs torch >= 2.6")
+        raise RuntimeError("loading checkpoints with non-tensor entries needs torch 2.6 or later (tested: 2.13)")
     try:
         unknown = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except Exception:  # not a zip checkpoint (legacy format): let torch.load name the problem
