@@ -29,6 +29,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 
 from ..kernels.biwkv import CUMSUM_MAX_DECAY, biwkv
+from ._safe_load import load_checkpoint_without_code
 
 __all__ = ["FEATTransformer3DModel", "FEAT_PRESETS", "feat_parameter_count"]
 
@@ -311,7 +312,9 @@ class FEATTransformer3DModel(ModelMixin, ConfigMixin):
 
         ``checkpoint`` is a local path or ``"repo_id:filename"`` on the Hub (e.g. ``"WTHH031230/FEAT:FEAT_S_col.pt"``,
         needs internet). The ``.pt`` layout is unverified: ``"ema"``/``"model"``/``"state_dict"`` wrappers and a
-        ``module.`` prefix are unwrapped and Restormer ``norm*.body.`` names mapped; every key that still does not
+        ``module.`` prefix are unwrapped and Restormer ``norm*.body.`` names mapped; non-tensor entries the
+        training script stores beside the weights (its arguments) are read as inert placeholders, so no code from
+        the file runs (torch's ``weights_only`` unpickler). Every key that still does not
         match is returned (and raises with ``strict=True``). Outputs also differ from the official code on the
         spatial path, whose CUDA kernel does not compute the exact Bi-WKV.
         Returns ``(model, {"missing": [...], "unexpected": [...], "shape_mismatch": [...]})``.
@@ -321,7 +324,9 @@ class FEATTransformer3DModel(ModelMixin, ConfigMixin):
 
             repo_id, filename = checkpoint.split(":", 1)
             checkpoint = hf_hub_download(repo_id, filename)
-        sd = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        # The official train.py saves {"model", "ema", "opt", "args"}: "args" is the run's OmegaConf config, which
+        # weights_only=True refuses; load it as an inert placeholder instead of executing anything from the file.
+        sd = load_checkpoint_without_code(checkpoint)
         for key in ("ema", "model", "state_dict"):
             if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
                 sd = sd[key]
@@ -330,6 +335,8 @@ class FEATTransformer3DModel(ModelMixin, ConfigMixin):
         own = model.state_dict()
         mapped: dict[str, torch.Tensor] = {}
         for k, v in sd.items():
+            if not isinstance(v, torch.Tensor):  # e.g. a bare state dict saved with the run's args beside it
+                continue
             k = k[len("module."):] if k.startswith("module.") else k
             k = re.sub(r"\.(norm1|norm2)\.body\.", r".\1.", k)
             mapped[k] = v

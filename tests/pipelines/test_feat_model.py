@@ -183,3 +183,69 @@ def test_official_checkpoint_loader(tmp_path):
     with pytest.raises(ValueError, match="does not match"):
         FEATTransformer3DModel.from_official_checkpoint(str(tmp_path / "feat.pt"), "FEAT-S", strict=True,
                                                         hidden_size=32, num_heads=4, num_groups=2)
+
+
+class _RunInfo:
+    """Stands for any class of the training run that the loading side does not have (or must not import)."""
+
+    def __init__(self, note):
+        self.note = note
+
+
+_CALLED: list = []
+
+
+def _record_call(value):
+    _CALLED.append(value)
+    return value
+
+
+class _CallsOnLoad:
+    """Unpickling this calls ``_record_call``: a stand-in for code a checkpoint could run when loaded unsafely."""
+
+    def __reduce__(self):
+        return (_record_call, ("ran",))
+
+
+def test_official_training_checkpoint_with_args_loads_without_running_code(tmp_path):
+    """The official train.py saves {"model", "ema", "opt", "args"}; "args" (and anything else that is not a
+    tensor) must neither block the load nor execute: weights come from "ema", the rest stays inert."""
+    import argparse
+
+    src = tiny()
+    randomize_zero_inits(src)
+    ema = {"module." + k: v for k, v in src.state_dict().items()}
+    opt = torch.optim.AdamW(src.parameters(), lr=1e-4)
+    ckpt = {
+        "model": {k: torch.zeros_like(v) for k, v in ema.items()},
+        "ema": ema,
+        "opt": opt.state_dict(),
+        "args": argparse.Namespace(model="FEAT-S/2", num_frames=16, lr=1e-4),
+        "run": _RunInfo("extra"),
+        "hook": _CallsOnLoad(),
+    }
+    path = tmp_path / "0010000.pt"
+    torch.save(ckpt, path)
+    with pytest.raises(Exception, match="weights_only|Unsupported global"):
+        torch.load(path, weights_only=True)  # what the loader used to do
+    _CALLED.clear()
+    m, rep = FEATTransformer3DModel.from_official_checkpoint(str(path), "FEAT-S", hidden_size=32, num_heads=4,
+                                                             num_groups=2, strict=True)
+    assert _CALLED == [] and rep == {"missing": [], "unexpected": [], "shape_mismatch": []}
+    x = torch.randn(1, 2, 4, 8, 8)
+    assert torch.equal(m(x, torch.tensor([3])).sample, src(x, torch.tensor([3])).sample)  # ema, not "model"
+
+    from diffusers_attn.pipelines._safe_load import UnknownObject, load_checkpoint_without_code
+
+    raw = load_checkpoint_without_code(path)
+    assert _CALLED == []
+    for key in ("args", "run", "hook"):
+        assert isinstance(raw[key], UnknownObject) and not isinstance(raw[key], (argparse.Namespace, _RunInfo))
+    assert raw["args"]._pickled_name == "argparse.Namespace" and raw["args"]._state["num_frames"] == 16
+    assert raw["hook"]._pickled_name.endswith("._record_call") and raw["hook"]._args == ("ran",)
+    assert isinstance(raw["opt"]["param_groups"][0]["lr"], float)
+    # a bare state dict with the args beside it also loads (non-tensor entries are skipped)
+    torch.save({**ema, "args": argparse.Namespace(x=1)}, tmp_path / "bare.pt")
+    _, rep = FEATTransformer3DModel.from_official_checkpoint(str(tmp_path / "bare.pt"), "FEAT-S", hidden_size=32,
+                                                             num_heads=4, num_groups=2, strict=True)
+    assert not any(rep.values())

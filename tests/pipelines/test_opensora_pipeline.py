@@ -30,6 +30,26 @@ def _image(seed=0, h=40, w=56):
     return torch.rand(1, 3, h, w, generator=g)  # [0, 1] tensor image, resize-cropped by the pipeline
 
 
+def _reference_resize_crop(img: torch.Tensor, th: int, tw: int) -> torch.Tensor:
+    """Official ``resize_crop`` on a [1, 3, H, W] tensor in [0, 1] saved as 8-bit RGB, written from
+    https://github.com/hpcaitech/Open-Sora/blob/main/opensora/datasets/utils.py (``resize_crop_to_fill``):
+    PIL bicubic resize to cover, crop at round((s - t) / 2), ToTensor, Normalize(0.5, 0.5)."""
+    from PIL import Image
+
+    arr = (img[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    pil = Image.fromarray(arr)
+    w, h = pil.size
+    rh, rw = th / h, tw / w
+    if rh > rw:
+        sh, sw = th, round(w * rh)
+        i, j = 0, int(round((sw - tw) / 2.0))
+    else:
+        sh, sw = round(h * rw), tw
+        i, j = int(round((sh - th) / 2.0)), 0
+    out = np.array(pil.resize((sw, sh), Image.BICUBIC))[i : i + th, j : j + tw]
+    return (torch.from_numpy(out).float().div(255).permute(2, 0, 1)[None] - 0.5) / 0.5
+
+
 def test_t2v_end_to_end_output_types(spec):
     pipe = spec.pipe
     g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
@@ -83,6 +103,165 @@ def test_resolution_buckets_and_prompt_suffix():
     assert add_prompt_suffix("a cat.", 24, 4) == "a cat. 24 FPS. 4 motion score."
     with pytest.raises(ValueError, match="resolution must be one of"):
         resolution_to_size("512px", "1:1")
+    with pytest.raises(ValueError, match="aspect_ratio must be one of"):
+        resolution_to_size("256px", "7:3")
+
+
+def _official_buckets(total_pixels: int) -> dict[str, tuple[int, int]]:
+    """``get_aspect_ratios_dict(total_pixels, training=False)`` as inference calls it (via ``get_image_size``),
+    re-derived from https://github.com/hpcaitech/Open-Sora/blob/main/opensora/datasets/aspect.py: per listed
+    ratio W:H, width = floor(sqrt(P W/H) / 16) * 16, height = floor(P / width / 16) * 16; the swapped name gets
+    the swapped size and those entries override the direct ones."""
+    ld_list = ["2.39:1", "2:1", "16:9", "1.85:1", "9:16", "5:8", "3:2", "4:3", "1:1"]
+    direct, swapped = {}, {}
+    for ratio in ld_list:
+        wr, hr = map(float, ratio.split(":"))
+        width = int(math.sqrt(total_pixels * (wr / hr)) // 16) * 16
+        height = int((total_pixels / width) // 16) * 16
+        direct[ratio] = (height, width)
+        swapped[":".join(ratio.split(":")[::-1])] = (width, height)
+    direct.update(swapped)
+    return direct
+
+
+def test_aspect_ratio_buckets_match_the_official_table():
+    from diffusers_attn.pipelines.opensora.sampling import ASPECT_RATIO_BUCKETS
+
+    checked = 0
+    for res, side in (("256px", 256), ("768px", 768)):
+        official = _official_buckets(side * side)
+        assert set(ASPECT_RATIO_BUCKETS[res]) == set(official)
+        for ratio, size in official.items():
+            assert resolution_to_size(res, ratio) == size, (res, ratio)
+            checked += 1
+    assert checked == 30
+    # portrait sizes are the landscape ones swapped, not computed directly (which gives (304, 208), (1104, 528))
+    assert resolution_to_size("256px", "3:4") == (288, 224) and resolution_to_size("256px", "4:3") == (224, 288)
+    assert resolution_to_size("768px", "1:2") == (1072, 544)
+
+
+def test_prompt_suffix_keeps_an_existing_fps_like_the_official_check():
+    # official: ensure a final period, add " {fps} FPS." unless re.search(r"\d+ FPS\.$"), always add motion score
+    assert add_prompt_suffix("a cat. 24 FPS.", 24, 4) == "a cat. 24 FPS. 4 motion score."
+    assert add_prompt_suffix("a cat 30 FPS", 24, 4) == "a cat 30 FPS. 4 motion score."
+    assert add_prompt_suffix("  a cat. 16 FPS.  ", 24, "5") == "a cat. 16 FPS. 5 motion score."
+    assert add_prompt_suffix("24 FPS. a cat", 24, 4) == "24 FPS. a cat. 24 FPS. 4 motion score."
+    assert add_prompt_suffix("a cat at FPS.", 24, 4) == "a cat at FPS. 24 FPS. 4 motion score."
+
+
+def test_preprocess_image_is_the_official_bicubic_resize_crop():
+    from PIL import Image
+
+    pipe = OpenSoraPipeline  # static method
+    g = torch.Generator().manual_seed(3)
+    for h, w, th, tw in [(40, 56, 32, 48), (90, 50, 32, 48), (20, 30, 64, 80), (33, 97, 48, 32)]:
+        img = torch.rand(1, 3, h, w, generator=g)
+        ref = _reference_resize_crop(img, th, tw)
+        assert torch.equal(pipe.preprocess_image(img, th, tw), ref)
+        arr = (img[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        pil = Image.fromarray(arr)
+        assert torch.equal(pipe.preprocess_image(pil, th, tw), ref)
+        assert torch.equal(pipe.preprocess_image(pil.convert("RGBA"), th, tw), ref)  # RGB, as the official loader
+        assert torch.equal(pipe.preprocess_image(arr.astype(np.float32) / 255, th, tw), ref)
+        assert torch.equal(pipe.preprocess_image([pil, pil], th, tw), torch.cat([ref, ref]))
+    # not Lanczos: the diffusers default resample would give another image
+    lanczos = np.asarray(pil.resize((tw, round(h * tw / w)), Image.LANCZOS), dtype=np.float32)
+    bicubic = np.asarray(pil.resize((tw, round(h * tw / w)), Image.BICUBIC), dtype=np.float32)
+    assert np.abs(lanczos - bicubic).max() > 0
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        pipe.preprocess_image(img * 2 - 1, 32, 32)
+    with pytest.raises(ValueError, match="must be a PIL image"):
+        pipe.preprocess_image("photo.png", 32, 32)
+
+
+def _official_tiled_decode(vae, z, tile_px: int):
+    """The reference's ``spatial_tiled_decode`` (``opensora/models/hunyuan_vae/autoencoder_kl_causal_3d.py`` of
+    https://github.com/hpcaitech/Open-Sora): latent tiles of tile_px / 8 at stride int(tile * 0.75), blended over
+    int(tile_px * 0.25) pixels, each kept to tile_px - blend; all frames at once (no temporal tiling)."""
+    tile_lat = tile_px // 8
+    stride = int(tile_lat * 0.75)
+    blend = int(tile_px * 0.25)
+    keep = tile_px - blend
+
+    def blend_v(a, b, n):
+        n = min(a.shape[-2], b.shape[-2], n)
+        for y in range(n):
+            b[..., y, :] = a[..., -n + y, :] * (1 - y / n) + b[..., y, :] * (y / n)
+        return b
+
+    def blend_h(a, b, n):
+        n = min(a.shape[-1], b.shape[-1], n)
+        for x in range(n):
+            b[..., x] = a[..., -n + x] * (1 - x / n) + b[..., x] * (x / n)
+        return b
+
+    rows = [[vae.decoder(vae.post_quant_conv(z[..., i : i + tile_lat, j : j + tile_lat]))
+             for j in range(0, z.shape[-1], stride)] for i in range(0, z.shape[-2], stride)]
+    out_rows = []
+    for i, row in enumerate(rows):
+        parts = []
+        for j, tile in enumerate(row):
+            if i > 0:
+                tile = blend_v(rows[i - 1][j], tile, blend)
+            if j > 0:
+                tile = blend_h(row[j - 1], tile, blend)
+            parts.append(tile[..., :keep, :keep])
+        out_rows.append(torch.cat(parts, dim=-1))
+    return torch.cat(out_rows, dim=-2)
+
+
+def _official_tiled_encode_moments(vae, x, tile_px: int):
+    """The reference's ``spatial_tiled_encode`` (same file): pixel tiles at stride int(tile * 0.75), latent
+    blend int(tile / 8 * 0.25), each kept to tile / 8 - blend."""
+    tile_lat = tile_px // 8
+    stride = int(tile_px * 0.75)
+    blend = int(tile_lat * 0.25)
+    keep = tile_lat - blend
+    rows = [[vae.quant_conv(vae.encoder(x[..., i : i + tile_px, j : j + tile_px]))
+             for j in range(0, x.shape[-1], stride)] for i in range(0, x.shape[-2], stride)]
+    out_rows = []
+    for i, row in enumerate(rows):
+        parts = []
+        for j, tile in enumerate(row):
+            if i > 0:
+                tile = vae.blend_v(rows[i - 1][j], tile, blend)
+            if j > 0:
+                tile = vae.blend_h(row[j - 1], tile, blend)
+            parts.append(tile[..., :keep, :keep])
+        out_rows.append(torch.cat(parts, dim=-1))
+    return torch.cat(out_rows, dim=-2)
+
+
+def test_vae_tiling_defaults_to_the_release_config_and_matches_the_official_tiling():
+    pipe = build_tiny_opensora().pipe
+    vae = pipe.vae
+    # release config: use_spatial_tiling=True (256-px tiles, overlap 0.25), use_temporal_tiling=False
+    assert vae.use_tiling and not vae.use_framewise_decoding and not vae.use_framewise_encoding
+    assert (vae.tile_sample_min_height, vae.tile_sample_min_width) == (256, 256)
+    assert (vae.tile_sample_stride_height, vae.tile_sample_stride_width) == (192, 192)
+    # the same rule at a tile the tiny test sizes exceed: 32 px (4 latents), 5 latent frames (> diffusers' 4)
+    pipe.set_vae_tiling(tile_size=32)
+    z = torch.randn(1, 4, 5, 5, 7, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = vae.decode(z).sample
+        ref = _official_tiled_decode(vae, z.clone(), 32)
+        untiled = vae.decoder(vae.post_quant_conv(z))
+    assert got.shape == ref.shape == (1, 3, 17, 40, 56)
+    assert rel_err(got, ref) <= 1e-6
+    assert rel_err(got, untiled) > 1e-3  # tiles were really used
+    x = torch.rand(1, 3, 1, 56, 80, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        enc = vae.encode(x).latent_dist.mean
+        ref_enc = _official_tiled_encode_moments(vae, x, 32).chunk(2, dim=1)[0]
+    assert enc.shape == ref_enc.shape == (1, 4, 1, 7, 10) and rel_err(enc, ref_enc) <= 1e-6
+    # trading memory: temporal chunks (diffusers' framewise decode) and the untiled decode are both available
+    pipe.set_vae_tiling(spatial=False)
+    with torch.no_grad():
+        assert rel_err(vae.decode(z).sample, untiled) <= 1e-6
+    pipe.set_vae_tiling(spatial=False, temporal=True)
+    assert vae.use_framewise_decoding and not vae.use_tiling
+    with pytest.raises(ValueError, match="multiple of 32"):
+        pipe.set_vae_tiling(tile_size=100)
 
 
 def _manual_sampler(pipe, kw, latents, n_steps, cond=None, g_txt=7.5, g_img=3.0):
@@ -135,7 +314,7 @@ def test_i2v_head_sampler_conditioning_and_frame_overwrite(spec):
     out = pipe(**kw, **dict(SMALL, num_inference_steps=n), image=img, latents=lat0, output_type="latent",
                sample_posterior=False).frames
     # the reference latent: resize-crop to 32x48, [-1, 1], encode one frame, posterior mode, x scaling factor
-    pix = pipe.video_processor.preprocess(img, height=32, width=48, resize_mode="crop").unsqueeze(2)
+    pix = _reference_resize_crop(img, 32, 48).unsqueeze(2)
     with torch.no_grad():
         ref_lat = pipe.vae.encode(pix).latent_dist.mode() * pipe.vae.config.scaling_factor
     cond = torch.zeros(1, 5, 3, 4, 6)

@@ -182,6 +182,58 @@ def test_official_keys_load_strictly(tmp_path):
     assert img.shape == (2, 3, 6, 6) and torch.isfinite(img).all()
 
 
+def test_torch_dtype_casts_without_the_diffusers_fp32_warning(tmp_path):
+    import logging
+
+    _tiny_official_files(tmp_path)
+    records: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    handler = Keep()
+    logging.getLogger("diffusers").addHandler(handler)
+    try:
+        pipe = VARPipeline.from_var_checkpoint(tmp_path / "vae.pth", tmp_path / "var.pth", depth=2,
+                                               torch_dtype=torch.bfloat16, transformer_config=TINY_CFG,
+                                               vqvae_config=TINY_VAE)
+        assert not [r for r in records if "kept in float32" in r]  # diffusers 0.42 warned once per model
+        # the handler does see diffusers' model logger (so the check above can fail)
+        logging.getLogger("diffusers.models.modeling_utils").warning("probe kept in float32")
+    finally:
+        logging.getLogger("diffusers").removeHandler(handler)
+    assert records[-1] == "probe kept in float32"
+    assert {p.dtype for p in pipe.vqvae.parameters()} == {torch.bfloat16}
+
+
+def test_autocast_dtype_runs_the_official_mixed_precision():
+    """fp32 weights under autocast (the official demo's recipe): matmuls run in the autocast dtype, the result is
+    the sampler run inside ``torch.autocast``, and bf16-cast weights are refused for it."""
+    pipe = tiny_pipe()
+    kw = dict(top_k=30, top_p=0.95, output_type="pt", return_token_ids=True)
+    seen = []
+    hook = pipe.transformer.head.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    try:
+        amp = pipe([1, 2], generator=torch.Generator().manual_seed(0), autocast_dtype=torch.bfloat16, **kw)
+        assert set(seen) == {torch.bfloat16}
+        seen.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            manual = pipe([1, 2], generator=torch.Generator().manual_seed(0), **kw)
+        seen.clear()
+        fp32 = pipe([1, 2], generator=torch.Generator().manual_seed(0), **kw)
+        assert set(seen) == {torch.float32}
+    finally:
+        hook.remove()
+    assert all(torch.equal(x, y) for x, y in zip(amp.token_ids, manual.token_ids))
+    assert torch.equal(amp.images, manual.images) and amp.images.dtype == torch.float32
+    assert not torch.equal(amp.images, fp32.images)
+    with pytest.raises(ValueError, match="needs fp32 weights"):
+        tiny_pipe().to(torch.bfloat16)([1], autocast_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="autocast_dtype must be"):
+        pipe([1], autocast_dtype=torch.float64)
+
+
 def test_corrupted_checkpoint_errors_clearly(tmp_path):
     _, var_sd = _tiny_official_files(tmp_path)
     bad = dict(var_sd)

@@ -7,6 +7,10 @@ resolution/frame-dependent linear shift. Guidance follows the reference sampler 
 t2v; for image conditioning three branches ``[prompt + cond, negative + cond, negative + no cond]``,
 ``v = v3 + g_img (v2 - v3) + g_txt (v1 - v2)``, oscillation (from step 10, odd steps use scale 1) and temporal
 image guidance. Text encoders are optional when embeddings are passed (offline use).
+
+The VAE runs as in the release config (``configs/diffusion/inference/256px.py``): spatial tiling on (256-pixel
+tiles, a quarter overlap), temporal tiling off, for decoding and for encoding the i2v reference. Trade memory with
+:meth:`OpenSoraPipeline.set_vae_tiling`.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
+import PIL.Image
 import torch
+from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
@@ -32,6 +38,7 @@ from .sampling import (
     guided_velocity,
     oscillated_scale,
     reference_sigmas,
+    resize_crop_to_fill,
     resolution_to_size,
     shift_alpha,
 )
@@ -73,6 +80,36 @@ class OpenSoraPipeline(DiffusionPipeline):
         self.vae_scale_factor_temporal = getattr(cfg, "temporal_compression_ratio", 4) if cfg is not None else 4
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial)
         self.tokenizer_max_length = 512
+        if vae is not None and hasattr(vae, "enable_tiling") and hasattr(vae, "use_framewise_decoding"):
+            self.set_vae_tiling()  # the release config's VAE settings
+
+    # ------------------------------------------------------------------ VAE memory
+    def set_vae_tiling(self, spatial: bool = True, temporal: bool = False, tile_size: int = 256) -> None:
+        """How the VAE splits its work; the defaults are the release config's and are set on construction.
+
+        ``spatial``: encode/decode in ``tile_size``-pixel tiles (a quarter overlap, blended), as the reference's
+        ``use_spatial_tiling``; a frame no larger than one tile is processed whole. ``spatial=False`` decodes the
+        whole frame at once (more memory, no blending, so it differs slightly from the release output).
+        ``temporal``: diffusers' framewise decoding and encoding (chunks of 16 frames, stride 12; not the
+        reference's temporal tiling): the least memory, output differs from the release config. ``tile_size``
+        must be a multiple of 4x the VAE's spatial compression (32 pixels) so tiles fall on the reference's grid.
+        """
+        vae = self.vae
+        if vae is None or not (hasattr(vae, "enable_tiling") and hasattr(vae, "use_framewise_decoding")):
+            raise ValueError("set_vae_tiling needs an AutoencoderKLHunyuanVideo `vae`")
+        step = 4 * self.vae_scale_factor_spatial
+        if tile_size <= 0 or tile_size % step:
+            raise ValueError(f"tile_size must be a positive multiple of {step} pixels, got {tile_size}")
+        if spatial:
+            # diffusers' stride s and blend (tile - s) equal the reference's int(tile * 0.75) and int(tile * 0.25)
+            # in pixels and in latents when the tile is a multiple of 4x the compression.
+            stride = tile_size * 3 // 4
+            vae.enable_tiling(tile_sample_min_height=tile_size, tile_sample_min_width=tile_size,
+                              tile_sample_stride_height=stride, tile_sample_stride_width=stride)
+        else:
+            vae.use_tiling = False
+        vae.use_framewise_decoding = temporal
+        vae.use_framewise_encoding = temporal
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -204,8 +241,38 @@ class OpenSoraPipeline(DiffusionPipeline):
             raise ValueError(f"callback_on_step_end_tensor_inputs {bad} not in {self._callback_tensor_inputs}")
 
     # ------------------------------------------------------------------ conditioning
+    @staticmethod
+    def preprocess_image(image: Any, height: int, width: int) -> torch.Tensor:
+        """Conditioning image(s) -> [B, 3, height, width] in [-1, 1], as the reference's ``resize_crop`` transform.
+
+        The reference reads 8-bit RGB files: PIL images go through that exact path (bicubic scale to cover, centre
+        crop); numpy arrays [H, W, 3] / [B, H, W, 3] and tensors [3, H, W] / [B, 3, H, W] in [0, 1] are first
+        rounded to 8-bit PIL images, as saving them to a file would."""
+        items = image if isinstance(image, (list, tuple)) else [image]
+        pils: list[PIL.Image.Image] = []
+        for item in items:
+            if isinstance(item, PIL.Image.Image):
+                pils.append(item)
+                continue
+            if isinstance(item, torch.Tensor):
+                if item.ndim not in (3, 4) or item.shape[-3] != 3:
+                    raise ValueError(f"image tensors must be [3, H, W] or [B, 3, H, W], got {tuple(item.shape)}")
+                item = VaeImageProcessor.pt_to_numpy(item.detach().float().cpu().reshape(-1, *item.shape[-3:]))
+            elif isinstance(item, np.ndarray):
+                if item.ndim not in (3, 4) or item.shape[-1] != 3:
+                    raise ValueError(f"image arrays must be [H, W, 3] or [B, H, W, 3], got {item.shape}")
+                item = item.reshape(-1, *item.shape[-3:]).astype(np.float32)
+            else:
+                raise ValueError(f"image must be a PIL image, a numpy array or a tensor, got {type(item).__name__}")
+            if item.min() < 0 or item.max() > 1:
+                raise ValueError("image arrays/tensors must hold values in [0, 1]")
+            pils.extend(VaeImageProcessor.numpy_to_pil(item))
+        arrays = [np.asarray(resize_crop_to_fill(p, height, width), dtype=np.float32) / 255.0 for p in pils]
+        pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+        return (pixels - 0.5) / 0.5
+
     def _encode_image(self, image, height, width, generator, device, sample_posterior: bool) -> torch.Tensor:
-        pixels = self.video_processor.preprocess(image, height=height, width=width, resize_mode="crop")
+        pixels = self.preprocess_image(image, height, width)
         pixels = pixels.to(device=device, dtype=self.vae.dtype).unsqueeze(2)  # [B, 3, 1, H, W] in [-1, 1]
         dist = self.vae.encode(pixels).latent_dist
         lat = dist.sample(generator) if sample_posterior else dist.mode()
@@ -274,13 +341,15 @@ class OpenSoraPipeline(DiffusionPipeline):
 
         Args:
             prompt: Text prompt(s); with ``add_prompt_suffix`` it gets ``" {fps} FPS. {motion_score} motion score."``
-                as in the reference. Or pass ``prompt_embeds`` (T5 [B, L, 4096]) + ``pooled_prompt_embeds`` (CLIP
-                [B, 768]).
+                as in the reference (the FPS part only if the prompt does not already end in ``"<n> FPS."``). Or
+                pass ``prompt_embeds`` (T5 [B, L, 4096]) + ``pooled_prompt_embeds`` (CLIP [B, 768]).
             negative_prompt: Negative prompt (no suffix), default ``""``; or ``negative_*`` embeddings.
             image: Conditioning image for ``condition_type`` ``i2v_head`` (default when an image is given),
                 ``i2v_tail`` or ``i2v_loop`` (``last_image`` is the loop's last frame, default ``image``).
+            image: PIL image(s), or arrays/tensors in [0, 1]; resized as the reference does (:meth:`preprocess_image`).
             height, width: Output size, rounded up to multiples of 16; default from ``resolution`` (``256px`` or
-                ``768px``) and ``aspect_ratio`` ('W:H') as in the reference.
+                ``768px``) and ``aspect_ratio`` ('W:H', one of the reference's buckets, e.g. ``16:9``, ``9:16``,
+                ``1:1``, ``4:3``, ``3:4``, ``2.39:1``), with the reference's sizes.
             num_frames: 4k+1 frames, at most 129 (trained range).
             guidance_scale, image_guidance_scale: Text and image guidance (7.5 and 3.0).
             text_guidance_oscillation, image_guidance_oscillation: From step 10 on, odd steps use scale 1.
@@ -433,5 +502,6 @@ add_prompt_suffix_fn = add_prompt_suffix  # the call argument of the same name s
 
 __all__ = [
     "CONDITION_TYPES", "OSCILLATION_START", "RESOLUTIONS", "OpenSoraPipeline", "OpenSoraPipelineOutput",
-    "add_prompt_suffix", "oscillated_scale", "reference_sigmas", "resolution_to_size", "shift_alpha",
+    "add_prompt_suffix", "oscillated_scale", "reference_sigmas", "resize_crop_to_fill", "resolution_to_size",
+    "shift_alpha",
 ]

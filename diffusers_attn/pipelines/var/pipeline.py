@@ -3,6 +3,7 @@ repository, github.com/FoundationVision/VAR)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -98,6 +99,13 @@ class VARPipeline(DiffusionPipeline):
     Loading the released weights (``FoundationVision/var`` on the Hub)::
 
         pipe = VARPipeline.from_var_checkpoint("vae_ch160v4096z32.pth", "var_d30.pth", depth=30).to("cuda")
+        images = pipe([207, 360], autocast_dtype=torch.float16, generator=torch.Generator("cuda").manual_seed(0))
+
+    Precision: the official demo (``demo_sample.ipynb``) keeps the weights in fp32 and samples under
+    ``torch.autocast("cuda", dtype=torch.float16)`` (its comment offers bfloat16 as the faster choice), with TF32
+    matmuls allowed. fp32 weights with ``autocast_dtype=`` that dtype reproduce its computation; weights cast to
+    bf16/fp16 (``torch_dtype=``) also round the weights and the residual stream, so tokens differ from the
+    official sampler from the second scale on (fine for speed, not for comparisons with it).
     """
 
     # No model_cpu_offload_seq: the sampler calls the transformer's blocks directly (not ``forward``), which
@@ -129,6 +137,8 @@ class VARPipeline(DiffusionPipeline):
         """Build the released configuration for ``depth`` and load the official ``.pth`` files strictly.
 
         ``vqvae_config`` / ``transformer_config`` override config entries (tests use tiny synthetic files).
+        ``torch_dtype``: cast the weights (default: fp32, as released). To reproduce the official sampler keep
+        fp32 and pass ``autocast_dtype`` to the call instead (see the class docstring).
         """
         from .transformer import VAR_DEPTHS
 
@@ -149,10 +159,12 @@ class VARPipeline(DiffusionPipeline):
         load_official_state_dict(vqvae, vae_checkpoint, name(vae_checkpoint, "VQVAE"))
         load_official_state_dict(transformer, var_checkpoint, name(var_checkpoint, "VAR"))
         transformer.rebuild_derived_buffers()
-        pipe = cls(transformer=transformer.eval(), vqvae=vqvae.eval())
         if torch_dtype is not None:
-            pipe.to(torch_dtype)
-        return pipe
+            # torch's own Module.to: diffusers' ModelMixin.to warns "should be kept in float32: []" on every dtype
+            # cast, even when no module is to be kept in fp32 (there is none here).
+            torch.nn.Module.to(transformer, dtype=torch_dtype)
+            torch.nn.Module.to(vqvae, dtype=torch_dtype)
+        return cls(transformer=transformer.eval(), vqvae=vqvae.eval())
 
     def _labels(self, class_labels: Any, batch_size: int | None, generator: torch.Generator | None,
                 device: torch.device) -> torch.Tensor:
@@ -189,6 +201,7 @@ class VARPipeline(DiffusionPipeline):
         return_dict: bool = True,
         batch_size: int | None = None,
         return_token_ids: bool = False,
+        autocast_dtype: torch.dtype | None = None,
     ) -> VARPipelineOutput | tuple:
         """Sample images for ``class_labels`` (ints in [0, 1000); negative = unconditional; None draws
         ``batch_size`` labels uniformly, the generator's first draw).
@@ -197,12 +210,33 @@ class VARPipeline(DiffusionPipeline):
         applied to the logits, top-k then top-p then one multinomial per scale (plus one exponential draw per
         scale with ``more_smooth``, a visualisation option never meant for FID), KV cache across scales.
         ``output_type``: ``"pil"``, ``"np"`` (B, H, W, 3) or ``"pt"`` (B, 3, H, W), in [0, 1]; ``"latent"`` returns
-        ``f_hat``.
+        ``f_hat``. ``autocast_dtype`` (``torch.float16`` or ``torch.bfloat16``, fp32 weights only): run sampling
+        and decoding under ``torch.autocast`` in that dtype, as the official demo does (fp16 there); this is the
+        setting that reproduces the official sampler's tokens, which weights cast to bf16 do not.
         """
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type {output_type!r}: use 'pil', 'np', 'pt' or 'latent'")
         if guidance_scale < 0 or top_k < 0 or not 0 <= top_p <= 1:
             raise ValueError("need guidance_scale >= 0, top_k >= 0 and 0 <= top_p <= 1")
+        tr = self.transformer
+        device = tr.device
+        if autocast_dtype is not None:
+            if autocast_dtype not in (torch.float16, torch.bfloat16):
+                raise ValueError(f"autocast_dtype must be torch.float16 or torch.bfloat16, got {autocast_dtype}")
+            if tr.dtype != torch.float32:
+                raise ValueError(
+                    f"autocast_dtype needs fp32 weights (the official demo's setting), the model is {tr.dtype}: "
+                    "load without torch_dtype"
+                )
+            amp = torch.autocast(device.type, dtype=autocast_dtype)
+        else:
+            amp = contextlib.nullcontext()
+        with amp:
+            return self._sample(class_labels, guidance_scale, top_k, top_p, generator, more_smooth, output_type,
+                                return_dict, batch_size, return_token_ids)
+
+    def _sample(self, class_labels, guidance_scale, top_k, top_p, generator, more_smooth, output_type, return_dict,
+                batch_size, return_token_ids) -> VARPipelineOutput | tuple:
         tr, vq = self.transformer, self.vqvae
         device = tr.device
         labels = self._labels(class_labels, batch_size, generator, device)
