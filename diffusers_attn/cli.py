@@ -137,6 +137,8 @@ def rainfusion_config_from_args(args: argparse.Namespace, tiny: bool):
         block_m=args.block_m or (16 if tiny else 128),
         block_n=args.block_n or (16 if tiny else 64),
         force_pattern=args.force_pattern,
+        # 8-column frames in 1 x 2 x 8 tiles are raster order anyway; the raster windows are calibrated for them
+        token_order="raster" if tiny else "tiles",
     )
 
 

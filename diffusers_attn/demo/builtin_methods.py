@@ -46,6 +46,7 @@ def _rainfusion_config(knobs: dict[str, Any], loaded: LoadedPipeline):
         min_video_tokens=0 if loaded.tiny else 4096,
         block_m=16 if loaded.tiny else 128,
         block_n=16 if loaded.tiny else 64,
+        token_order="raster" if loaded.tiny else "tiles",  # as `compare`: tiles of 8-column frames are raster runs
     )
 
 
