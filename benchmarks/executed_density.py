@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sparsity", type=float, nargs="+", default=[0.75, 0.9])
     p.add_argument("--block-m", type=int, default=128)
     p.add_argument("--block-n", type=int, default=64)
-    p.add_argument("--token-order", default="raster", choices=["raster", "tiles"])
+    p.add_argument("--token-order", default="tiles", choices=["raster", "tiles"], help="default: the library's")
     p.add_argument("--json", default=None, help="write the environment and every report here")
     args = p.parse_args(argv)
 

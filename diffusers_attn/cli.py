@@ -338,8 +338,9 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--width", type=int, default=None, help="pixels (default: the family's)")
     p.add_argument("--sparsity", type=float, required=True, help="RainFusion sparsity in [0, 1)")
     p.add_argument("--mode", default="rf1", choices=["rf1", "rf2"], help="rf1 patterns or rf2 block top-k")
-    p.add_argument("--token-order", default="raster", choices=["raster", "tiles"],
-                   help="video token order the plan runs in (tiles: spatio-temporal tiles, see RainFusionConfig)")
+    p.add_argument("--token-order", default="tiles", choices=["raster", "tiles"],
+                   help="video token order the plan runs in (default tiles, the library default: spatio-temporal "
+                   "tiles, see RainFusionConfig; raster: the model's (t, h, w) order)")
     p.add_argument("--block-m", type=int, default=128, help="query block (default 128)")
     p.add_argument("--block-n", type=int, default=64, help="key block (default 64)")
     p.add_argument("--steps", type=int, default=50, help="denoising steps of the schedule (default 50)")
