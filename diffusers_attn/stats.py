@@ -291,7 +291,7 @@ class LayerStats:
 
 @dataclass
 class AttentionStats:
-    """What the accelerated attention computed during the last generation (see README, "Reading the stats").
+    """What the accelerated attention computed during the last generation (see docs/rainfusion.md, "Reading the stats").
 
     * ``density``: FLOP-weighted share of (query, key) pairs actually computed, over all tokens, including the
       always-dense text/first-frame region and block rounding (1.0 = dense).

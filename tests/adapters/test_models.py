@@ -159,7 +159,7 @@ def test_remove_restores_bit_identical_and_apply_twice(tiny_hunyuan):
 
 
 def test_manual_set_attn_processor_dict_form(tiny_cogvideox):
-    """The README's by-hand route: context hook + per-layer processors through set_attn_processor."""
+    """The by-hand route of docs/rainfusion.md: context hook + per-layer processors through set_attn_processor."""
     inputs = cogvideox_inputs(tiny_cogvideox)
     ref = run(tiny_cogvideox, inputs)
     ctx = attach_attention_context(tiny_cogvideox, num_inference_steps=10)

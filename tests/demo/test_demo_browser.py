@@ -1,7 +1,7 @@
 """A real headless browser (Debian chromium driven by Playwright) opens the demo page, starts a comparison and
 checks that both videos and the latency figures appear; it saves a screenshot.
 
-Set ``DIFFATTN_SCREENSHOT=docs/demo.png`` to write the screenshot there (the README's picture comes from
+Set ``DIFFATTN_SCREENSHOT=docs/demo.png`` to write the screenshot there (docs/demo.md's picture comes from
 this test); otherwise it goes to the test's temporary folder. Playwright only drives the system chromium
 (``executable_path``); it never downloads a browser.
 """
@@ -63,7 +63,7 @@ def test_browser_comparison_shows_both_videos_and_latency(browser, page_url, tmp
     try:
         page.goto(page_url, wait_until="domcontentloaded")
         page.locator("#compare-btn").wait_for(timeout=60_000)
-        if not env_var("SCREENSHOT"):  # the README picture keeps the default 16 steps
+        if not env_var("SCREENSHOT"):  # the docs/demo.md picture keeps the default 16 steps
             _set_number(page, "steps", "3")
         _set_number(page, "knob-rainfusion-arm_threshold", "0")  # every head sparse, so the plot shows patterns
         page.locator("#compare-btn").click()
