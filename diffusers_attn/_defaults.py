@@ -7,5 +7,5 @@ RAINFUSION_MODES = ("rf1", "rf2")
 DEFAULT_MODE = "rf1"
 #: the built-in offline models by name (the lists live with their builders; tests keep these in step)
 VIDEO_BUILTIN_MODELS = ("ref-cogvideox", "ref-hunyuan", "tiny-cogvideox", "tiny-cogvideox-1.5", "tiny-hunyuan",
-                        "tiny-opensora")
+                        "tiny-opensora", "tiny-wan", "tiny-wan2.2", "tiny-hunyuanvideo-1.5")
 VAR_BUILTIN_MODELS = ("ref-var", "tiny-var")
