@@ -111,6 +111,19 @@ def test_realized_density_is_within_one_block_per_row_of_the_target(spy, target)
     assert torch.allclose(torch.as_tensor(dec.density), density)
 
 
+def test_a_target_below_the_forced_part_runs_the_forced_part_and_says_so(spy):
+    layout = TokenLayout.video_first((6, 8, 8), 8)  # first frame = 4 whole key blocks: 1/6 of the video keys
+    q, k, v = _qkv(1, 2, layout.seq_len, 8, seed=0, dtype=torch.float32)
+    method, ctx = rb.RandomBlockMethod(RainFusionConfig(block_m=16, block_n=16, **SPARSE), target_density=0.1), _ctx()
+    _run(method, ctx, q, k, v, layout)
+    (idx, cnt), = spy
+    mask = lists_to_token_mask(idx, cnt, layout.seq_len, layout.seq_len, 16, 16)
+    t, _, _, _ = layout.token_coords()
+    vid = t >= 0
+    assert mask[:, :, vid][:, :, :, vid].double().mean().item() == pytest.approx(1 / 6, rel=1e-12)
+    assert "above the target 0.100" in ctx.stats.summary().info["random_blocks_target_unmet"]
+
+
 def test_seeded_draws_are_reproducible(spy):
     layout = TokenLayout.text_first((5, 8, 8), 8)
     q, k, v = _qkv(1, 2, layout.seq_len, 8, seed=0, dtype=torch.float32)

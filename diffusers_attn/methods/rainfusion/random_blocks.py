@@ -10,7 +10,8 @@ blocks carry no information about the content. Per call (the RainFusion schedule
    (non-forced) key blocks, independently per (batch, head, query block). The counts are the same for every
    head; they are set once per layout so that the expected executed video density equals ``target_density``
    (k or k + 1 blocks per row, the k + 1 rows spread over the sequence); the realized density is exact in the
-   record and within one key block per query block of the target.
+   record and within one key block per query block of the target. A target below the forced part's density runs
+   the forced part alone (the record's info says so).
 3. The draws are seeded by ``(seed, layer, step, call in step, head offset)``: reruns are reproducible and do not
    depend on the order of the calls.
 
@@ -188,7 +189,11 @@ class RandomBlockMethod(RainFusionMethod):
                     "total": float(N) * float(nk.sum()) * H * D, "video_computed": float(st[..., 1].sum()) * D,
                     "video_total": nv2 * B * H * D}
 
+        info: dict[str, Any] = {"random_blocks_target_density": self.target_density}
+        if plan.forced_density > self.target_density + 1e-12:
+            info["random_blocks_target_unmet"] = (f"forced regions cost {plan.forced_density:.3f} of the video "
+                                                  f"pairs, above the target {self.target_density:.3f}")
         record = deferred_record((stats, n_valid), finish, pattern_names=RANDOM_PATTERN_NAMES, kernel=backend,
-                                 info={"random_blocks_target_density": self.target_density})
+                                 info=info)
         record.decision = RandomBlockDecision(call.step, sel, stats, nv2, self.target_density)
         return out, record
