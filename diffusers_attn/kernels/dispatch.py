@@ -4,7 +4,7 @@ The public entry points are in :mod:`diffusers_attn.kernels` (they add the ``tor
 registers the built-in backends: ``"torch"`` (exact reference, any device), ``"triton"`` (loaded lazily; chosen
 automatically for CUDA tensors only, explicit requests also run it on CPU under ``TRITON_INTERPRET=1``) and
 ``"flex"`` (PyTorch FlexAttention, loaded lazily; automatic on CUDA where Triton cannot run a call). Every
-attention call of a fast backend passes the first-use self-check (:mod:`.selfcheck`) before it runs.
+attention and probe call of a fast backend passes the first-use self-check (:mod:`.selfcheck`) before it runs.
 """
 
 from __future__ import annotations
@@ -235,7 +235,9 @@ def probe_block_mass(
     also ``token_mass`` (B, H, P) = sum_j p_j * token_weights[j] (e.g. a 0/1 token mask), else None.
 
     Backends: ``"triton"`` (CUDA, automatic) streams the keys twice and writes only the block masses; ``"torch"``
-    materialises the scores in head chunks (CPU path and oracle). ``backend``/``DIFFATTN_KERNEL`` override.
+    materialises the scores in head chunks (CPU path and oracle). ``backend``/``DIFFATTN_KERNEL`` override. A fast
+    backend passes the first-use self-check (:mod:`.selfcheck`) per (device, dtype, head_dim, block_n), else the
+    call runs on ``"torch"``.
     """
     _check(q.dim() == 4 and k.dim() == 4, f"q, k must be 4-D (B, H, N, D); got {tuple(q.shape)}, {tuple(k.shape)}")
     B, H, P, D = q.shape
@@ -258,5 +260,6 @@ def probe_block_mass(
             f"token_weights must be (N,) = ({N},) on q's device; got {tuple(token_weights.shape)}",
         )
     name = registry.select(PROBE, (q, k, block_n), backend)
+    name = selfcheck.resolve(PROBE, name, q, k, None, block_n)
     return registry.backend_fn(PROBE, name)(q, k, block_n=block_n, key_padding_mask=key_padding_mask, scale=scale,
                                             token_weights=token_weights)

@@ -1,11 +1,15 @@
-"""First-use self-check of the fast attention kernels.
+"""First-use self-check of the fast attention and probe kernels.
 
 A kernel that has never met a user's GPU is not trusted blind: the first time a backend other than the PyTorch
 reference runs an attention operation for a given (device, dtype, head_dim, value dim, block sizes), it is run on a
 small synthetic problem with the same properties (strided views, tails, an empty row, key padding) and compared
 with the exact PyTorch reference in fp32 (milliseconds, plus the kernel's first compilation). On a mismatch or an
 exception, one error is logged with the numbers and, for the rest of the process, calls with that key fall back
-to ``"flex"`` and then to the PyTorch reference (each fallback is checked the same way). Failures are listed by
+to ``"flex"`` and then to the PyTorch reference (each fallback is checked the same way). The ARM probe
+(``probe_block_mass``, key (device, dtype, head_dim, block_n)) is checked the same way on probe rows that are not a
+multiple of a tile, a partial last key block, key padding (a straddling tail, a fully padded batch row) and 0/1
+token weights, comparing the block and token masses; it has no Flex form and falls back to the PyTorch probe
+(a wrong probe would silently make ARM pick wrong patterns). Failures are listed by
 :func:`self_check_failures` (RainFusion's records put them in the stats as ``info["kernel_self_check_failures"]``, :func:`stats_info`).
 
 ``$DIFFATTN_SELF_CHECK``: ``auto`` (default: on for CUDA tensors), ``1`` (every device) or ``0`` (off).
@@ -24,8 +28,8 @@ import torch
 from .._env import env_var
 from . import registry
 from .block_format import block_mask_to_lists, num_blocks
-from .reference import block_sparse_attention_torch
-from .registry import BLOCK_SPARSE, TABLE
+from .reference import block_sparse_attention_torch, probe_block_mass_torch
+from .registry import BLOCK_SPARSE, PROBE, TABLE
 
 __all__ = [
     "FALLBACKS",
@@ -85,29 +89,41 @@ def reset() -> None:
         _failures.clear()
 
 
-def resolve(op: str, name: str, q: torch.Tensor, v: torch.Tensor, block_m: int, block_n: int) -> str:
-    """The backend to run instead of ``name`` for ``op`` (``name`` itself unless its self-check failed)."""
-    if name == REFERENCE or op not in (BLOCK_SPARSE, TABLE) or not enabled(q.device):
+def _args(op: str, q: torch.Tensor, v: torch.Tensor, block_m: int | None, block_n: int) -> tuple:
+    """The registry's selection arguments of ``op`` (for the probe, ``v`` is ``k``)."""
+    return (q, v, block_n) if op == PROBE else (q, q, v, block_m, block_n)
+
+
+def _key(op, name, q, v, block_m, block_n) -> tuple:
+    # The probe has no values and no query blocks: its key is (device, dtype, head_dim, block_n).
+    dv = None if op == PROBE else v.shape[-1]
+    return (op, name, str(q.device), q.dtype, q.shape[-1], dv, block_m, block_n)
+
+
+def resolve(op: str, name: str, q: torch.Tensor, v: torch.Tensor, block_m: int | None, block_n: int) -> str:
+    """The backend to run instead of ``name`` for ``op`` (``name`` itself unless its self-check failed).
+
+    For ``probe_block_mass`` pass ``k`` as ``v`` and ``block_m=None``."""
+    if name == REFERENCE or op not in (BLOCK_SPARSE, TABLE, PROBE) or not enabled(q.device):
         return name
     if q.is_cuda and torch.cuda.is_current_stream_capturing():
         return name
-    key = (op, name, str(q.device), q.dtype, q.shape[-1], v.shape[-1], block_m, block_n)
+    key = _key(op, name, q, v, block_m, block_n)
     ok = _results.get(key)
     if ok is None:
         ok = _check(key, op, name, q, v, block_m, block_n)
     if ok:
         return name
     for alt in FALLBACKS:
-        runs = alt != name and registry.unavailable_reason(op, alt, (q, q, v, block_m, block_n)) is None
+        runs = alt != name and registry.unavailable_reason(op, alt, _args(op, q, v, block_m, block_n)) is None
         if runs and resolve(op, alt, q, v, block_m, block_n) == alt:
             return alt
     return REFERENCE
 
 
-def failed(op: str, name: str, q: torch.Tensor, v: torch.Tensor, block_m: int, block_n: int) -> str | None:
+def failed(op: str, name: str, q: torch.Tensor, v: torch.Tensor, block_m: int | None, block_n: int) -> str | None:
     """Why ``name`` does not run such calls because of a failed self-check (None when it has not failed)."""
-    key = (op, name, str(q.device), q.dtype, q.shape[-1], v.shape[-1], block_m, block_n)
-    if _results.get(key) is False:
+    if _results.get(_key(op, name, q, v, block_m, block_n)) is False:
         return f"the {name} kernel failed its first-use self-check on {q.device} {q.dtype} head_dim {q.shape[-1]}"
     return None
 
@@ -152,11 +168,56 @@ def _errors(op, name, device, dtype, D, Dv, block_m, block_n) -> tuple[float, fl
     return max(e[0] for e in errors), max(e[1] for e in errors)
 
 
+def _probe_problem(device, dtype, D, block_n):
+    """A small probe problem: P not a multiple of a probe tile, a partial last key block, BSHD strides, key padding
+    (a tail straddling a block, a fully padded first block, a batch row with no valid key) and 0/1 token weights."""
+    g = torch.Generator().manual_seed(1234)
+    B, H, P = 3, 2, 21
+    n_k = 3 * block_n + block_n // 2
+
+    def mk(n):  # BSHD storage viewed as BHSD, as the adapters pass it
+        return torch.randn(B, n, H, D, generator=g).to(device, dtype).transpose(1, 2)
+
+    q, k = mk(P), mk(n_k)
+    kpm = torch.ones(B, n_k, dtype=torch.bool)
+    kpm[0, :block_n] = False  # a key block with no mass
+    kpm[1, n_k - block_n // 2 - 3 :] = False  # a padded tail straddling a block
+    kpm[2] = False  # no valid key: rows of zeros, never NaN
+    tw = (torch.rand(n_k, generator=g) < 0.5).float()
+    return q, k, kpm.to(device), tw.to(device)
+
+
+def _probe_errors(name, device, dtype, D, block_n) -> tuple[float, float]:
+    """(max abs error, relative error) of probe backend ``name`` over the block and token masses, with padding and
+    token weights (default scale), and without either (another scale)."""
+    qc, kc, kpm, tw = _probe_problem(device, dtype, D, block_n)
+    fn = registry.backend_fn(PROBE, name)
+    errors = []
+    for pad, weights, scale in ((kpm, tw, None), (None, None, 0.7 / math.sqrt(D))):
+        kw = {"block_n": block_n, "key_padding_mask": pad, "scale": scale, "token_weights": weights}
+        mass, tmass = fn(qc, kc, **kw)
+        ref, ref_t = probe_block_mass_torch(qc.float(), kc.float(), **kw)
+        pairs = [(mass, ref)]
+        if weights is not None:
+            if tmass is None:
+                raise ValueError("returned no token mass for token_weights")
+            pairs.append((tmass, ref_t))
+        for got, want in pairs:
+            if got.shape != want.shape:
+                raise ValueError(f"returned shape {tuple(got.shape)}, expected {tuple(want.shape)}")
+            diff = (got.float() - want).nan_to_num(nan=math.inf)
+            errors.append((float(diff.abs().max()), float(diff.norm() / want.norm().clamp_min(1e-30))))
+    return max(e[0] for e in errors), max(e[1] for e in errors)
+
+
 def _check(key, op, name, q, v, block_m, block_n) -> bool:
-    dtype, D, Dv = q.dtype, q.shape[-1], v.shape[-1]
+    dtype, D, Dv = q.dtype, q.shape[-1], key[5]
     tol = TOLERANCE.get(dtype, 2e-3)
     try:
-        max_abs, rel = _errors(op, name, q.device, dtype, D, Dv, block_m, block_n)
+        if op == PROBE:
+            max_abs, rel = _probe_errors(name, q.device, dtype, D, block_n)
+        else:
+            max_abs, rel = _errors(op, name, q.device, dtype, D, Dv, block_m, block_n)
         ok = rel <= tol
         detail = f"max abs error {max_abs:.3g}, relative error {rel:.3g} (tolerance {tol:g})"
     except Exception as e:  # noqa: BLE001 -- a kernel that cannot run the small problem is as untrustworthy
@@ -166,7 +227,7 @@ def _check(key, op, name, q, v, block_m, block_n) -> bool:
         _results[key] = ok
     if ok:
         return True
-    args = (q, q, v, block_m, block_n)
+    args = _args(op, q, v, block_m, block_n)
     fallback = next((a for a in FALLBACKS if a != name and registry.unavailable_reason(op, a, args) is None), REFERENCE)
     record = {
         "operation": op,
@@ -184,8 +245,9 @@ def _check(key, op, name, q, v, block_m, block_n) -> bool:
     }
     with _lock:
         _failures.append(record)
+    blocks = f"block_n {block_n}" if block_m is None else f"blocks {block_m}x{block_n}"
     logger.error(
-        "diffusers-attn: the %r %s kernel FAILED its first-use self-check on %s %s head_dim %d (blocks %dx%d) "
+        "diffusers-attn: the %r %s kernel FAILED its first-use self-check on %s %s head_dim %d (%s) "
         "against the fp32 PyTorch reference: %s. Falling back to %r for the rest of this process "
         "(DIFFATTN_SELF_CHECK=0 disables the check).",
         name,
@@ -193,8 +255,7 @@ def _check(key, op, name, q, v, block_m, block_n) -> bool:
         key[2],
         record["dtype"],
         D,
-        block_m,
-        block_n,
+        blocks,
         detail,
         fallback,
     )

@@ -17,12 +17,14 @@ from diffusers_attn.kernels import (
     block_sparse_attention_table,
     block_sparse_attention_torch,
     num_blocks,
+    probe_block_mass,
+    probe_block_mass_torch,
     register_backend,
     select_backend,
     selfcheck,
     unregister_backend,
 )
-from diffusers_attn.kernels.registry import BLOCK_SPARSE, TABLE, table_from_lists
+from diffusers_attn.kernels.registry import BLOCK_SPARSE, PROBE, TABLE, available_backends, table_from_lists
 from diffusers_attn.layout import TokenLayout
 from diffusers_attn.methods.rainfusion import RainFusionConfig, RainFusionMethod
 from diffusers_attn.testing import planted_qkv
@@ -175,3 +177,153 @@ def test_failures_visible_in_rainfusion_stats(backend):
             assert [f["backend"] for f in fails] == ["wrong"] and fails[0]["fallback"] == "flex"
             assert ctx.stats.kernel_calls == {"flex": 1}
     assert np.isfinite(outs[None].numpy()).all() and rel_err(outs[None], outs["torch"]) < 2e-6
+
+
+# ----------------------------------------------------------------------------- the ARM probe (probe_block_mass)
+
+
+def _probe_ignores_padding(q, k, *, block_n, key_padding_mask=None, scale=None, token_weights=None):
+    """Deliberately wrong: softmax over every key, padded ones included (a plausible kernel bug)."""
+    return probe_block_mass_torch(q, k, block_n=block_n, scale=scale, token_weights=token_weights)
+
+
+@pytest.fixture
+def probe_backend(monkeypatch):
+    """Register a test probe backend ahead of every other one (automatic on every device); self-check on."""
+    monkeypatch.setenv("DIFFATTN_SELF_CHECK", "1")
+    selfcheck.reset()
+    names = []
+
+    def add(name, fn):
+        names.append(name)
+        register_backend(PROBE, name, fn, auto=lambda *a: True, order=-100)
+
+    yield add
+    for name in names:
+        unregister_backend(PROBE, name)
+    selfcheck.reset()
+
+
+def _probe_inputs(seed=0, B=2, H=2, P=13, n=70, D=32, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, P, H, D, generator=g).to(dtype).transpose(1, 2)  # BSHD viewed as BHSD
+    k = torch.randn(B, n, H, D, generator=g).to(dtype).transpose(1, 2)
+    kpm = torch.ones(B, n, dtype=torch.bool)
+    kpm[1, n - 20 :] = False
+    tw = (torch.rand(n, generator=g) < 0.5).float()
+    return q, k, kpm, tw
+
+
+@pytest.mark.parametrize("wrong", [_probe_ignores_padding, _raises])
+def test_wrong_probe_falls_back_logs_once_and_records(probe_backend, wrong, caplog):
+    probe_backend("wrong", wrong)
+    q, k, kpm, tw = _probe_inputs()
+    kw = {"block_n": 16, "key_padding_mask": kpm, "token_weights": tw}
+    with caplog.at_level(logging.ERROR, logger="diffusers_attn.kernels.selfcheck"):
+        mass, tmass = probe_block_mass(q, k, **kw)  # automatic: "wrong" comes first
+        mass2, tmass2 = probe_block_mass(q, k, backend="wrong", **kw)
+    ref, ref_t = probe_block_mass(q, k, backend="torch", **kw)
+    for got, want in ((mass, ref), (tmass, ref_t), (mass2, ref), (tmass2, ref_t)):
+        assert torch.equal(got, want)  # ran on the PyTorch probe, not on the wrong one
+    if wrong is _probe_ignores_padding:  # and the wrong one would have differed on these inputs
+        assert rel_err(_probe_ignores_padding(q, k, **kw)[0], ref) > 0.05
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1, [r.getMessage() for r in errors]
+    msg = errors[0].getMessage()
+    assert "'wrong' probe kernel" in msg and "self-check" in msg and "float32 head_dim 32 (block_n 16)" in msg
+    assert "'torch'" in msg
+    assert ("relative error" in msg) if wrong is _probe_ignores_padding else ("raised RuntimeError" in msg)
+    (fail,) = selfcheck.self_check_failures()
+    assert fail["operation"] == PROBE and fail["backend"] == "wrong" and fail["fallback"] == "torch"
+    assert fail["head_dim"] == 32 and fail["block_n"] == 16 and fail["block_m"] is None
+    if wrong is _probe_ignores_padding:
+        assert fail["relative_error"] > 10 * fail["tolerance"]
+    assert selfcheck.stats_info() == {"kernel_self_check_failures": [fail]}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_correct_probe_passes_once_per_key(probe_backend, dtype, caplog):
+    calls = []
+
+    def counted(q, k, **kwargs):
+        calls.append(q.dtype)
+        return probe_block_mass_torch(q.float(), k.float(), **kwargs)
+
+    probe_backend("good", counted)
+    q, k, kpm, tw = _probe_inputs(seed=1, dtype=dtype)
+    with caplog.at_level(logging.ERROR):
+        for _ in range(2):
+            mass, tmass = probe_block_mass(q, k, block_n=16, key_padding_mask=kpm, token_weights=tw)
+        assert len(calls) == 2 + 2  # the check's two runs once, then the two real calls
+        probe_block_mass(q, k, block_n=32, key_padding_mask=kpm, token_weights=tw)  # another key: checked again
+        assert len(calls) == 4 + 2 + 1
+        probe_block_mass(q[..., :16], k[..., :16], block_n=32)  # another head_dim
+        assert len(calls) == 7 + 2 + 1
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert selfcheck.self_check_failures() == [] and selfcheck.stats_info() == {}
+    ref, ref_t = probe_block_mass(q, k, block_n=16, key_padding_mask=kpm, token_weights=tw, backend="torch")
+    assert rel_err(mass, ref) < 1e-6 and rel_err(tmass, ref_t) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_probe_passes_its_own_check(probe_backend, dtype):
+    pytest.importorskip("triton")
+    if "triton" not in available_backends(PROBE):
+        pytest.skip("triton probe backend not registered")
+    q, k, kpm, tw = _probe_inputs(seed=2, dtype=dtype)
+    mass, tmass = probe_block_mass(q, k, block_n=16, key_padding_mask=kpm, token_weights=tw, backend="triton")
+    assert selfcheck.self_check_failures() == []
+    ref, ref_t = probe_block_mass(q, k, block_n=16, key_padding_mask=kpm, token_weights=tw, backend="torch")
+    assert rel_err(mass, ref) < 2e-3 and rel_err(tmass, ref_t) < 2e-3
+
+
+def test_probe_check_off(probe_backend, monkeypatch):
+    monkeypatch.setenv("DIFFATTN_SELF_CHECK", "0")
+    probe_backend("wrong", _probe_ignores_padding)
+    q, k, kpm, tw = _probe_inputs()
+    mass, _ = probe_block_mass(q, k, block_n=16, key_padding_mask=kpm, token_weights=tw)
+    ref, _ = probe_block_mass(q, k, block_n=16, key_padding_mask=kpm, token_weights=tw, backend="torch")
+    assert rel_err(mass, ref) > 0.05  # unchecked: the wrong kernel ran as requested
+    assert selfcheck.self_check_failures() == []
+
+
+def test_probe_failure_visible_in_rainfusion_stats(probe_backend, monkeypatch):
+    probe_backend("wrong", _probe_ignores_padding)
+    layout = TokenLayout.video_first((4, 6, 8), 10)
+    q, k, v = planted_qkv(layout, 1, ["spatial", "temporal", "textural", "random"], 16)
+    kpm = torch.ones(1, layout.seq_len, dtype=torch.bool)
+    kpm[:, -4:] = False  # padded text tokens: where the wrong probe differs
+    outs, recalls = {}, {}
+    for run, name in (("checked", None), ("torch", "torch"), ("unchecked", None)):
+        if run == "unchecked":
+            monkeypatch.setenv("DIFFATTN_SELF_CHECK", "0")
+        cfg = RainFusionConfig(
+            sparsity=0.75,
+            dense_steps=0,
+            dense_layers=0,
+            min_video_tokens=0,
+            block_m=16,
+            block_n=16,
+            arm_threshold=0.95,
+            kernel_backend=name,
+        )
+        ctx = AttentionContext(object())  # the method never touches the adapter
+        outs[run] = run_method(
+            RainFusionMethod(cfg),
+            q,
+            k,
+            v,
+            layout=layout,
+            key_padding_mask=kpm,
+            scale=None,
+            layer_index=0,
+            context=ctx,
+            dense_fn=lambda: pytest.fail("mixed heads are sparse"),
+        )
+        recalls[run] = torch.as_tensor(ctx.last_decisions[0].recalls)
+        if run == "checked":
+            fails = ctx.stats.info["kernel_self_check_failures"]
+            assert [(f["operation"], f["backend"], f["fallback"]) for f in fails] == [(PROBE, "wrong", "torch")]
+    assert torch.equal(recalls["checked"], recalls["torch"])  # ARM ran on the PyTorch probe
+    assert rel_err(recalls["unchecked"], recalls["torch"]) > 1e-3  # which the wrong probe would not have matched
+    assert np.isfinite(outs["checked"].numpy()).all() and rel_err(outs["checked"], outs["torch"]) < 2e-6
