@@ -108,7 +108,7 @@ class RF2Plan:
                 "rows": d["rows_pb"].to(acc)[:, None],  # (M, 1): queries per block
                 "keys_div": keys.clamp_min(1)[:, None],  # (K, 1): keys per block (no padding)
                 "log_keys": keys.log(),  # (K,)
-                "k_valid": keys.expand(B, -1),  # (B, K)
+                "k_valid": keys[:, None].expand(B, -1, -1),  # (B, K, 1)
                 "n_k_valid": keys.sum(-1, dtype=torch.float64).expand(B, H, 1),
                 "zero": torch.zeros((), dtype=acc, device=device),
                 "neg_inf": torch.full((), float("-inf"), dtype=acc, device=device),
@@ -124,9 +124,11 @@ class RF2Plan:
         return c
 
 
-def _list_keys(K: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    ar = torch.arange(K, device=device, dtype=torch.int32)
-    return ar, ar + K
+def _list_keys(K: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``arange(K)`` int32, a power of two ``top >= K`` and ``top - 1`` (0-d int32) for :func:`block_lists`."""
+    top = 1 << max(K - 1, 1).bit_length()
+    i32 = dict(device=device, dtype=torch.int32)
+    return torch.arange(K, **i32), torch.tensor(top, **i32), torch.tensor(top - 1, **i32)
 
 
 class RF2Decision:
@@ -184,12 +186,12 @@ def select_blocks(
     mask, ``kept`` (B, H) the estimated attention mass it keeps over video queries, ``k_valid`` (B, K) the valid keys
     per key block. Runs on the device, no host synchronisation."""
     sel, stats, k_valid = _select(q, k, plan, key_padding_mask, scale)
-    return sel, stats[..., 2], k_valid
+    return sel, stats[..., 2], k_valid[..., 0]
 
 
 @torch.no_grad()
 def _select(q: torch.Tensor, k: torch.Tensor, plan: RF2Plan, kpm: torch.Tensor | None, scale: float | None):
-    """``(sel (B, H, M, K) bool, stats (B, H, 4) fp64, k_valid (B, K))``, stats as in :class:`_CacheEntry`.
+    """``(sel (B, H, M, K) bool, stats (B, H, 4) fp64, k_valid (B, K, 1))``, stats as in :class:`_CacheEntry`.
 
     Few device ops per call (issue 17 item 4): the shape-only tensors come from :meth:`RF2Plan.call_constants`.
     Every step computes the same values as the plain formulation (pooled means, logits + log(valid keys), forced
@@ -215,9 +217,9 @@ def _select(q: torch.Tensor, k: torch.Tensor, plan: RF2Plan, kpm: torch.Tensor |
         bias = kv_row.log()  # log(0) = -inf: a fully padded key block gets no mass
         has_keys = kv_row > 0
         cand, forced = d["candidates"] & has_keys, d["forced"] & has_keys  # a fully padded block is never picked
-        k_valid = kv.view(B, K)
+        k_valid = kv.view(B, K, 1)
         n_k_valid = wf.sum(2, dtype=torch.float64).expand(B, H, 1)
-        pair_keys = torch.cat([kv.view(B, K, 1).to(torch.float32), c["vkeys_col"]], -1)
+        pair_keys = torch.cat([k_valid.to(torch.float32), c["vkeys_col"]], -1)
     qk = torch.bmm(q_hat.view(B * H, M, D), k_hat.view(B * H, K, D).transpose(1, 2)).view(B, H, M, K)
     logits = qk * scale + bias
     if plan.blocks_per_row:
@@ -237,18 +239,18 @@ def _select(q: torch.Tensor, k: torch.Tensor, plan: RF2Plan, kpm: torch.Tensor |
 
 
 def block_lists(sel: torch.Tensor, k_max: int,
-                keys: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                keys: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A block mask (..., M, K) as kernel lists ``(kv_indices int32 (..., M, k_max), kv_counts int32 (..., M))``.
 
     Like :func:`diffusers_attn.kernels.block_mask_to_lists`, but ``k_max`` (an upper bound of the row counts) comes
-    from the caller, so nothing is read back to the host. ``keys``: ``(arange(K), arange(K) + K)`` int32 on the
-    device, when the caller caches them. Padding slots repeat the row's last listed block (0 for an empty row)."""
+    from the caller, so nothing is read back to the host. ``keys``: :func:`_list_keys` on the device, when the
+    caller caches them. Padding slots repeat the row's last listed block (0 for an empty row)."""
     K = sel.shape[-1]
-    ar, ar_k = _list_keys(K, sel.device) if keys is None else keys
-    key = torch.where(sel, ar, ar_k)  # selected blocks first, ascending
+    ar, top, low = _list_keys(K, sel.device) if keys is None else keys
+    key = torch.where(sel, ar, top)  # selected blocks first, ascending; then `top` (a power of two >= K)
     key = key.topk(k_max, dim=-1, largest=False, sorted=True).values if k_max < K else key.sort(dim=-1).values
-    # unselected slots -> 0, then the running maximum carries the last selected block into them
-    idx = key.masked_fill(key >= K, 0).cummax(-1).values
+    # unselected slots -> 0 (top & (top - 1) == 0), then the running maximum carries the last selected block there
+    idx = key.bitwise_and(low).cummax(-1).values
     return idx, sel.sum(-1, dtype=torch.int32)
 
 
