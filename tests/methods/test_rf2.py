@@ -387,3 +387,30 @@ def test_selection_is_bit_identical_to_the_plain_formulation(dtype, ties, first_
         assert (lo[..., free] >= hi[..., free]).all()
         n_fin = torch.isfinite(cand).sum(-1).clamp(max=plan.blocks_per_row)
         assert torch.equal(picked.sum(-1)[..., free], n_fin[..., free])
+
+
+def test_padding_constants_follow_the_mask():
+    """The padding-derived tensors are reused for the same mask and rebuilt when it changes (in place or new)."""
+    layout, bm, bn = TokenLayout.video_first((4, 6, 8), 24), 16, 8
+    B, H, N = 2, 3, layout.seq_len
+    q, k, _ = _qkv(B, H, N, 16, seed=11)
+    plan = rf2.RF2Plan(layout, bm, bn, 0.7, "sink")
+    kpm = torch.ones(B, N, dtype=torch.bool)
+    kpm[1, N - 9 :] = False
+    masks = []
+    for edit in (None, None, "in_place", "new", "inference"):
+        if edit == "in_place":
+            kpm[0, N - 30 :] = False  # two more key blocks fully padded in batch 0
+        elif edit == "new":
+            kpm = torch.ones(B, N, dtype=torch.bool)
+            kpm[:, N - 17 :] = False
+        elif edit == "inference":
+            with torch.inference_mode():
+                kpm = kpm.clone()
+                kpm[1, : N // 2] = False
+        sel, stats, _ = rf2._select(q, k, plan, kpm, None)
+        sel_ref, _, _, stats_ref, _, _ = _plain_select(q, k, plan, kpm)
+        assert torch.equal(sel, sel_ref) and torch.equal(stats, stats_ref), edit
+        masks.append(sel)
+    assert torch.equal(masks[0], masks[1]) and not torch.equal(masks[1], masks[2])
+    assert not torch.equal(masks[2], masks[3]) and not torch.equal(masks[3], masks[4])

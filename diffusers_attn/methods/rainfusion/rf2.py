@@ -127,7 +127,7 @@ class RF2Plan:
 def _list_keys(K: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``arange(K)`` int32, a power of two ``top >= K`` and ``top - 1`` (0-d int32) for :func:`block_lists`."""
     top = 1 << max(K - 1, 1).bit_length()
-    i32 = dict(device=device, dtype=torch.int32)
+    i32 = {"device": device, "dtype": torch.int32}
     return torch.arange(K, **i32), torch.tensor(top, **i32), torch.tensor(top - 1, **i32)
 
 
@@ -196,7 +196,7 @@ def _select(q: torch.Tensor, k: torch.Tensor, plan: RF2Plan, kpm: torch.Tensor |
     Few device ops per call (issue 17 item 4): the shape-only tensors come from :meth:`RF2Plan.call_constants`.
     Every step computes the same values as the plain formulation (pooled means, logits + log(valid keys), forced
     regions, top-k of the rest, exact pair counts), in the same dtypes."""
-    B, H, N, D = q.shape
+    B, H, _, D = q.shape
     M, K = plan.num_m, plan.num_k
     scale = D**-0.5 if scale is None else float(scale)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -208,18 +208,10 @@ def _select(q: torch.Tensor, k: torch.Tensor, plan: RF2Plan, kpm: torch.Tensor |
         bias, k_valid, n_k_valid = c["log_keys"], c["k_valid"], c["n_k_valid"]
         cand, forced, pair_keys = d["candidates"], d["forced"], c["pair_keys"]
     else:
-        w = kpm.view(B, 1, N, 1)
-        wf = w.to(acc)
-        # valid keys per key block, (B, 1, K, 1): integer counts, exact in any summation order
-        kv = c["no_keys"].index_add(2, c["key_block"], wf)
-        k_hat = _block_sums(k * w, plan.block_n, acc) / kv.clamp_min(1)
-        kv_row = kv.transpose(2, 3)  # (B, 1, 1, K)
-        bias = kv_row.log()  # log(0) = -inf: a fully padded key block gets no mass
-        has_keys = kv_row > 0
-        cand, forced = d["candidates"] & has_keys, d["forced"] & has_keys  # a fully padded block is never picked
-        k_valid = kv.view(B, K, 1)
-        n_k_valid = wf.sum(2, dtype=torch.float64).expand(B, H, 1)
-        pair_keys = torch.cat([k_valid.to(torch.float32), c["vkeys_col"]], -1)
+        p = _padding_constants(c, d, kpm, B, H, acc)
+        k_hat = _block_sums(k * p["w"], plan.block_n, acc) / p["keys_div"]
+        bias, k_valid, n_k_valid = p["bias"], p["k_valid"], p["n_k_valid"]
+        cand, forced, pair_keys = p["cand"], p["forced"], p["pair_keys"]
     qk = torch.bmm(q_hat.view(B * H, M, D), k_hat.view(B * H, K, D).transpose(1, 2)).view(B, H, M, K)
     logits = qk * scale + bias
     if plan.blocks_per_row:
@@ -236,6 +228,37 @@ def _select(q: torch.Tensor, k: torch.Tensor, plan: RF2Plan, kpm: torch.Tensor |
     pairs = (rows * c["pair_rows"]).sum(2)  # (B, H, 2) fp64: computed pairs, video pairs
     stats = torch.cat([pairs, kept.view(B, H, 1), n_k_valid], dim=-1)
     return sel, stats, k_valid
+
+
+def _padding_constants(c: dict[str, Any], d: dict[str, torch.Tensor], kpm: torch.Tensor, B: int, H: int,
+                       acc: torch.dtype) -> dict[str, torch.Tensor]:
+    """What the key padding mask ``kpm`` (B, N) changes in a selection call. Every layer of a forward gets the same
+    mask: the result is reused while the mask's memory and version are unchanged (the cached reference keeps the
+    memory from being reused by another tensor; an inference tensor has no version counter, so it is not cached)."""
+    fp = None if kpm.is_inference() else (kpm.data_ptr(), tuple(kpm.shape), kpm.stride(), kpm._version)
+    hit = c.get("_padding")
+    if fp is not None and hit is not None and hit[1] == fp:
+        return hit[2]
+    w = kpm.view(B, 1, -1, 1)
+    wf = w.to(acc)
+    # valid keys per key block, (B, 1, K, 1): integer counts, exact in any summation order
+    kv = c["no_keys"].index_add(2, c["key_block"], wf)
+    kv_row = kv.transpose(2, 3)  # (B, 1, 1, K)
+    has_keys = kv_row > 0
+    k_valid = kv.view(B, -1, 1)
+    p = {
+        "w": w,
+        "keys_div": kv.clamp_min(1),
+        "bias": kv_row.log(),  # log(0) = -inf: a fully padded key block gets no mass
+        "cand": d["candidates"] & has_keys,  # a fully padded key block is never picked
+        "forced": d["forced"] & has_keys,
+        "k_valid": k_valid,
+        "n_k_valid": wf.sum(2, dtype=torch.float64).expand(B, H, 1),
+        "pair_keys": torch.cat([k_valid.to(torch.float32), c["vkeys_col"]], -1),
+    }
+    if fp is not None:
+        c["_padding"] = (kpm, fp, p)
+    return p
 
 
 def block_lists(sel: torch.Tensor, k_max: int,
