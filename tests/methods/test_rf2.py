@@ -360,7 +360,7 @@ def test_selection_is_bit_identical_to_the_plain_formulation(dtype, ties, first_
         q, k = q.round().clamp(-1, 1) * 0.5, k.round().clamp(-1, 1)
     # q as the usual (B, N, H, D) -> (B, H, N, D) transposed view: the pooling must not assume a layout
     q = q.to(dtype).transpose(1, 2).contiguous().transpose(1, 2)
-    k = k.to(dtype)
+    k = torch.cat([k, k], dim=-1).to(dtype)[..., D:]  # a view with a storage offset, as from a fused qkv
     kpm = None
     if pad:
         kpm = torch.ones(B, N, dtype=torch.bool)
