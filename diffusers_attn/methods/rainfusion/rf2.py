@@ -127,8 +127,8 @@ class RF2Plan:
 def _list_keys(K: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``arange(K)`` int32, a power of two ``top >= K`` and ``top - 1`` (0-d int32) for :func:`block_lists`."""
     top = 1 << max(K - 1, 1).bit_length()
-    i32 = {"device": device, "dtype": torch.int32}
-    return torch.arange(K, **i32), torch.tensor(top, **i32), torch.tensor(top - 1, **i32)
+    i32 = {"device": device, "dtype": torch.int32}  # torch.full, not torch.tensor: no host-to-device copy (a sync)
+    return torch.arange(K, **i32), torch.full((), top, **i32), torch.full((), top - 1, **i32)
 
 
 class RF2Decision:
