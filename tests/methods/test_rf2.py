@@ -289,3 +289,128 @@ def test_tiny_model_sparsity0_is_bit_identical(family, tiny_cogvideox, tiny_huny
         assert torch.equal(model(**inputs).sample, ref)
     stats = get_attention_stats(model, log=False)
     assert stats.dense_fallbacks == {"sparsity=0": stats.calls} and stats.calls > 0
+
+
+# --------------------------------------------------------------------------- the lean selection equals the plain one
+def _plain_sums(x, block, weight=None):
+    """Block sums: the full blocks as one (..., nb, block, D) view, then the short last block."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    N = x.shape[2]
+    full = N // block
+    parts = []
+    for a, e, nb in ([(0, full * block, full)] if full else []) + ([(full * block, N, 1)] if N % block else []):
+        xs = x[:, :, a:e].unflatten(2, (nb, (e - a) // nb))
+        if weight is not None:
+            xs = xs * weight[:, None, a:e, None].to(x.dtype).unflatten(2, (nb, (e - a) // nb))
+        parts.append(xs.sum(3, dtype=acc))
+    return torch.cat(parts, dim=2)
+
+
+def _plain_select(q, k, plan, kpm):
+    """rf2's selection written plainly (one op per step, no cached constants): lists, counts and stats."""
+    d = plan.on(q.device)
+    B, H, _, D = q.shape
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    q_hat = _plain_sums(q, plan.block_m) / d["rows_pb"].to(acc)[:, None]
+    if kpm is None:
+        k_valid = d["keys_pb"].to(acc).expand(B, -1)
+        k_sum = _plain_sums(k, plan.block_n)
+    else:
+        k_valid = _plain_sums(kpm[:, None, :, None].to(acc), plan.block_n)[:, 0, :, 0]
+        k_sum = _plain_sums(k, plan.block_n, kpm)
+    k_hat = k_sum / k_valid.clamp_min(1)[:, None, :, None]
+    logits = (q_hat @ k_hat.transpose(-1, -2)) * D**-0.5 + k_valid.log()[:, None, None, :]
+    has_keys = (k_valid > 0)[:, None, None, :]
+    sel = (d["forced"] & has_keys).expand(B, H, -1, -1)
+    if plan.blocks_per_row:
+        cand = logits.masked_fill(~(d["candidates"] & has_keys), float("-inf"))
+        vals, idx = cand.topk(plan.blocks_per_row, dim=-1)
+        sel = sel | torch.zeros(cand.shape, dtype=torch.bool).scatter_(-1, idx, torch.isfinite(vals))
+    kept = torch.where(sel, logits.softmax(-1), 0).sum(-1).to(torch.float64) @ d["vrows_pb"] / plan.layout.num_video
+    s = sel.to(torch.float32)
+    keys = torch.einsum("bhmk,bk->bhm", s, k_valid.to(torch.float32)).to(torch.float64) @ d["rows_pb"]
+    vkeys = (s @ d["vkeys_pb"].to(torch.float32)).to(torch.float64) @ d["vrows_pb"]
+    n_k = k_valid.sum(-1, dtype=torch.float64)[:, None].expand(B, H)
+    stats = torch.stack([keys, vkeys, kept, n_k], dim=-1)
+    # kernel lists: selected blocks ascending, padding repeats the last one (0 for an empty row)
+    K, cnt = sel.shape[-1], sel.sum(-1)
+    idx = torch.zeros(*sel.shape[:-1], plan.k_max, dtype=torch.int32)
+    for pos in np.ndindex(*sel.shape[:-1]):
+        listed = torch.nonzero(sel[pos]).flatten()
+        row = torch.cat([listed, listed[-1:].expand(plan.k_max - len(listed))]) if len(listed) else idx[pos]
+        idx[pos] = row.to(torch.int32)
+    assert int(cnt.max()) <= plan.k_max <= K
+    return sel, idx, cnt.to(torch.int32), stats, logits, cand if plan.blocks_per_row else None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("first_frame,sparsity", [("sink", 0.6), ("none", 0.9), ("dense", 0.5), ("sink", 0.99)])
+@pytest.mark.parametrize("layout,bm,bn,pad", [
+    (TokenLayout.text_first((5, 7, 9), 11), 16, 8, 0),  # no block size divides N = 326
+    (TokenLayout.video_first((6, 6, 10), 13), 24, 16, 1),  # padded text keys in batch 1
+    (TokenLayout.video_first((4, 6, 8), 24), 16, 8, 2),  # fully padded key blocks in batch 0
+    (TokenLayout.text_first((4, 8, 8), 64), 64, 64, 0),  # N a multiple of both block sizes
+])
+def test_selection_is_bit_identical_to_the_plain_formulation(dtype, ties, first_frame, sparsity, layout, bm, bn, pad):
+    B, H, D, N = 2, 3, 16, layout.seq_len
+    g = torch.Generator().manual_seed(bm * 7 + bn + pad)
+    q, k = (torch.randn(B, H, N, D, generator=g, dtype=torch.float64) for _ in range(2))
+    if ties:  # few distinct values: many equal block scores, so top-k must break ties the same way
+        q, k = q.round().clamp(-1, 1) * 0.5, k.round().clamp(-1, 1)
+    # q as the usual (B, N, H, D) -> (B, H, N, D) transposed view: the pooling must not assume a layout
+    q = q.to(dtype).transpose(1, 2).contiguous().transpose(1, 2)
+    k = torch.cat([k, k], dim=-1).to(dtype)[..., D:]  # a view with a storage offset, as from a fused qkv
+    kpm = None
+    if pad:
+        kpm = torch.ones(B, N, dtype=torch.bool)
+        kpm[1, N - 9 :] = False
+        if pad == 2:
+            kpm[0, N - 3 * bn - 5 :] = False
+    plan = rf2.RF2Plan(layout, bm, bn, sparsity, first_frame)
+    sel_ref, idx_ref, cnt_ref, stats_ref, logits, cand = _plain_select(q, k, plan, kpm)
+    sel, stats, _ = rf2._select(q, k, plan, kpm, None)
+    idx, cnt = rf2.block_lists(sel, plan.k_max, plan.call_constants(q.device, B, H, logits.dtype)["list_keys"])
+    assert torch.equal(sel, sel_ref)
+    assert idx.dtype == cnt.dtype == torch.int32
+    assert torch.equal(idx, idx_ref) and torch.equal(cnt, cnt_ref)
+    assert stats.dtype == torch.float64 and torch.equal(stats, stats_ref)
+    assert torch.equal(rf2.block_lists(sel, plan.k_max)[0], idx)  # the uncached keys give the same lists
+    if kpm is not None:  # a fully padded key block is never listed
+        empty = _plain_sums(kpm[:, None, :, None].float(), bn)[:, 0, :, 0] == 0
+        assert (empty.any() or pad != 2) and not (sel & empty[:, None, None, :]).any()
+    if cand is not None:  # the rule itself: per free row, each picked score >= each unpicked candidate score
+        free = ~plan.on(q.device)["forced"].all(-1)
+        picked = sel & ~plan.on(q.device)["forced"]
+        lo = torch.where(picked, cand, float("inf")).amin(-1)
+        hi = torch.where(~picked & torch.isfinite(cand), cand, float("-inf")).amax(-1)
+        assert (lo[..., free] >= hi[..., free]).all()
+        n_fin = torch.isfinite(cand).sum(-1).clamp(max=plan.blocks_per_row)
+        assert torch.equal(picked.sum(-1)[..., free], n_fin[..., free])
+
+
+def test_padding_constants_follow_the_mask():
+    """The padding-derived tensors are reused for the same mask and rebuilt when it changes (in place or new)."""
+    layout, bm, bn = TokenLayout.video_first((4, 6, 8), 24), 16, 8
+    B, H, N = 2, 3, layout.seq_len
+    q, k, _ = _qkv(B, H, N, 16, seed=11)
+    plan = rf2.RF2Plan(layout, bm, bn, 0.7, "sink")
+    kpm = torch.ones(B, N, dtype=torch.bool)
+    kpm[1, N - 9 :] = False
+    masks = []
+    for edit in (None, None, "in_place", "new", "inference"):
+        if edit == "in_place":
+            kpm[0, N - 30 :] = False  # two more key blocks fully padded in batch 0
+        elif edit == "new":
+            kpm = torch.ones(B, N, dtype=torch.bool)
+            kpm[:, N - 17 :] = False
+        elif edit == "inference":
+            with torch.inference_mode():
+                kpm = kpm.clone()
+                kpm[1, : N // 2] = False
+        sel, stats, _ = rf2._select(q, k, plan, kpm, None)
+        sel_ref, _, _, stats_ref, _, _ = _plain_select(q, k, plan, kpm)
+        assert torch.equal(sel, sel_ref) and torch.equal(stats, stats_ref), edit
+        masks.append(sel)
+    assert torch.equal(masks[0], masks[1]) and not torch.equal(masks[1], masks[2])
+    assert not torch.equal(masks[2], masks[3]) and not torch.equal(masks[3], masks[4])

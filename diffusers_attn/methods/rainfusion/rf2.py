@@ -86,6 +86,7 @@ class RF2Plan:
         self.blocks_per_row = k
         self.k_max = max(1, K if bool(forced_rows.any()) else int(forced_cols.sum()) + k)
         self._device_cache: dict[torch.device, dict[str, torch.Tensor]] = {}
+        self._call_cache: dict[tuple, dict[str, Any]] = {}
 
     def on(self, device: torch.device) -> dict[str, torch.Tensor]:
         d = self._device_cache.get(device)
@@ -93,6 +94,41 @@ class RF2Plan:
             names = ("forced", "candidates", "rows_pb", "vrows_pb", "keys_pb", "vkeys_pb")
             d = self._device_cache[device] = {n: getattr(self, n).to(device) for n in names}
         return d
+
+    def call_constants(self, device: torch.device, batch: int, heads: int, acc: torch.dtype) -> dict[str, Any]:
+        """Everything a selection call needs that depends only on the shape (cached per device, batch, heads and
+        accumulation dtype), built with the same device ops a call used to run, so the values are the same bits."""
+        key = (device, batch, heads, acc)
+        c = self._call_cache.get(key)
+        if c is None:
+            d, B, H, M, K = self.on(device), batch, heads, self.num_m, self.num_k
+            keys = d["keys_pb"].to(acc)
+            f32 = torch.float32
+            c = self._call_cache[key] = {
+                "rows": d["rows_pb"].to(acc)[:, None],  # (M, 1): queries per block
+                "keys_div": keys.clamp_min(1)[:, None],  # (K, 1): keys per block (no padding)
+                "log_keys": keys.log(),  # (K,)
+                "k_valid": keys[:, None].expand(B, -1, -1),  # (B, K, 1)
+                "n_k_valid": keys.sum(-1, dtype=torch.float64).expand(B, H, 1),
+                "zero": torch.zeros((), dtype=acc, device=device),
+                "neg_inf": torch.full((), float("-inf"), dtype=acc, device=device),
+                "no_pick": torch.zeros((), dtype=torch.bool, device=device).expand(B, H, M, K),
+                "list_keys": _list_keys(K, device),
+                # pair counts: per key block (valid keys, video keys) in fp32, per query block (rows, video rows)
+                "pair_keys": torch.stack([d["keys_pb"], d["vkeys_pb"]], -1).to(f32).expand(B, -1, -1),
+                "vkeys_col": d["vkeys_pb"].to(f32)[:, None].expand(B, -1, -1),  # (B, K, 1)
+                "pair_rows": torch.stack([d["rows_pb"], d["vrows_pb"]], -1),  # (M, 2) fp64
+                "key_block": (torch.arange(self.n, device=device) // self.block_n),  # (N,) block of each key
+                "no_keys": torch.zeros((B, 1, K, 1), dtype=acc, device=device),
+            }
+        return c
+
+
+def _list_keys(K: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``arange(K)`` int32, a power of two ``top >= K`` and ``top - 1`` (0-d int32) for :func:`block_lists`."""
+    top = 1 << max(K - 1, 1).bit_length()
+    i32 = {"device": device, "dtype": torch.int32}  # torch.full, not torch.tensor: no host-to-device copy (a sync)
+    return torch.arange(K, **i32), torch.full((), top, **i32), torch.full((), top - 1, **i32)
 
 
 class RF2Decision:
@@ -122,19 +158,18 @@ class RF2Decision:
         return self._host()[..., 2]
 
 
-def _block_sums(x: torch.Tensor, block: int, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Sums of ``x`` (B, H, N, D) over consecutive blocks of ``block`` tokens -> (B, H, nb, D), fp32 (fp64 for fp64
-    input); ``weight`` (B, N) weights the tokens (a key padding mask). Views only, except for the weighting."""
-    N = x.shape[2]
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+def _block_sums(x: torch.Tensor, block: int, acc: torch.dtype) -> torch.Tensor:
+    """Sums of ``x`` (B, H, N, D) over consecutive blocks of ``block`` tokens (the last one may be short) ->
+    (B, H, nb, D) in ``acc``. The full blocks are one strided view of ``x`` (no copy)."""
+    B, H, N, D = x.shape
     full = N // block
-    segs = ([(0, full * block, full)] if full else []) + ([(full * block, N, 1)] if N > full * block else [])
     parts = []
-    for a, e, nb in segs:
-        xs = x[:, :, a:e].unflatten(2, (nb, (e - a) // nb))  # (B, H, nb, L, D)
-        if weight is not None:
-            xs = xs * weight[:, None, a:e, None].to(x.dtype).unflatten(2, (nb, (e - a) // nb))
+    if full:
+        sb, sh, sn, sd = x.stride()
+        xs = x.as_strided((B, H, full, block, D), (sb, sh, sn * block, sn, sd), x.storage_offset())
         parts.append(xs.sum(3, dtype=acc))
+    if N > full * block:
+        parts.append(x[:, :, full * block:].sum(2, keepdim=True, dtype=acc))
     return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
 
 
@@ -150,47 +185,96 @@ def select_blocks(
     """rf2 block selection of one call: ``(sel, kept, k_valid)`` with ``sel`` bool (B, H, M, K) the executed block
     mask, ``kept`` (B, H) the estimated attention mass it keeps over video queries, ``k_valid`` (B, K) the valid keys
     per key block. Runs on the device, no host synchronisation."""
-    q, k = q.detach(), k.detach()
+    sel, stats, k_valid = _select(q, k, plan, key_padding_mask, scale)
+    return sel, stats[..., 2], k_valid[..., 0]
+
+
+@torch.no_grad()
+def _select(q: torch.Tensor, k: torch.Tensor, plan: RF2Plan, kpm: torch.Tensor | None, scale: float | None):
+    """``(sel (B, H, M, K) bool, stats (B, H, 4) fp64, k_valid (B, K, 1))``, stats as in :class:`_CacheEntry`.
+
+    Few device ops per call (issue 17 item 4): the shape-only tensors come from :meth:`RF2Plan.call_constants`.
+    Every step computes the same values as the plain formulation (pooled means, logits + log(valid keys), forced
+    regions, top-k of the rest, exact pair counts), in the same dtypes."""
     B, H, _, D = q.shape
+    M, K = plan.num_m, plan.num_k
     scale = D**-0.5 if scale is None else float(scale)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    q_hat = _block_sums(q, plan.block_m) / dplan["rows_pb"].to(acc)[:, None]
-    if key_padding_mask is None:
-        k_sum = _block_sums(k, plan.block_n)
-        k_valid = dplan["keys_pb"].to(acc).expand(B, -1)
+    c = plan.call_constants(q.device, B, H, acc)
+    d = plan.on(q.device)
+    q_hat = _block_sums(q, plan.block_m, acc) / c["rows"]
+    if kpm is None:
+        k_hat = _block_sums(k, plan.block_n, acc) / c["keys_div"]
+        bias, k_valid, n_k_valid = c["log_keys"], c["k_valid"], c["n_k_valid"]
+        cand, forced, pair_keys = d["candidates"], d["forced"], c["pair_keys"]
     else:
-        k_sum = _block_sums(k, plan.block_n, key_padding_mask)
-        k_valid = _block_sums(key_padding_mask[:, None, :, None].to(acc), plan.block_n)[:, 0, :, 0]
-    k_hat = k_sum / k_valid.clamp_min(1)[:, None, :, None]
-    # log(0) = -inf: a fully padded key block gets no mass and is never picked.
-    logits = (q_hat @ k_hat.transpose(-1, -2)) * scale + k_valid.log()[:, None, None, :]
-    has_keys = (k_valid > 0)[:, None, None, :]
-    sel = (dplan["forced"] & has_keys).expand(B, H, -1, -1)
+        p = _padding_constants(c, d, kpm, B, H, acc)
+        k_hat = _block_sums(k * p["w"], plan.block_n, acc) / p["keys_div"]
+        bias, k_valid, n_k_valid = p["bias"], p["k_valid"], p["n_k_valid"]
+        cand, forced, pair_keys = p["cand"], p["forced"], p["pair_keys"]
+    qk = torch.bmm(q_hat.view(B * H, M, D), k_hat.view(B * H, K, D).transpose(1, 2)).view(B, H, M, K)
+    logits = qk * scale + bias
     if plan.blocks_per_row:
-        cand = logits.masked_fill(~(dplan["candidates"] & has_keys), float("-inf"))
-        vals, idx = cand.topk(plan.blocks_per_row, dim=-1)
-        picked = torch.zeros(cand.shape, dtype=torch.bool, device=q.device).scatter_(-1, idx, torch.isfinite(vals))
-        sel = sel | picked
-    kept = torch.where(sel, logits.softmax(-1), 0).sum(-1)  # (B, H, M)
-    kept = (kept.to(torch.float64) @ dplan["vrows_pb"]) / float(plan.layout.num_video)
-    return sel, kept, k_valid
+        vals, idx = torch.where(cand, logits, c["neg_inf"]).topk(plan.blocks_per_row, dim=-1)
+        # a -inf (or non-finite) value means the row had fewer candidates than k: nothing picked there
+        picked = torch.scatter(c["no_pick"], -1, idx, vals.abs() < float("inf"))
+        sel = picked | forced
+    else:
+        sel = forced.expand(B, H, M, K)
+    kept = torch.where(sel, logits.softmax(-1), c["zero"]).sum(-1)  # (B, H, M)
+    kept = kept.to(torch.float64).view(B * H, M).mv(d["vrows_pb"]) / float(plan.layout.num_video)
+    # exact pair counts: fp32 row sums of integers below 2^24, then fp64
+    rows = torch.bmm(sel.to(torch.float32).reshape(B, H * M, K), pair_keys).view(B, H, M, 2)
+    pairs = (rows * c["pair_rows"]).sum(2)  # (B, H, 2) fp64: computed pairs, video pairs
+    stats = torch.cat([pairs, kept.view(B, H, 1), n_k_valid], dim=-1)
+    return sel, stats, k_valid
 
 
-def block_lists(sel: torch.Tensor, k_max: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _padding_constants(c: dict[str, Any], d: dict[str, torch.Tensor], kpm: torch.Tensor, B: int, H: int,
+                       acc: torch.dtype) -> dict[str, torch.Tensor]:
+    """What the key padding mask ``kpm`` (B, N) changes in a selection call. Every layer of a forward gets the same
+    mask: the result is reused while the mask's memory and version are unchanged (the cached reference keeps the
+    memory from being reused by another tensor; an inference tensor has no version counter, so it is not cached)."""
+    fp = None if kpm.is_inference() else (kpm.data_ptr(), tuple(kpm.shape), kpm.stride(), kpm._version)
+    hit = c.get("_padding")
+    if fp is not None and hit is not None and hit[1] == fp:
+        return hit[2]
+    w = kpm.view(B, 1, -1, 1)
+    wf = w.to(acc)
+    # valid keys per key block, (B, 1, K, 1): integer counts, exact in any summation order
+    kv = c["no_keys"].index_add(2, c["key_block"], wf)
+    kv_row = kv.transpose(2, 3)  # (B, 1, 1, K)
+    has_keys = kv_row > 0
+    k_valid = kv.view(B, -1, 1)
+    p = {
+        "w": w,
+        "keys_div": kv.clamp_min(1),
+        "bias": kv_row.log(),  # log(0) = -inf: a fully padded key block gets no mass
+        "cand": d["candidates"] & has_keys,  # a fully padded key block is never picked
+        "forced": d["forced"] & has_keys,
+        "k_valid": k_valid,
+        "n_k_valid": wf.sum(2, dtype=torch.float64).expand(B, H, 1),
+        "pair_keys": torch.cat([k_valid.to(torch.float32), c["vkeys_col"]], -1),
+    }
+    if fp is not None:
+        c["_padding"] = (kpm, fp, p)
+    return p
+
+
+def block_lists(sel: torch.Tensor, k_max: int,
+                keys: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A block mask (..., M, K) as kernel lists ``(kv_indices int32 (..., M, k_max), kv_counts int32 (..., M))``.
 
     Like :func:`diffusers_attn.kernels.block_mask_to_lists`, but ``k_max`` (an upper bound of the row counts) comes
-    from the caller, so nothing is read back to the host."""
+    from the caller, so nothing is read back to the host. ``keys``: :func:`_list_keys` on the device, when the
+    caller caches them. Padding slots repeat the row's last listed block (0 for an empty row)."""
     K = sel.shape[-1]
-    ar = torch.arange(K, device=sel.device, dtype=torch.int32)
-    key = torch.where(sel, ar, ar + K)  # selected blocks first, ascending
+    ar, top, low = _list_keys(K, sel.device) if keys is None else keys
+    key = torch.where(sel, ar, top)  # selected blocks first, ascending; then `top` (a power of two >= K)
     key = key.topk(k_max, dim=-1, largest=False, sorted=True).values if k_max < K else key.sort(dim=-1).values
-    cnt = sel.sum(-1, dtype=torch.int32)
-    last = key.gather(-1, (cnt.clamp(min=1) - 1).long().unsqueeze(-1))
-    last = torch.where(cnt.unsqueeze(-1) > 0, last, torch.zeros_like(last))  # padding repeats a valid index
-    slot = torch.arange(key.shape[-1], device=sel.device)
-    idx = torch.where(slot < cnt.unsqueeze(-1), key, last)
-    return idx.to(torch.int32).contiguous(), cnt.contiguous()
+    # unselected slots -> 0 (top & (top - 1) == 0), then the running maximum carries the last selected block there
+    idx = key.bitwise_and(low).cummax(-1).values
+    return idx, sel.sum(-1, dtype=torch.int32)
 
 
 def pair_counts(sel: torch.Tensor, dplan: dict[str, torch.Tensor], k_valid: torch.Tensor) -> torch.Tensor:
@@ -262,14 +346,12 @@ class RF2Attention:
         dev = q.device
         with call.timer("plan", dev):
             plan = self.plan(layout)
-            dplan = plan.on(dev)
+            dplan = plan.call_constants(dev, B, H, torch.float64 if q.dtype == torch.float64 else torch.float32)
         entry, pending, reused = self._lookup(q, layout, key_padding_mask, call)
         if entry is None:
             with call.timer("select", dev):
-                sel, kept, k_valid = select_blocks(q, k, plan, dplan, key_padding_mask, scale)
-                lists = block_lists(sel, plan.k_max)
-                n_k_valid = k_valid.sum(-1, dtype=torch.float64)[:, None, None].expand(*kept.shape, 1)
-                stats = torch.cat([pair_counts(sel, dplan, k_valid), kept.unsqueeze(-1), n_k_valid], dim=-1)
+                sel, stats, _ = _select(q, k, plan, key_padding_mask, scale)
+                lists = block_lists(sel, plan.k_max, dplan["list_keys"])
         else:
             lists = entry.lists
         cfg = self.config
