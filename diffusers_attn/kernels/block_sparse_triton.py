@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .memo import TensorMemo
+
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 
@@ -311,25 +313,14 @@ def launch_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
-_KEY_BOUNDS_MEMO: list = []  # [(mask, key, bounds)], most recent first, at most 4 (a call may use a few masks)
+_KEY_BOUNDS_MEMO = TensorMemo(size=4)  # a call may use a few masks (the key mask, the textural gathered one)
 
 
 def key_bounds(key_padding_mask: torch.Tensor) -> torch.Tensor:
     """int32 (B, 2) per batch row of a bool (B, Nk) key mask (True = valid): the first padded key and the last
     valid key + 1 (equal when the padding is a contiguous tail, as padded text is). Computed on the mask's device,
-    no host sync. Every layer of a forward passes the same mask, so the last result is reused while the mask's
-    memory and version are unchanged (the memo holds the masks, so their memory cannot be reused meanwhile)."""
-    key = (key_padding_mask.data_ptr(), tuple(key_padding_mask.shape), key_padding_mask.stride(),
-           key_padding_mask._version, key_padding_mask.device)
-    for i, (_, k, bounds) in enumerate(_KEY_BOUNDS_MEMO):
-        if k == key:
-            if i:
-                _KEY_BOUNDS_MEMO.insert(0, _KEY_BOUNDS_MEMO.pop(i))
-            return bounds
-    bounds = _key_bounds(key_padding_mask)
-    _KEY_BOUNDS_MEMO.insert(0, (key_padding_mask, key, bounds))
-    del _KEY_BOUNDS_MEMO[4:]
-    return bounds
+    no host sync; every layer of a forward passes the same mask, so the result is reused while it is unchanged."""
+    return _KEY_BOUNDS_MEMO.get(key_padding_mask, lambda: _key_bounds(key_padding_mask))
 
 
 def _key_bounds(key_padding_mask: torch.Tensor) -> torch.Tensor:

@@ -251,3 +251,19 @@ def test_backward_through_sparse_cogvideox(force):
     assert stats.density < 1.0 and stats.pattern_histogram.get("fallback", 0) == 0
     if force == "spatial":
         assert stats.pattern_histogram["spatial"] == sum(stats.pattern_histogram.values())
+
+
+@pytest.mark.parametrize("mode", ["rf1", "rf2"])
+def test_sparse_call_with_padding_mask_under_inference_mode(mode):
+    """Under torch.inference_mode the padding mask has no version counter: nothing derived from it may be cached
+    by version (that raised), and the output equals the no_grad run."""
+    model = make_hunyuan()
+    kw = hunyuan_inputs(frames=5, size=16)
+    apply_rainfusion(model, RainFusionConfig(sparsity=0.5, mode=mode, dense_steps=0, dense_layers=0,
+                                             min_video_tokens=0, block_m=16, block_n=16, num_inference_steps=10,
+                                             arm_threshold=0.0, arm_rule="argmax"))
+    ref = run(model, kw)
+    with torch.inference_mode():
+        out = model(**kw).sample
+    assert get_attention_stats(model, log=False).video_density < 1.0
+    assert rel_err(out.clone(), ref) < 1e-6

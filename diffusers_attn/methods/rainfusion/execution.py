@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ...kernels import block_sparse_attention, block_sparse_attention_table, num_blocks
+from ...kernels.memo import TensorMemo
 from .config import DENSE, SKIP, SPATIAL, TEMPORAL, TEXTURAL
 from .plan import RainFusionPlan
 
@@ -100,16 +101,11 @@ def _textural_all_heads(cfg, q, k, v, patterns, plan, dplan, t, kpm, scale, time
 
 def _gathered_mask(dplan: dict[str, Any], kpm: torch.Tensor | None, gi: torch.Tensor) -> torch.Tensor | None:
     """``kpm`` at the gathered key columns. Every layer of a forward passes the same mask, so the gather is reused
-    while the mask's memory and version are unchanged (and the kernel's key bounds of it with it)."""
+    while the mask is unchanged (and the kernel's key bounds of it with it)."""
     if kpm is None:
         return None
-    key = (kpm.data_ptr(), tuple(kpm.shape), kpm.stride(), kpm._version, kpm.device)
-    hit = dplan.get("_gathered_mask")
-    if hit is not None and hit[1] == key:
-        return hit[2]
-    kpm_c = kpm.index_select(1, gi)
-    dplan["_gathered_mask"] = (kpm, key, kpm_c)
-    return kpm_c
+    memo = dplan.setdefault("_gathered_mask", TensorMemo())
+    return memo.get(kpm, lambda: kpm.index_select(1, gi))
 
 
 def _textural_gathered(cfg, q, k, v, tex, plan, dplan, kpm, scale, timer, out) -> None:

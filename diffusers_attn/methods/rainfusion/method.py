@@ -27,6 +27,7 @@ import torch
 
 from ...kernels import fast_kernel_unavailable, select_backend
 from ...kernels.selfcheck import stats_info as kernel_check_info
+from ...kernels.memo import TensorMemo
 from ...layout import TokenLayout
 from ..base import CallInfo, MethodRecord, deferred_record, dense_record
 from .config import (
@@ -222,17 +223,13 @@ class RainFusionMethod:
 
     def _valid_counts(self, kpm: torch.Tensor | None) -> torch.Tensor | None:
         """Valid keys per batch element on the device (None: no padding), for the stats. Every layer of a forward
-        gets the same mask: the count is reused while the mask's memory and version are unchanged (the cached
-        reference keeps the memory from being reused by another tensor)."""
+        gets the same mask: the count is reused while the mask is unchanged."""
         if kpm is None:
             return None
-        key = (kpm.data_ptr(), tuple(kpm.shape), kpm.stride(), kpm._version, kpm.device)
-        hit = self.__dict__.get("_valid_cache")
-        if hit is not None and hit[1] == key:
-            return hit[2]
-        valid = kpm.sum(-1)
-        self._valid_cache = (kpm, key, valid)
-        return valid
+        memo = self.__dict__.get("_valid_memo")
+        if memo is None:
+            memo = self._valid_memo = TensorMemo()
+        return memo.get(kpm, lambda: kpm.sum(-1))
 
     # ----------------------------------------------------------------- ARM
     def _decide(self, q, k, plan, dplan, kpm, scale, call: CallInfo):

@@ -32,6 +32,7 @@ import torch
 
 from ...kernels import block_sparse_attention, fast_kernel_unavailable, num_blocks, select_backend
 from ...kernels.selfcheck import stats_info as kernel_check_info
+from ...kernels.memo import TensorMemo
 from ...layout import TokenLayout
 from ..base import CallInfo, MethodRecord, deferred_record, dense_record, valid_key_counts
 
@@ -233,12 +234,13 @@ def _select(q: torch.Tensor, k: torch.Tensor, plan: RF2Plan, kpm: torch.Tensor |
 def _padding_constants(c: dict[str, Any], d: dict[str, torch.Tensor], kpm: torch.Tensor, B: int, H: int,
                        acc: torch.dtype) -> dict[str, torch.Tensor]:
     """What the key padding mask ``kpm`` (B, N) changes in a selection call. Every layer of a forward gets the same
-    mask: the result is reused while the mask's memory and version are unchanged (the cached reference keeps the
-    memory from being reused by another tensor; an inference tensor has no version counter, so it is not cached)."""
-    fp = None if kpm.is_inference() else (kpm.data_ptr(), tuple(kpm.shape), kpm.stride(), kpm._version)
-    hit = c.get("_padding")
-    if fp is not None and hit is not None and hit[1] == fp:
-        return hit[2]
+    mask: the result is reused while the mask is unchanged (:class:`~diffusers_attn.kernels.memo.TensorMemo`)."""
+    memo = c.setdefault("_padding", TensorMemo())
+    return memo.get(kpm, lambda: _padding_tensors(c, d, kpm, B, H, acc))
+
+
+def _padding_tensors(c: dict[str, Any], d: dict[str, torch.Tensor], kpm: torch.Tensor, B: int, H: int,
+                     acc: torch.dtype) -> dict[str, torch.Tensor]:
     w = kpm.view(B, 1, -1, 1)
     wf = w.to(acc)
     # valid keys per key block, (B, 1, K, 1): integer counts, exact in any summation order
@@ -256,8 +258,6 @@ def _padding_constants(c: dict[str, Any], d: dict[str, torch.Tensor], kpm: torch
         "n_k_valid": wf.sum(2, dtype=torch.float64).expand(B, H, 1),
         "pair_keys": torch.cat([k_valid.to(torch.float32), c["vkeys_col"]], -1),
     }
-    if fp is not None:
-        c["_padding"] = (kpm, fp, p)
     return p
 
 
