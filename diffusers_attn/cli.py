@@ -23,6 +23,7 @@ from ._defaults import (  # standard library only, as are the two below
     DEFAULT_MODE,
     DEFAULT_SPARSITY,
     RAINFUSION_MODES,
+    SMALL_GRID,
     VAR_BUILTIN_MODELS,
     VIDEO_BUILTIN_MODELS,
 )
@@ -127,18 +128,19 @@ def rainfusion_config_from_args(args: argparse.Namespace, tiny: bool):
     """``RainFusionConfig`` from :func:`add_rainfusion_args` options (validated before anything loads)."""
     from .methods.rainfusion import RainFusionConfig
 
+    kw = dict(SMALL_GRID) if tiny else {}  # else the library defaults
+    for field, value in (("min_video_tokens", args.min_video_tokens), ("block_m", args.block_m or None),
+                         ("block_n", args.block_n or None)):
+        if value is not None:
+            kw[field] = value
     return RainFusionConfig(
         sparsity=args.sparsity,
         mode=args.mode,
         dense_steps=args.dense_steps,
         dense_layers=args.dense_layers,
         arm_threshold=args.arm_threshold,
-        min_video_tokens=args.min_video_tokens if args.min_video_tokens is not None else (0 if tiny else 4096),
-        block_m=args.block_m or (16 if tiny else 128),
-        block_n=args.block_n or (16 if tiny else 64),
         force_pattern=args.force_pattern,
-        # 8-column frames in 1 x 2 x 8 tiles are raster order anyway; the raster windows are calibrated for them
-        token_order="raster" if tiny else "tiles",
+        **kw,
     )
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .._defaults import DEFAULT_MODE, DEFAULT_SPARSITY, RAINFUSION_MODES
+from .._defaults import DEFAULT_MODE, DEFAULT_SPARSITY, RAINFUSION_MODES, SMALL_GRID
 from ..adapters import get_adapter
 from ..compare import LoadedPipeline, load_var_pipeline
 from ..pipelines.tiny import TINY_MODELS, TINY_VAR_MODELS
@@ -34,8 +34,7 @@ from .methods import ApplyCall, DemoInputError, DemoMethod, Knob, register_metho
 def _rainfusion_config(knobs: dict[str, Any], loaded: LoadedPipeline):
     from ..methods.rainfusion import RainFusionConfig
 
-    # Same rule as `diffusers-attn compare`: the tiny models need small blocks and no token floor for the sparse
-    # path to run at all.
+    # Same rule as `diffusers-attn compare`: the built-in models' small grids get SMALL_GRID, others the defaults.
     return RainFusionConfig(
         sparsity=knobs["sparsity"],
         mode=knobs.get("mode", DEFAULT_MODE),
@@ -43,10 +42,7 @@ def _rainfusion_config(knobs: dict[str, Any], loaded: LoadedPipeline):
         dense_layers=knobs["dense_layers"],
         arm_threshold=knobs["arm_threshold"],
         arm_rule=knobs["arm_rule"],
-        min_video_tokens=0 if loaded.tiny else 4096,
-        block_m=16 if loaded.tiny else 128,
-        block_n=16 if loaded.tiny else 64,
-        token_order="raster" if loaded.tiny else "tiles",  # as `compare`: tiles of 8-column frames are raster runs
+        **(SMALL_GRID if loaded.tiny else {}),
     )
 
 

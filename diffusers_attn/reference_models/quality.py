@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from .._defaults import SMALL_GRID  # noqa: F401 - re-exported: the fixtures and benchmarks import it from here
 from ..eval.metrics import psnr, ssim
 from ..install import get_attention_stats, remove_attention_acceleration
 from ..pipelines.tiny import TinyPipelineSpec
@@ -29,8 +30,6 @@ QUALITY_PROMPTS = (
     "red triangle moves left over stripes",
 )
 
-#: RainFusion settings forced by the small grid (see the module docstring).
-SMALL_GRID = dict(min_video_tokens=0, block_m=16, block_n=16, token_order="raster")
 
 
 def run(spec: TinyPipelineSpec, prompt: str, seed: int = 0, **call: Any) -> np.ndarray:
