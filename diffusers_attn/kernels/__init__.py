@@ -9,7 +9,8 @@
 * ``key_padding_mask`` bool (B, Nk), True = valid key.
 * A query row that sees no valid key returns zeros (and ``lse = -inf``), never NaN.
 
-Every operation (``block_sparse_attention``, ``block_sparse_attention_table``, ``probe_block_mass``, ``biwkv``)
+Every operation (``block_sparse_attention``, ``block_sparse_attention_table``, ``probe_block_mass``, ``biwkv``,
+``block_topk_select``)
 dispatches through one registry (:mod:`.registry`): ``"torch"`` (exact PyTorch, any device), ``"triton"`` (picked
 automatically on CUDA), ``"flex"`` (PyTorch FlexAttention; automatic on CUDA where Triton cannot run a call) and
 whatever :func:`register_backend` adds. ``backend=None`` picks automatically; the environment variable
@@ -33,13 +34,16 @@ from .block_format import (
     lists_to_token_mask,
     num_blocks,
 )
+from .block_select import KeyBlocks, block_topk_select_torch, key_blocks
 from .compile_ops import block_sparse_attention_op, block_sparse_attention_table_op
 from .dispatch import (
     block_sparse_attention_eager,
     block_sparse_attention_table_eager,
+    block_topk_select,
     fast_kernel_unavailable,
     probe_block_mass,
     select_backend,
+    selection_backend,
 )
 from .reference import block_sparse_attention_torch, masked_attention_reference, probe_block_mass_torch
 from .registry import OPERATIONS, available_backends, register_backend, unregister_backend
@@ -49,6 +53,11 @@ __all__ = [
     "block_sparse_attention",
     "block_sparse_attention_table",
     "probe_block_mass",
+    "block_topk_select",
+    "KeyBlocks",
+    "key_blocks",
+    "block_topk_select_torch",
+    "selection_backend",
     "select_backend",
     "fast_kernel_unavailable",
     "available_backends",

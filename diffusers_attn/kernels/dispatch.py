@@ -14,8 +14,9 @@ import torch
 from .._env import env_flag
 from . import registry, selfcheck
 from .block_format import num_blocks
+from .block_select import KeyBlocks, block_topk_select_torch, key_blocks
 from .reference import block_sparse_attention_torch, probe_block_mass_torch
-from .registry import BLOCK_SPARSE, PROBE, TABLE
+from .registry import BLOCK_SPARSE, PROBE, SELECT, TABLE
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -51,6 +52,14 @@ def _load_triton_probe() -> None:
                               auto=_cuda_only, order=0)
 
 
+def _load_triton_select() -> None:
+    """the 'triton' backend needs the triton package (install the 'triton' extra)"""
+    from . import block_select_triton as bsel
+
+    registry.register_backend(SELECT, "triton", bsel.block_topk_select_triton, bsel.supports, auto=_cuda_only,
+                              order=0)
+
+
 def _load_flex() -> None:
     """the 'flex' backend needs torch >= 2.5 (torch.nn.attention.flex_attention)"""
     from . import flex_backend as fb
@@ -73,9 +82,11 @@ def _register_builtin() -> None:
     registry.register_backend(BLOCK_SPARSE, "torch", block_sparse_attention_torch, order=100)
     registry.register_backend(TABLE, "torch", registry.table_from_lists(block_sparse_attention_torch), order=100)
     registry.register_backend(PROBE, "torch", probe_block_mass_torch, order=100)
+    registry.register_backend(SELECT, "torch", block_topk_select_torch, order=100)
     registry.add_loader(BLOCK_SPARSE, _load_triton_block_sparse)
     registry.add_loader(TABLE, _load_triton_table)
     registry.add_loader(PROBE, _load_triton_probe)
+    registry.add_loader(SELECT, _load_triton_select)
     registry.add_loader(BLOCK_SPARSE, _load_flex)
     registry.add_loader(TABLE, _load_flex_table)
 
@@ -263,3 +274,83 @@ def probe_block_mass(
     name = selfcheck.resolve(PROBE, name, q, k, None, block_n)
     return registry.backend_fn(PROBE, name)(q, k, block_n=block_n, key_padding_mask=key_padding_mask, scale=scale,
                                             token_weights=token_weights)
+
+
+def selection_backend(q: torch.Tensor, k: torch.Tensor, block_m: int, block_n: int, backend: str | None = None) -> str:
+    """The backend ``block_topk_select`` runs for these inputs (``backend`` as there), after its self-check."""
+    name = registry.select(SELECT, (q, k, block_m, block_n), backend)
+    return selfcheck.resolve(SELECT, name, q, k, block_m, block_n)
+
+
+def _validate_select(q, k, forced, keys, row_weights, col_weights, block_m, block_n, topk, k_max) -> None:
+    """Shapes only (no device op: this runs on every layer call of a method)."""
+    _check(q.dim() == 4 and k.dim() == 4, f"q, k must be 4-D (B, H, N, D); got {tuple(q.shape)}, {tuple(k.shape)}")
+    B, H, N, D = q.shape
+    _check(k.shape[:2] == (B, H) and k.shape[3] == D, f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree")
+    _check(N > 0 and k.shape[2] > 0, "empty sequence")
+    _check(q.dtype in _FLOAT_DTYPES and q.dtype == k.dtype, f"q, k must share a float dtype; got {q.dtype}, {k.dtype}")
+    _check(isinstance(block_m, int) and isinstance(block_n, int) and block_m > 0 and block_n > 0,
+           f"block_m and block_n must be positive ints; got {block_m!r}, {block_n!r}")
+    M, K = num_blocks(N, block_m), num_blocks(k.shape[2], block_n)
+    _check(isinstance(topk, int) and topk >= 0, f"topk must be an int >= 0, got {topk!r}")
+    _check(isinstance(k_max, int) and 1 <= k_max <= K, f"k_max must be an int in [1, {K}], got {k_max!r}")
+    _check(forced.dtype in (torch.bool, torch.uint8) and tuple(forced.shape) == (M, K),
+           f"forced must be bool or uint8 (M, K) = ({M}, {K}); got {forced.dtype} {tuple(forced.shape)}")
+    c = keys.counts
+    _check(c.dim() == 2 and c.shape[0] in (1, B) and c.shape[1] == K and c.stride(1) == 1
+           and keys.bias.shape == c.shape and keys.bias.stride() == c.stride() and keys.total.shape == c.shape[:1],
+           f"keys must hold counts and bias (1 or B, K) = (1 or {B}, {K}) with unit stride over K and total "
+           f"(1 or B,); got {tuple(c.shape)}, {tuple(keys.bias.shape)}, {tuple(keys.total.shape)}")
+    _check(keys.weights is None or (keys.weights.dtype == torch.uint8 and tuple(keys.weights.shape) == (B, k.shape[2])),
+           f"keys.weights must be None or uint8 (B, Nk) = ({B}, {k.shape[2]})")
+    _check(tuple(row_weights.shape) == (M, 3) and row_weights.dtype == torch.float64 and row_weights.is_contiguous(),
+           f"row_weights must be contiguous float64 (M, 3) = ({M}, 3); got {row_weights.dtype} "
+           f"{tuple(row_weights.shape)}")
+    _check(tuple(col_weights.shape) == (K,) and col_weights.dtype == c.dtype and col_weights.is_contiguous(),
+           f"col_weights must be contiguous (K,) = ({K},) in the keys' dtype {c.dtype}; got {col_weights.dtype} "
+           f"{tuple(col_weights.shape)}")
+    devs = {t.device for t in (q, k, forced, c, keys.bias, keys.total, row_weights, col_weights)}
+    _check(len(devs) == 1, f"all tensors must be on one device; got {sorted(map(str, devs))}")
+
+
+def block_topk_select(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    forced: torch.Tensor,
+    *,
+    block_m: int,
+    block_n: int,
+    topk: int,
+    k_max: int,
+    key_padding_mask: torch.Tensor | None = None,
+    keys: KeyBlocks | None = None,
+    row_weights: torch.Tensor | None = None,
+    col_weights: torch.Tensor | None = None,
+    scale: float | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Block top-k selection: per query block, its ``forced`` key blocks plus the ``topk`` best-scoring others
+    (pooled q/k scores), as kernel lists and statistics (semantics: :mod:`diffusers_attn.kernels.block_select`).
+
+    ``q`` (B, H, Nq, D), ``k`` (B, H, Nk, D) (any strides), ``forced`` bool or uint8 (M, K) shared by every head.
+    ``keys``: :func:`~diffusers_attn.kernels.block_select.key_blocks` of ``key_padding_mask`` (built here when
+    None; pass it to reuse it across calls). ``row_weights`` (M, 3) fp64 and ``col_weights`` (K,) weight the
+    statistics (ones when None). Returns ``(kv_indices int32 (B, H, M, k_max), kv_counts int32 (B, H, M),
+    stats fp64 (B, H, 4))``. Backends: ``"triton"`` (CUDA, automatic: three launches), ``"torch"`` (reference).
+    """
+    _check(q.dim() == 4 and k.dim() == 4, f"q, k must be 4-D (B, H, N, D); got {tuple(q.shape)}, {tuple(k.shape)}")
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if keys is None:
+        if key_padding_mask is not None:
+            _check(key_padding_mask.dtype == torch.bool and tuple(key_padding_mask.shape) == (q.shape[0], k.shape[2]),
+                   f"key_padding_mask must be bool (B, Nk); got {key_padding_mask.dtype} "
+                   f"{tuple(key_padding_mask.shape)}")
+        keys = key_blocks(k.shape[2], block_n, key_padding_mask, k.device, acc)
+    if row_weights is None:
+        row_weights = torch.ones(num_blocks(q.shape[2], block_m), 3, dtype=torch.float64, device=q.device)
+    if col_weights is None:
+        col_weights = torch.ones(num_blocks(k.shape[2], block_n), dtype=keys.counts.dtype, device=q.device)
+    _validate_select(q, k, forced, keys, row_weights, col_weights, block_m, block_n, topk, k_max)
+    name = selection_backend(q, k, block_m, block_n, backend)
+    return registry.backend_fn(SELECT, name)(q, k, forced, keys, row_weights, col_weights, block_m=block_m,
+                                             block_n=block_n, topk=topk, k_max=k_max, scale=scale)

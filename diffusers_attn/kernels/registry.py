@@ -13,6 +13,9 @@ operation                           ``fn(...)``                                 
 ``probe_block_mass``                ``q, k, *, block_n, key_padding_mask,``       ``q, k, block_n``
                                     ``scale, token_weights``
 ``biwkv``                           ``k, v, w, u, *, delta, chunk``               ``k, w``
+``block_topk_select``               ``q, k, forced, keys, row_weights,``          ``q, k, block_m, block_n``
+                                    ``col_weights, *, block_m, block_n, topk,``
+                                    ``k_max, scale``
 ==================================  ============================================  ==================================
 
 A backend is ``fn`` plus ``supports`` (None when it can run a call, else the reason), ``auto`` (whether automatic
@@ -51,6 +54,7 @@ BLOCK_SPARSE = "block_sparse_attention"
 TABLE = "block_sparse_attention_table"
 PROBE = "probe_block_mass"
 BIWKV = "biwkv"
+SELECT = "block_topk_select"
 
 
 def _always(*args) -> None:
@@ -86,6 +90,7 @@ _OPS: dict[str, _Operation] = {
     # The probe has no FlexAttention form: a "flex" request (a method's kernel_backend) picks the best other one.
     PROBE: _Operation("probe", aliases={"flex": ("triton", "torch")}),
     BIWKV: _Operation("Bi-WKV", aliases={"torch": ("cumsum", "chunked")}),
+    SELECT: _Operation("block selection", aliases={"flex": ("triton", "torch")}),  # no Flex form either
 }
 #: The operations with a registry entry.
 OPERATIONS = tuple(_OPS)
