@@ -9,7 +9,11 @@ to ``"flex"`` and then to the PyTorch reference (each fallback is checked the sa
 (``probe_block_mass``, key (device, dtype, head_dim, block_n)) is checked the same way on probe rows that are not a
 multiple of a tile, a partial last key block, key padding (a straddling tail, a fully padded batch row) and 0/1
 token weights, comparing the block and token masses; it has no Flex form and falls back to the PyTorch probe
-(a wrong probe would silently make ARM pick wrong patterns). Failures are listed by
+(a wrong probe would silently make ARM pick wrong patterns). The block selection (``block_topk_select``, key
+(device, dtype, head_dim, block_m, block_n)) runs a problem on which every implementation computes the same
+scores (ternary inputs, power-of-two block tails: exact fp32 arithmetic) with tied scores, forced blocks, key
+padding (a fully padded block, a partial one) and rows with fewer candidates than ``topk``: its lists and counts
+must equal the reference's exactly, its stats within the tolerance. Failures are listed by
 :func:`self_check_failures` (RainFusion's records put them in the stats as ``info["kernel_self_check_failures"]``, :func:`stats_info`).
 
 ``$DIFFATTN_SELF_CHECK``: ``auto`` (default: on for CUDA tensors), ``1`` (every device) or ``0`` (off).
@@ -28,8 +32,9 @@ import torch
 from .._env import env_var
 from . import registry
 from .block_format import block_mask_to_lists, num_blocks
+from .block_select import block_topk_select_torch, key_blocks
 from .reference import block_sparse_attention_torch, probe_block_mass_torch
-from .registry import BLOCK_SPARSE, PROBE, TABLE
+from .registry import BLOCK_SPARSE, PROBE, SELECT, TABLE
 
 __all__ = [
     "FALLBACKS",
@@ -90,21 +95,23 @@ def reset() -> None:
 
 
 def _args(op: str, q: torch.Tensor, v: torch.Tensor, block_m: int | None, block_n: int) -> tuple:
-    """The registry's selection arguments of ``op`` (for the probe, ``v`` is ``k``)."""
+    """The registry's selection arguments of ``op`` (for the probe and the selection, ``v`` is ``k``)."""
+    if op == SELECT:
+        return (q, v, block_m, block_n)
     return (q, v, block_n) if op == PROBE else (q, q, v, block_m, block_n)
 
 
 def _key(op, name, q, v, block_m, block_n) -> tuple:
-    # The probe has no values and no query blocks: its key is (device, dtype, head_dim, block_n).
-    dv = None if op == PROBE else v.shape[-1]
+    # The probe and the selection have no values (the probe no query blocks either).
+    dv = None if op in (PROBE, SELECT) else v.shape[-1]
     return (op, name, str(q.device), q.dtype, q.shape[-1], dv, block_m, block_n)
 
 
 def resolve(op: str, name: str, q: torch.Tensor, v: torch.Tensor, block_m: int | None, block_n: int) -> str:
     """The backend to run instead of ``name`` for ``op`` (``name`` itself unless its self-check failed).
 
-    For ``probe_block_mass`` pass ``k`` as ``v`` and ``block_m=None``."""
-    if name == REFERENCE or op not in (BLOCK_SPARSE, TABLE, PROBE) or not enabled(q.device):
+    For ``probe_block_mass`` pass ``k`` as ``v`` and ``block_m=None``; for ``block_topk_select`` ``k`` as ``v``."""
+    if name == REFERENCE or op not in (BLOCK_SPARSE, TABLE, PROBE, SELECT) or not enabled(q.device):
         return name
     if q.is_cuda and torch.cuda.is_current_stream_capturing():
         return name
@@ -210,12 +217,64 @@ def _probe_errors(name, device, dtype, D, block_n) -> tuple[float, float]:
     return max(e[0] for e in errors), max(e[1] for e in errors)
 
 
+def _select_problem(device, dtype, D, block_m, block_n):
+    """A small selection problem computed exactly by any implementation: ternary q/k (block sums and dots are
+    exact in fp32), block tails of block_n // 2 keys and queries (powers of two when the block sizes are), two
+    identical key blocks (tied scores), key padding (a fully padded block, a partial tail of a power-of-two
+    count), a forced column and a forced row, integer weights."""
+    g = torch.Generator().manual_seed(1234)
+    B, H = 2, 2
+    n = 3 * block_m + block_n // 2 if block_n > 1 else 3 * block_m + 1
+
+    def mk():  # BSHD storage viewed as BHSD, as the adapters pass it
+        return torch.randint(-1, 2, (B, n, H, D), generator=g).to(dtype).transpose(1, 2)
+
+    q, k = mk(), mk()
+    K = num_blocks(n, block_n)
+    if K > 3:
+        k[:, :, 2 * block_n : 3 * block_n] = k[:, :, block_n : 2 * block_n]
+    M = num_blocks(n, block_m)
+    kpm = torch.ones(B, n, dtype=torch.bool)
+    kpm[0, block_n : 2 * block_n] = False  # a fully padded key block: never listed
+    kpm[1, n - max(1, (n - (K - 1) * block_n) // 2) :] = False  # half of the last block
+    forced = torch.zeros(M, K, dtype=torch.bool)
+    forced[:, 0] = True
+    forced[M - 1] = True
+    rw = torch.randint(1, 9, (M, 3), generator=g).double()
+    cw = torch.randint(0, 9, (K,), generator=g).float()
+    return q.to(device), k.to(device), kpm.to(device), forced.to(device), rw.to(device), cw.to(device)
+
+
+def _select_errors(name, device, dtype, D, block_m, block_n) -> tuple[float, float]:
+    """(max abs error, relative error) of selection backend ``name``'s stats, for top-k of 0, 2 and every block
+    (rows with fewer candidates); raises if its lists or counts differ from the reference's at all."""
+    q, k, kpm, forced, rw, cw = _select_problem(device, dtype, D, block_m, block_n)
+    fn = registry.backend_fn(SELECT, name)
+    K = forced.shape[1]
+    keys = key_blocks(k.shape[2], block_n, kpm, device)
+    errors = []
+    for topk in (0, 2, K):
+        kw = {"block_m": block_m, "block_n": block_n, "topk": topk, "k_max": K, "scale": None}
+        idx, cnt, stats = fn(q, k, forced, keys, rw, cw, **kw)
+        ref_idx, ref_cnt, ref = block_topk_select_torch(q, k, forced, keys, rw, cw, **kw)
+        if idx.shape != ref_idx.shape or cnt.shape != ref_cnt.shape or stats.shape != ref.shape:
+            raise ValueError(f"returned shapes {tuple(idx.shape)}, {tuple(cnt.shape)}, {tuple(stats.shape)}")
+        bad = (idx != ref_idx).any(-1) | (cnt != ref_cnt)
+        if bool(bad.any()):
+            raise ValueError(f"returned different block lists in {int(bad.sum())} of {bad.numel()} rows (topk {topk})")
+        diff = (stats.double() - ref).nan_to_num(nan=math.inf)
+        errors.append((float(diff.abs().max()), float(diff.norm() / ref.norm().clamp_min(1e-30))))
+    return max(e[0] for e in errors), max(e[1] for e in errors)
+
+
 def _check(key, op, name, q, v, block_m, block_n) -> bool:
     dtype, D, Dv = q.dtype, q.shape[-1], key[5]
     tol = TOLERANCE.get(dtype, 2e-3)
     try:
         if op == PROBE:
             max_abs, rel = _probe_errors(name, q.device, dtype, D, block_n)
+        elif op == SELECT:
+            max_abs, rel = _select_errors(name, q.device, dtype, D, block_m, block_n)
         else:
             max_abs, rel = _errors(op, name, q.device, dtype, D, Dv, block_m, block_n)
         ok = rel <= tol

@@ -324,7 +324,8 @@ def _plain_select(q, k, plan, kpm):
     sel = (d["forced"] & has_keys).expand(B, H, -1, -1)
     if plan.blocks_per_row:
         cand = logits.masked_fill(~(d["candidates"] & has_keys), float("-inf"))
-        vals, idx = cand.topk(plan.blocks_per_row, dim=-1)
+        # the documented tie rule: a stable descending sort, equal scores to the lower block index
+        vals, idx = (t[..., : plan.blocks_per_row] for t in cand.sort(dim=-1, descending=True, stable=True))
         sel = sel | torch.zeros(cand.shape, dtype=torch.bool).scatter_(-1, idx, torch.isfinite(vals))
     kept = torch.where(sel, logits.softmax(-1), 0).sum(-1).to(torch.float64) @ d["vrows_pb"] / plan.layout.num_video
     s = sel.to(torch.float32)
@@ -387,6 +388,13 @@ def test_selection_is_bit_identical_to_the_plain_formulation(dtype, ties, first_
         assert (lo[..., free] >= hi[..., free]).all()
         n_fin = torch.isfinite(cand).sum(-1).clamp(max=plan.blocks_per_row)
         assert torch.equal(picked.sum(-1)[..., free], n_fin[..., free])
+        # ties at the threshold: every picked block with the lowest picked score precedes every unpicked one
+        ar = torch.arange(cand.shape[-1])
+        at_lo = (cand == lo[..., None]) & torch.isfinite(cand)
+        last_picked = torch.where(picked & at_lo, ar, -1).amax(-1)
+        first_left = torch.where(~picked & at_lo, ar, cand.shape[-1]).amin(-1)
+        assert (last_picked[..., free] < first_left[..., free]).all()
+        assert not ties or ((~picked & at_lo).any(-1) & (picked & at_lo).any(-1)).any()  # the case was met
 
 
 def test_padding_constants_follow_the_mask():

@@ -14,9 +14,11 @@ Per call and head (RainFusion 2.0, arXiv 2512.24086, https://arxiv.org/abs/2512.
    block per query block below it). When the forced part alone exceeds the budget only it is kept, and the record
    says so.
 
-Tokens are located only through ``TokenLayout.token_coords()`` (a token permutation changes no code here). Selection
-runs without autograd; execution is :func:`diffusers_attn.kernels.block_sparse_attention` (relaxed block semantics,
-exact). Optional reuse of a layer's lists for ``rf2_reuse_steps`` steps, or of one layer's lists for all layers of
+Ties in the top-k go to the lower key block index; non-finite scores are never picked. Tokens are located only
+through ``TokenLayout.token_coords()`` (a token permutation changes no code here). Selection runs without autograd:
+on the Triton path (CUDA) as :func:`diffusers_attn.kernels.block_topk_select` (three kernel launches, same lists
+as the PyTorch path), else with the PyTorch ops below; execution is
+:func:`diffusers_attn.kernels.block_sparse_attention` (relaxed block semantics, exact). Optional reuse of a layer's lists for ``rf2_reuse_steps`` steps, or of one layer's lists for all layers of
 a step (``rf2_share_layers``), as LightX2V and xLLM do.
 """
 
@@ -30,9 +32,18 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ...kernels import block_sparse_attention, fast_kernel_unavailable, num_blocks, select_backend
-from ...kernels.selfcheck import stats_info as kernel_check_info
+from ...kernels import (
+    block_sparse_attention,
+    block_topk_select,
+    fast_kernel_unavailable,
+    key_blocks,
+    num_blocks,
+    select_backend,
+    selection_backend,
+)
+from ...kernels.block_select import topk_lower_index
 from ...kernels.memo import TensorMemo
+from ...kernels.selfcheck import stats_info as kernel_check_info
 from ...layout import TokenLayout
 from ..base import CallInfo, MethodRecord, deferred_record, dense_record, valid_key_counts
 
@@ -94,6 +105,11 @@ class RF2Plan:
         if d is None:
             names = ("forced", "candidates", "rows_pb", "vrows_pb", "keys_pb", "vkeys_pb")
             d = self._device_cache[device] = {n: getattr(self, n).to(device) for n in names}
+            # block_topk_select's arguments: statistics (computed pairs, video pairs, kept mass over video queries)
+            rows = torch.stack([self.rows_pb, self.vrows_pb, self.vrows_pb / float(self.layout.num_video)], -1)
+            d["row_weights"] = rows.to(device)
+            d["col_weights"] = self.vkeys_pb.to(torch.float32).to(device)
+            d["forced_u8"] = self.forced.to(torch.uint8).to(device)
         return d
 
     def call_constants(self, device: torch.device, batch: int, heads: int, acc: torch.dtype) -> dict[str, Any]:
@@ -102,7 +118,7 @@ class RF2Plan:
         key = (device, batch, heads, acc)
         c = self._call_cache.get(key)
         if c is None:
-            d, B, H, M, K = self.on(device), batch, heads, self.num_m, self.num_k
+            d, B, H, K = self.on(device), batch, heads, self.num_k
             keys = d["keys_pb"].to(acc)
             f32 = torch.float32
             c = self._call_cache[key] = {
@@ -112,8 +128,6 @@ class RF2Plan:
                 "k_valid": keys[:, None].expand(B, -1, -1),  # (B, K, 1)
                 "n_k_valid": keys.sum(-1, dtype=torch.float64).expand(B, H, 1),
                 "zero": torch.zeros((), dtype=acc, device=device),
-                "neg_inf": torch.full((), float("-inf"), dtype=acc, device=device),
-                "no_pick": torch.zeros((), dtype=torch.bool, device=device).expand(B, H, M, K),
                 "list_keys": _list_keys(K, device),
                 # pair counts: per key block (valid keys, video keys) in fp32, per query block (rows, video rows)
                 "pair_keys": torch.stack([d["keys_pb"], d["vkeys_pb"]], -1).to(f32).expand(B, -1, -1),
@@ -215,11 +229,8 @@ def _select(q: torch.Tensor, k: torch.Tensor, plan: RF2Plan, kpm: torch.Tensor |
         cand, forced, pair_keys = p["cand"], p["forced"], p["pair_keys"]
     qk = torch.bmm(q_hat.view(B * H, M, D), k_hat.view(B * H, K, D).transpose(1, 2)).view(B, H, M, K)
     logits = qk * scale + bias
-    if plan.blocks_per_row:
-        vals, idx = torch.where(cand, logits, c["neg_inf"]).topk(plan.blocks_per_row, dim=-1)
-        # a -inf (or non-finite) value means the row had fewer candidates than k: nothing picked there
-        picked = torch.scatter(c["no_pick"], -1, idx, vals.abs() < float("inf"))
-        sel = picked | forced
+    if plan.blocks_per_row:  # ties to the lower block index (a stable sort), as the Triton kernel
+        sel = topk_lower_index(logits, cand & logits.isfinite(), plan.blocks_per_row) | forced
     else:
         sel = forced.expand(B, H, M, K)
     kept = torch.where(sel, logits.softmax(-1), c["zero"]).sum(-1)  # (B, H, M)
@@ -350,8 +361,7 @@ class RF2Attention:
         entry, pending, reused = self._lookup(q, layout, key_padding_mask, call)
         if entry is None:
             with call.timer("select", dev):
-                sel, stats, _ = _select(q, k, plan, key_padding_mask, scale)
-                lists = block_lists(sel, plan.k_max, dplan["list_keys"])
+                lists, stats = self._select_lists(q, k, plan, dplan, key_padding_mask, scale)
         else:
             lists = entry.lists
         cfg = self.config
@@ -364,6 +374,29 @@ class RF2Attention:
             if pending is not None:
                 self._cache[self._cache_key(call)] = entry
         return out, self._record(plan, entry, call, D, backend, q, k, v, reused)
+
+    def _select_lists(self, q, k, plan: RF2Plan, c: dict[str, Any], kpm, scale):
+        """``((kv_indices, kv_counts), stats)`` of a new selection: the fused kernels where the selection backend
+        is not the PyTorch one (CUDA by default), else :func:`_select` and :func:`block_lists`."""
+        cfg = self.config
+        name = selection_backend(q, k, cfg.block_m, cfg.block_n, cfg.kernel_backend)
+        if name == "torch":
+            sel, stats, _ = _select(q, k, plan, kpm, scale)
+            return block_lists(sel, plan.k_max, c["list_keys"]), stats
+        d = plan.on(q.device)
+        if kpm is None:
+            keys = c.get("keys")
+            if keys is None:
+                keys = c["keys"] = key_blocks(plan.n, cfg.block_n, None, q.device)
+        else:  # every layer of a forward passes the same mask: built once
+            memo = c.setdefault("_keys_padding", TensorMemo())
+            keys = memo.get(kpm, lambda: key_blocks(plan.n, cfg.block_n, kpm, q.device))
+        idx, cnt, stats = block_topk_select(
+            q, k, d["forced_u8"], block_m=cfg.block_m, block_n=cfg.block_n, topk=plan.blocks_per_row,
+            k_max=plan.k_max, keys=keys, row_weights=d["row_weights"], col_weights=d["col_weights"], scale=scale,
+            backend=name,
+        )
+        return (idx, cnt), stats
 
     # ----------------------------------------------------------------- reuse
     def _cache_key(self, call: CallInfo) -> tuple:
