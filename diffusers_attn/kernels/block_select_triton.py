@@ -189,8 +189,8 @@ def block_topk_select_triton(
     k_max: int,
     scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the kernels (inputs validated by the dispatcher; ``forced`` uint8 or bool (M, K), ``keys`` fp32,
-    ``row_weights`` contiguous fp64 (M, 3), ``col_weights`` contiguous fp32 (K,)); same results as the reference."""
+    """Launch the kernels (inputs validated by the dispatcher; ``forced`` uint8 or bool (M, K)); same results as
+    the reference. Pass uint8 ``forced`` and fp32 ``keys`` / ``col_weights`` to avoid conversion ops."""
     B, H, N, D = q.shape
     M, K = num_blocks(N, block_m), num_blocks(k.shape[2], block_n)
     scale = D**-0.5 if scale is None else float(scale)
@@ -209,6 +209,10 @@ def block_topk_select_triton(
     cnt = torch.empty(B, H, M, dtype=torch.int32, device=dev)
     part = torch.empty(B, H, n_prog, 4, dtype=torch.float64, device=dev)
     w = keys.weights
+    if keys.counts.dtype != torch.float32:  # callers on the hot path pass fp32 (no conversion op per call)
+        keys = KeyBlocks(keys.counts.float(), keys.bias.float(), keys.total, w)
+    if col_weights.dtype != torch.float32:
+        col_weights = col_weights.float()
     with launch_guard(q):
         for x, block, row0, ww in ((q, block_m, 0, None), (k, block_n, M, w)):
             tile = min(64, triton.next_power_of_2(block))

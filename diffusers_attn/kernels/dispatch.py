@@ -306,9 +306,8 @@ def _validate_select(q, k, forced, keys, row_weights, col_weights, block_m, bloc
     _check(tuple(row_weights.shape) == (M, 3) and row_weights.dtype == torch.float64 and row_weights.is_contiguous(),
            f"row_weights must be contiguous float64 (M, 3) = ({M}, 3); got {row_weights.dtype} "
            f"{tuple(row_weights.shape)}")
-    _check(tuple(col_weights.shape) == (K,) and col_weights.dtype == c.dtype and col_weights.is_contiguous(),
-           f"col_weights must be contiguous (K,) = ({K},) in the keys' dtype {c.dtype}; got {col_weights.dtype} "
-           f"{tuple(col_weights.shape)}")
+    _check(tuple(col_weights.shape) == (K,) and col_weights.is_floating_point() and col_weights.is_contiguous(),
+           f"col_weights must be contiguous floating (K,) = ({K},); got {col_weights.dtype} {tuple(col_weights.shape)}")
     devs = {t.device for t in (q, k, forced, c, keys.bias, keys.total, row_weights, col_weights)}
     _check(len(devs) == 1, f"all tensors must be on one device; got {sorted(map(str, devs))}")
 
