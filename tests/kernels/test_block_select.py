@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import rel_err
 
-from diffusers_attn.kernels import available_backends, block_topk_select, key_blocks, num_blocks
+from diffusers_attn.kernels import available_backends, block_topk_select, key_blocks, lists_to_block_mask, num_blocks
 from diffusers_attn.kernels.registry import SELECT
 
 # Stats: columns 0, 1, 3 are integer counts times integer weights (exact on both paths); column 2, the kept softmax
@@ -74,8 +74,6 @@ def test_triton_equals_reference_on_random_inputs(dtype, pad):
         got, want = _both(q, k, kpm, forced, rw, cw, block_m=bm, block_n=bn, topk=topk, k_max=K)
         _assert_same(got, want)
     if pad == 2:  # the fully padded block is never listed, even where forced
-        from diffusers_attn.kernels import lists_to_block_mask
-
         mask = lists_to_block_mask(got[0], got[1], K)
         assert mask[0, :, :, 0].all() and not mask[0, :, :, 1].any() and mask[1, :, :, 1].any()
 
@@ -91,8 +89,6 @@ def test_triton_equals_reference_with_tied_scores():
     got, want = _both(q, k, kpm, forced, rw, cw, block_m=bm, block_n=bn, topk=4, k_max=K)
     _assert_same(got, want)
     # the rule itself: a row that lists some of the identical blocks 4..11 lists the lowest ones
-    from diffusers_attn.kernels import lists_to_block_mask
-
     mask = lists_to_block_mask(got[0], got[1], K)[..., 4:12]
     n_tied = mask.sum(-1, keepdim=True)
     assert ((n_tied > 0) & (n_tied < 8)).any(), "no row split the tied blocks"
