@@ -219,20 +219,19 @@ def _probe_errors(name, device, dtype, D, block_n) -> tuple[float, float]:
 
 def _select_problem(device, dtype, D, block_m, block_n):
     """A small selection problem computed exactly by any implementation: ternary q/k (block sums and dots are
-    exact in fp32), block tails of block_n // 2 keys and queries (powers of two when the block sizes are), two
+    exact in fp32), block tails of block_n // 2 keys and queries (powers of two when the block sizes are), three
     identical key blocks (tied scores), key padding (a fully padded block, a partial tail of a power-of-two
     count), a forced column and a forced row, integer weights."""
     g = torch.Generator().manual_seed(1234)
     B, H = 2, 2
-    n = 3 * block_m + block_n // 2 if block_n > 1 else 3 * block_m + 1
+    n = 3 * block_m + 4 * block_n + max(1, block_n // 2)
 
     def mk():  # BSHD storage viewed as BHSD, as the adapters pass it
         return torch.randint(-1, 2, (B, n, H, D), generator=g).to(dtype).transpose(1, 2)
 
     q, k = mk(), mk()
     K = num_blocks(n, block_n)
-    if K > 3:
-        k[:, :, 2 * block_n : 3 * block_n] = k[:, :, block_n : 2 * block_n]
+    k[:, :, 2 * block_n : 4 * block_n] = k[:, :, block_n : 2 * block_n].repeat(1, 1, 2, 1)  # blocks 1-3 tie
     M = num_blocks(n, block_m)
     kpm = torch.ones(B, n, dtype=torch.bool)
     kpm[0, block_n : 2 * block_n] = False  # a fully padded key block: never listed

@@ -13,9 +13,13 @@ from diffusers_attn.adapters import run_method
 from diffusers_attn.context import AttentionContext
 from diffusers_attn.kernels import (
     block_mask_to_lists,
+    block_select,
     block_sparse_attention,
     block_sparse_attention_table,
     block_sparse_attention_torch,
+    block_topk_select,
+    block_topk_select_torch,
+    key_blocks,
     num_blocks,
     probe_block_mass,
     probe_block_mass_torch,
@@ -24,7 +28,7 @@ from diffusers_attn.kernels import (
     selfcheck,
     unregister_backend,
 )
-from diffusers_attn.kernels.registry import BLOCK_SPARSE, PROBE, TABLE, available_backends, table_from_lists
+from diffusers_attn.kernels.registry import BLOCK_SPARSE, PROBE, SELECT, TABLE, available_backends, table_from_lists
 from diffusers_attn.layout import TokenLayout
 from diffusers_attn.methods.rainfusion import RainFusionConfig, RainFusionMethod
 from diffusers_attn.testing import planted_qkv
@@ -327,3 +331,116 @@ def test_probe_failure_visible_in_rainfusion_stats(probe_backend, monkeypatch):
     assert torch.equal(recalls["checked"], recalls["torch"])  # ARM ran on the PyTorch probe
     assert rel_err(recalls["unchecked"], recalls["torch"]) > 1e-3  # which the wrong probe would not have matched
     assert np.isfinite(outs["checked"].numpy()).all() and rel_err(outs["checked"], outs["torch"]) < 2e-6
+
+
+# ----------------------------------------------------------------------------- block selection (block_topk_select)
+
+
+def _select_ignores_padding(q, k, forced, keys, row_weights, col_weights, **kw):
+    """Deliberately wrong: scores and lists as if no key were padded (fully padded blocks get listed)."""
+    return block_topk_select_torch(q, k, forced, key_blocks(k.shape[2], kw["block_n"], None, q.device), row_weights,
+                                   col_weights, **kw)
+
+
+_TOPK_LOWER = block_select.topk_lower_index
+
+
+def _topk_higher_index(scores, eligible, k):
+    return _TOPK_LOWER(scores.flip(-1), eligible.flip(-1), k).flip(-1)
+
+
+def _select_ties_to_higher_index(*args, **kw):
+    """Deliberately wrong: the reference with equal scores going to the higher block index."""
+    saved = block_select.topk_lower_index
+    block_select.topk_lower_index = _topk_higher_index  # the reference looks the rule up in its module
+    try:
+        return block_topk_select_torch(*args, **kw)
+    finally:
+        block_select.topk_lower_index = saved
+
+
+@pytest.fixture
+def sel_backend(monkeypatch):
+    """Register a test selection backend ahead of every other one (automatic on every device); self-check on."""
+    monkeypatch.setenv("DIFFATTN_SELF_CHECK", "1")
+    selfcheck.reset()
+    names = []
+
+    def add(name, fn):
+        names.append(name)
+        register_backend(SELECT, name, fn, auto=lambda *a: True, order=-100)
+
+    yield add
+    for name in names:
+        unregister_backend(SELECT, name)
+    selfcheck.reset()
+
+
+def _select_inputs(seed=0, B=2, H=2, n=100, D=32, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, n, H, D, generator=g).to(dtype).transpose(1, 2)
+    k = torch.randn(B, n, H, D, generator=g).to(dtype).transpose(1, 2)
+    kpm = torch.ones(B, n, dtype=torch.bool)
+    kpm[1, 16:32] = False  # a fully padded key block of 16
+    forced = torch.zeros(num_blocks(n, 16), num_blocks(n, 16), dtype=torch.bool)
+    forced[:, 1] = True
+    return q, k, kpm, forced
+
+
+@pytest.mark.parametrize("wrong", [_select_ignores_padding, _select_ties_to_higher_index, _raises])
+def test_wrong_selection_falls_back_logs_once_and_records(sel_backend, wrong, caplog):
+    sel_backend("wrong", wrong)
+    q, k, kpm, forced = _select_inputs()
+    kw = {"block_m": 16, "block_n": 16, "topk": 2, "k_max": forced.shape[1], "key_padding_mask": kpm}
+    with caplog.at_level(logging.ERROR, logger="diffusers_attn.kernels.selfcheck"):
+        got = block_topk_select(q, k, forced, **kw)  # automatic: "wrong" comes first
+        got2 = block_topk_select(q, k, forced, backend="wrong", **kw)
+    want = block_topk_select(q, k, forced, backend="torch", **kw)
+    for a, b in zip(got + got2, want + want):
+        assert torch.equal(a, b)  # ran on the PyTorch reference
+    if wrong is _select_ignores_padding:  # the wrong one differs here (it lists the padded block)
+        assert not torch.equal(wrong(q, k, forced, None, torch.ones(forced.shape[0], 3, dtype=torch.float64),
+                                     torch.ones(forced.shape[1]), **{x: kw[x] for x in kw if x != "key_padding_mask"},
+                                     scale=None)[0], want[0])
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1, [r.getMessage() for r in errors]
+    msg = errors[0].getMessage()
+    assert "'wrong' block selection kernel" in msg and "float32 head_dim 32 (blocks 16x16)" in msg and "'torch'" in msg
+    assert ("raised RuntimeError" in msg) if wrong is _raises else ("different block lists" in msg)
+    (fail,) = selfcheck.self_check_failures()
+    assert fail["operation"] == SELECT and fail["backend"] == "wrong" and fail["fallback"] == "torch"
+    assert fail["block_m"] == 16 and fail["block_n"] == 16 and fail["value_dim"] is None
+
+
+def test_wrong_selection_is_not_used_by_rf2(sel_backend):
+    """rf2 asks the registry for its selection backend: a failed one leaves it on its PyTorch path."""
+    from diffusers_attn.methods.rainfusion import rf2
+
+    sel_backend("wrong", _select_ignores_padding)
+    layout = TokenLayout.video_first((4, 6, 8), 24)
+    q, k, _ = planted_qkv(layout, 2, ["spatial", "temporal"], 16)
+    kpm = torch.ones(2, layout.seq_len, dtype=torch.bool)
+    kpm[0, -20:] = False  # two fully padded key blocks of 8
+    cfg = RainFusionConfig(mode="rf2", sparsity=0.6, block_m=16, block_n=8, dense_steps=0, dense_layers=0,
+                           min_video_tokens=0)
+    att = rf2.RF2Attention.of(RainFusionMethod(cfg))
+    plan = att.plan(layout)
+    c = plan.call_constants(q.device, 2, 2, torch.float32)
+    (idx, cnt), stats = att._select_lists(q, k, plan, c, kpm, None)
+    sel, rstats, _ = rf2._select(q, k, plan, kpm, None)
+    ridx, rcnt = rf2.block_lists(sel, plan.k_max)
+    assert torch.equal(idx, ridx) and torch.equal(cnt, rcnt) and torch.equal(stats, rstats)
+    assert [f["backend"] for f in selfcheck.self_check_failures()] == ["wrong"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_selection_passes_its_own_check(sel_backend, dtype):
+    pytest.importorskip("triton")
+    if "triton" not in available_backends(SELECT):
+        pytest.skip("triton selection backend not registered")
+    q, k, kpm, forced = _select_inputs(seed=2, dtype=dtype)
+    kw = {"block_m": 16, "block_n": 16, "topk": 2, "k_max": forced.shape[1], "key_padding_mask": kpm}
+    got = block_topk_select(q, k, forced, backend="triton", **kw)
+    assert selfcheck.self_check_failures() == []
+    want = block_topk_select(q, k, forced, backend="torch", **kw)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and rel_err(got[2], want[2]) < 1e-5
