@@ -132,11 +132,11 @@ def stubbed_gpu_path(fill_probe=None):
     """Triton kernels stubbed, the launch wrappers told they run on sm_90."""
     import triton
 
+    from diffusers_attn.kernels import block_select_triton, probe_triton
     from diffusers_attn.kernels import block_sparse_triton as bst
-    from diffusers_attn.kernels import probe_triton
 
     saved = []
-    for mod in (bst, probe_triton):
+    for mod in (bst, probe_triton, block_select_triton):
         for attr, obj in list(vars(mod).items()):
             if isinstance(obj, triton.runtime.jit.KernelInterface):  # jit or interpreted functions
                 saved.append((mod, attr, obj))

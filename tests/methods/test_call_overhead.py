@@ -38,5 +38,6 @@ def test_rf1_call_overhead_within_goal(tmp_path):
 def test_rf2_call_has_no_host_read(tmp_path):
     (row,) = _rows(tmp_path, "--mode", "rf2")
     assert row["device_to_host_reads_per_call"] == 0, row["reads"]
-    # shape-only tensors and the padding-derived ones are cached: 49 ops at the tiny (padded) shape
-    assert row["torch_ops_per_call"] <= 52, row["ops"]
+    # the selection is three Triton launches (block_topk_select) plus their outputs and one stats sum; the key
+    # constants are cached per mask: 9 ops at the tiny (padded) shape, within the goal of 30
+    assert row["torch_ops_per_call"] <= 30, row
