@@ -35,6 +35,9 @@ Configurations (``cases()``: a representative subset; the full cross product wou
   fp16 64/128/256, bf16 128, fp32 128/256 (the configurations that overflowed before the fix).
 * ARM probe, sm_90: fp16/bf16 at head_dim 64/128 (both warp counts), fp16 256, fp32 64, with token weights and
   key padding; P=256 without either (BLOCK_P 128, padded D=72). sm_80: fp16 128.
+* Block selection (``block_topk_select``: both pooling launches and the fused selection), sm_90: bf16 at
+  CogVideoX-5B (K = 278 key blocks) and HunyuanVideo 720p (K = 1861) sizes, fp16 K = 4096 (8 warps), fp16
+  head_dim 256, fp32 64x64 blocks; sm_80: bf16 HunyuanVideo size.
 * Bi-WKV: all six kernels (forward + backward, multi-chunk), fp32 and bf16 with delta 0/1, fp16 delta 0; sm_80
   bf16 delta 1.
 * ``--full`` adds four slow fp32 compiles (block-sparse D=256 sm_90 and D=64 sm_80, probe D=256 sm_80 and D=128
@@ -80,9 +83,9 @@ def capture_launches(capability: tuple[int, int]):
     ``capability`` would run them, without running anything. Yields the list the launches are appended to."""
     import triton
 
-    from diffusers_attn.kernels import biwkv_triton, block_sparse_triton, probe_triton
+    from diffusers_attn.kernels import biwkv_triton, block_select_triton, block_sparse_triton, probe_triton
 
-    mods: list[ModuleType] = [block_sparse_triton, probe_triton, biwkv_triton]
+    mods: list[ModuleType] = [block_sparse_triton, probe_triton, biwkv_triton, block_select_triton]
     sink: list = []
     saved = []
 
@@ -98,6 +101,7 @@ def capture_launches(capability: tuple[int, int]):
         patch(block_sparse_triton, "device_capability", lambda device: capability)
         patch(block_sparse_triton, "interpreter_enabled", lambda: True)
         patch(probe_triton, "interpreter_enabled", lambda: True)
+        patch(block_select_triton, "interpreter_enabled", lambda: True)
         patch(biwkv_triton, "_interpreting", lambda: True)
         yield sink
     finally:
@@ -195,6 +199,22 @@ def probe_call(D, dtype, *, p=64, n=512, bn=64, kpm=True, tw=True):
     probe_block_mass(q, k, block_n=bn, key_padding_mask=mask, token_weights=weights, backend="triton")
 
 
+def select_call(D, dtype, *, n=2048, bm=128, bn=64, kpm=True):
+    """block_topk_select as rf2 calls it: q and k as BSHD views of a fused QKV tensor, uint8 forced mask, fp32
+    key constants (pooling of q and of k, then the fused selection)."""
+    import torch
+
+    from diffusers_attn.kernels import block_topk_select, key_blocks, num_blocks
+
+    B, H = 1, 2
+    qkv = torch.zeros(B, n, 3, H, D, dtype=dtype).permute(2, 0, 3, 1, 4)
+    M, K = num_blocks(n, bm), num_blocks(n, bn)
+    mask = torch.ones(B, n, dtype=torch.bool) if kpm else None
+    block_topk_select(qkv[0], qkv[1], torch.zeros(M, K, dtype=torch.uint8), block_m=bm, block_n=bn, topk=min(4, K),
+                      k_max=K, keys=key_blocks(n, bn, mask, torch.device("cpu")),
+                      row_weights=torch.ones(M, 3, dtype=torch.float64), col_weights=torch.ones(K), backend="triton")
+
+
 def biwkv_call(dtype, *, delta=0, T=64, C=96, chunk=16):
     """Forward and backward (T > chunk: all six kernels)."""
     import torch
@@ -236,6 +256,16 @@ def cases(full: bool = False):
         ("probe", "P=256 plain D=72 fp16", sm90, lambda: probe_call(72, f16, p=256, kpm=False, tw=False)),
         ("probe", "tw+kpm D=128 fp16", sm80, lambda: probe_call(128, f16)),
         ("probe", "tw+kpm D=128 fp16", sm89, lambda: probe_call(128, f16)),
+    ]
+    # rf2's selection: CogVideoX-5B (K = 278 -> 512 padded), HunyuanVideo 720p (K = 1861 -> 2048), a longer one
+    # (8 warps), head_dim 256, fp32 inputs, no padding
+    out += [
+        ("select", "kpm D=64 bf16 K=278", sm90, lambda: select_call(64, b16, n=17776)),
+        ("select", "kpm D=128 bf16 K=1861", sm90, lambda: select_call(128, b16, n=119056)),
+        ("select", "D=128 fp16 K=4096", sm90, lambda: select_call(128, f16, n=4096 * 64, kpm=False)),
+        ("select", "kpm D=256 fp16", sm90, lambda: select_call(256, f16)),
+        ("select", "D=64 fp32 64x64", sm90, lambda: select_call(64, f32, bm=64, kpm=False)),
+        ("select", "kpm D=128 bf16 K=1861", sm80, lambda: select_call(128, b16, n=119056)),
     ]
     for dt, delta in ((f32, 0), (f32, 1), (f16, 0), (b16, 0), (b16, 1)):
         out.append(("biwkv", f"fwd+bwd {dt} delta={delta}", sm90, lambda dt=dt, d=delta: biwkv_call(dt, delta=d)))

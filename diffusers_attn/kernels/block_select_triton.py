@@ -199,7 +199,9 @@ def block_topk_select_triton(
     k_pad = max(16, triton.next_power_of_2(K))
     if bst.device_capability(dev) is not None:  # via the module: the compile check stands in a GPU here
         rows, kc = 16, (64 if block_d <= 128 else 32)
-        warps = 4 if k_pad <= 2048 else 8
+        # phase 2 holds ~10 (K_PAD,) vectors per thread: 4 warps spill at K_PAD = 2048 on sm_90 (ptxas: 255
+        # registers, 768 B), 8 warps take 2048 and 4096 without (kernel_sass.resources)
+        warps = 4 if k_pad <= 1024 else (8 if k_pad <= 4096 else 16)
     else:  # interpreter: small tiles keep the tests fast
         rows, kc, warps = 16, 16, 1
     n_prog = triton.cdiv(M, rows)
