@@ -21,6 +21,7 @@ from diffusers_attn.kernels import (
     block_mask_to_lists,
     block_sparse_attention,
     block_sparse_attention_table,
+    block_topk_select,
     probe_block_mass,
     register_backend,
     registry,
@@ -52,13 +53,15 @@ def _calls():
             q, k, v, t_idx, t_cnt, head_table, block_m=16, block_n=16, backend=b),
         "probe_block_mass": lambda b: probe_block_mass(q[:, :, :4], k, block_n=16, backend=b)[0],
         "biwkv": lambda b: biwkv(kb, kb, w, u, backend=b),
+        "block_topk_select": lambda b: block_topk_select(q, k, torch.eye(4, 8, dtype=torch.bool), block_m=8,
+                                                         block_n=4, topk=2, k_max=3, backend=b),
     }
 
 
 def _counting(op: str, counter: Counter):
     """A backend that counts its calls and runs the op's exact reference."""
     ref = {"block_sparse_attention": "torch", "block_sparse_attention_table": "torch",
-           "probe_block_mass": "torch", "biwkv": "chunked"}[op]
+           "probe_block_mass": "torch", "biwkv": "chunked", "block_topk_select": "torch"}[op]
     inner = registry.backend_fn(op, ref)
 
     def fn(*args, **kwargs):
