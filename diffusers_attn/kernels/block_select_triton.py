@@ -145,7 +145,8 @@ def _block_select_kernel(
             last = tl.max(tl.where(sel, offs, 0), 0)
             tl.store(i_base + slots * s_ik, tl.zeros([KM_PAD], dtype=tl.int32) + last,
                      mask=(slots >= count) & (slots < K_MAX))
-            tl.store(CNT + b * s_cb + h * s_ch + m * s_cm, count)
+            # k_max below a row's count breaks the contract (the reference raises): never let a reader overrun
+            tl.store(CNT + b * s_cb + h * s_ch + m * s_cm, tl.minimum(count, K_MAX))
             mx = tl.max(lg, 0)
             mx = tl.where(mx == float("-inf"), 0.0, mx)
             p = tl.exp(lg - mx)
