@@ -140,3 +140,18 @@ def test_reused_key_blocks_and_validation():
         block_topk_select(q, q, forced, block_m=16, block_n=8, topk=-1, k_max=5)
     with pytest.raises(ValueError, match="more than k_max=1"):
         block_topk_select(q, q, forced, block_m=16, block_n=8, topk=2, k_max=1, backend="torch")
+
+
+def test_triton_equals_reference_with_fewer_queries_than_keys():
+    """Cross-attention shapes: M from the queries, K from the keys (a short last block on each side)."""
+    _triton()
+    g = torch.Generator().manual_seed(9)
+    q = torch.randn(1, 2, 40, 16, generator=g)
+    k = torch.randn(1, 2, 70, 16, generator=g)
+    M, K = num_blocks(40, 16), num_blocks(70, 8)
+    forced = torch.zeros(M, K, dtype=torch.uint8)
+    forced[:, K - 1] = 1
+    got, want = _both(q, k, None, forced, torch.ones(M, 3, dtype=torch.float64), torch.ones(K),
+                      block_m=16, block_n=8, topk=3, k_max=4)
+    _assert_same(got, want)
+    assert (got[1] == 4).all()
