@@ -169,7 +169,8 @@ def rainfusion_call(name, args, device, dtype, timing):
     st = ctx.stats.summary()
     return {"shape": name, "dense_sdpa_ms": dense_t["median_ms"], "rainfusion_ms": full_t["median_ms"],
             "speedup": dense_t["median_ms"] / full_t["median_ms"], "density": st.density,
-            "video_density": st.video_density, "patterns": st.pattern_histogram, "one_call_breakdown_ms": st.timings_ms}
+            "video_density": st.video_density, "patterns": st.pattern_histogram, "one_call_breakdown_ms": st.timings_ms,
+            "dense_heads_route": st.info.get("dense_heads"), "dense_heads_measured": st.info.get("dense_heads_measured")}
 
 
 def main(argv=None):

@@ -30,19 +30,20 @@ def triton_tables(plan: RainFusionPlan, dplan: dict[str, Any], device: torch.dev
     return t
 
 
-def execute_tables(cfg: Any, q, k, v, patterns: torch.Tensor, host: np.ndarray | None, plan: RainFusionPlan,
+def execute_tables(cfg: Any, dense_heads: str, q, k, v, patterns: torch.Tensor, host: np.ndarray | None, plan: RainFusionPlan,
                    dplan: dict[str, Any], kpm, scale, timer, read_host) -> torch.Tensor | None:
     """The Triton path: one table-kernel launch for every head (``patterns`` int32 (B, H) on the device indexes the
-    tables), then the textural heads' sparse rows over their gathered keys, and (``cfg.dense_heads == "sdpa"``)
+    tables), then the textural heads' sparse rows over their gathered keys, and (``dense_heads == "sdpa"``)
     the dense heads in one SDPA call. Returns None when every head is dense (the caller runs the stock call).
 
-    ``dense_heads="kernel"``: no host read; the textural launch covers every head (other heads read no block) and
+    ``dense_heads`` is the call's route (``RainFusionConfig.dense_heads`` with ``"auto"`` resolved).
+    ``"kernel"``: no host read; the textural launch covers every head (other heads read no block) and
     a device-side select keeps the textural heads' rows. ``"sdpa"``: ``read_host()`` gives the decisions on the
     host (``host`` when already known), read after the sparse kernel is queued; the dense and textural heads are
     then gathered, one launch each."""
     t = triton_tables(plan, dplan, q.device)
     tex_possible = TEXTURAL in cfg_candidates(cfg, plan)
-    if cfg.dense_heads == "kernel":
+    if dense_heads == "kernel":
         out = block_sparse_attention_table(q, k, v, *t["pattern"], patterns, block_m=cfg.block_m,
                                            block_n=cfg.block_n, key_padding_mask=kpm, scale=scale, backend="triton")
         if tex_possible:
