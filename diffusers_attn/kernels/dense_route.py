@@ -74,7 +74,7 @@ def _elapsed_ms(fn: Callable[[], Any], device: torch.device) -> float:
 
 def _timed_heads(q: torch.Tensor, block_m: int) -> int:
     blocks = num_blocks(q.shape[2], block_m)
-    return max(1, min(q.shape[0] * q.shape[1], MAX_TIMED_HEADS, -(-_FILL_BLOCKS // blocks)))
+    return max(1, min(q.shape[1], MAX_TIMED_HEADS, -(-_FILL_BLOCKS // blocks)))
 
 
 def _measure(q, k, v, block_m, block_n, kpm, scale, backend) -> dict[str, Any]:
@@ -82,9 +82,7 @@ def _measure(q, k, v, block_m, block_n, kpm, scale, backend) -> dict[str, Any]:
     from . import block_sparse_attention  # the package entry: same validation and dispatch as the real calls
 
     n = _timed_heads(q, block_m)
-    # Heads of batch element 0 (then 1, ...) as one batch of heads with batch element 0's padding.
-    flat = [x.flatten(0, 1)[:n].unsqueeze(0) for x in (q, k, v)]
-    qs, ks, vs = flat
+    qs, ks, vs = (x[:1, :n] for x in (q, k, v))  # views: the first heads of batch element 0
     mask = None if kpm is None else kpm[:1]
     M, K = num_blocks(q.shape[2], block_m), num_blocks(k.shape[2], block_n)
     idx = torch.arange(K, dtype=torch.int32, device=q.device).expand(1, n, M, K)

@@ -70,7 +70,7 @@ def test_real_measurement_times_both_sides():
     q, k, v = _qkv()
     choice = dense_route.kernel_beats_sdpa(q, k, v, block_m=16, block_n=16, backend="torch")
     [rec] = dense_route.measurements()
-    assert rec["kernel_ms"] > 0 and rec["sdpa_ms"] > 0 and rec["heads_timed"] == 4
+    assert rec["kernel_ms"] > 0 and rec["sdpa_ms"] > 0 and rec["heads_timed"] == 3  # all heads of batch 0
     assert choice is (rec["kernel_ms"] <= rec["sdpa_ms"])
 
 
@@ -78,7 +78,8 @@ def test_timed_heads_fill_the_gpu_but_stay_few():
     q = torch.empty(2, 48, 17776, 1)
     assert dense_route._timed_heads(q, 128) == 2  # 139 query blocks per head: two heads give 278
     assert dense_route._timed_heads(torch.empty(1, 24, 119056, 1), 128) == 1
-    assert dense_route._timed_heads(torch.empty(1, 2, 64, 1), 128) == 2  # never more heads than the call has
+    assert dense_route._timed_heads(torch.empty(3, 2, 64, 1), 128) == 2  # never more heads than a batch element has
+    assert dense_route._timed_heads(torch.empty(1, 8, 64, 1), 128) == dense_route.MAX_TIMED_HEADS
 
 
 def test_failed_timing_falls_back_to_sdpa_and_is_logged(monkeypatch, caplog):
