@@ -16,7 +16,8 @@ does not stop the others):
   rows; Flex last, since it compiles per mask). Rows are saved as they are measured: a time-out keeps them.
 * ``rainfusion``: one full layer call (ARM + plan + kernels) on planted-structure Q/K at both shapes, rf1 with dense
   heads on SDPA, in the kernel and ``auto`` (the route its one-time timing picked, with both times), and rf2, vs
-  dense SDPA.
+  dense SDPA; then rf1 (dense heads in the kernel) and rf2 captured in a CUDA graph and replayed (replay equal to
+  the eager call, eager vs replay time).
 * ``step_cogvideox`` / ``step_hunyuan``: one denoising step, dense vs RainFusion (``benchmarks/step_e2e.py``):
   CogVideoX-5B 49 frames; HunyuanVideo 720p at ``--hunyuan-frames`` (default 49, i.e. 13 latent frames, 47,056
   tokens, so the section fits its time box; the full 129 frames is ``--hunyuan-frames 129``).
@@ -260,7 +261,21 @@ def section_rainfusion(args) -> dict:
             args.save({"rows": rows})
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    return {"rows": rows}
+    graphs = []  # after the timings, so a capture problem cannot cost them
+    for name in shapes:
+        for mode in ("rf1", "rf2"):
+            ns = SimpleNamespace(sparsity=0.75, block_m=32 if args.dry_run else 128,
+                                 block_n=32 if args.dry_run else 64, backend="triton", mode=mode, dense_heads="kernel")
+            label = "rf2" if mode == "rf2" else "rf1, dense heads on kernel"
+            try:
+                graphs.append({"variant": label, **ak.rainfusion_graph(name, ns, device, dtype, timing)})
+            except Exception as e:  # noqa: BLE001
+                graphs.append({"shape": name, "variant": label, "captured": False,
+                               "error": f"{type(e).__name__}: {e}"})
+            args.save({"rows": rows, "graphs": graphs})
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return {"rows": rows, "graphs": graphs}
 
 
 def _step(args, model: str, frames: int | None) -> dict:
@@ -364,6 +379,12 @@ def summary(results: dict) -> str:
             lines.append(f"| rainfusion | {r['shape']} {r['variant']} | {r['rainfusion_ms']:.3f} ms vs SDPA "
                          f"{r['dense_sdpa_ms']:.3f} ms = {r['speedup']:.2f}x, density {r['density']:.3f}, "
                          f"{r['patterns']}{_route(r)} |")
+        for r in data.get("graphs", []) if name == "rainfusion" else []:
+            if "skipped" in r or "error" in r:
+                lines.append(f"| CUDA graph | {r['shape']} {r['variant']} | {r.get('skipped') or r['error']} |")
+                continue
+            lines.append(f"| CUDA graph | {r['shape']} {r['variant']} | captured; replay {r['replay_ms']:.3f} ms vs "
+                         f"eager {r['eager_ms']:.3f} ms, max |replay - eager| {r['max_abs_diff_vs_eager']:.2e} |")
         for r in data.get("rows", []) if name.startswith("step_") else []:
             dens = f", density {_fmt(r.get('density'))}" if "density" in r else ""
             lines.append(f"| {name} | {r['path']} | {r['median_ms']:.1f} ms, {_fmt(r.get('speedup', 1.0), '.2f')}x"
