@@ -135,8 +135,8 @@ def bench(name, B, args, device, dtype, timing):
     return {"shape": name, "batch": B, "tokens": n, "heads": H, "head_dim": D, "rows": rows}
 
 
-def rainfusion_call(name, args, device, dtype, timing):
-    """Full RainFusion layer call (ARM + cached plan + kernel) on planted-structure Q/K at the real layout."""
+def _rainfusion_setup(name, args, device, dtype):
+    """(call, sdpa, ctx) of one RainFusion layer call on planted-structure Q/K at the real layout."""
     from diffusers_attn.adapters import run_method
     from diffusers_attn.context import AttentionContext
     from diffusers_attn.layout import TokenLayout
@@ -159,9 +159,20 @@ def rainfusion_call(name, args, device, dtype, timing):
                            block_m=args.block_m, block_n=args.block_n, kernel_backend=args.backend,
                            mode=getattr(args, "mode", "rf1"), dense_heads=getattr(args, "dense_heads", "sdpa"))
     method, ctx = RainFusionMethod(cfg), AttentionContext(None)
-    sdpa = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=None if kpm is None else kpm[:, None, None])  # noqa
-    call = lambda: run_method(method, q, k, v, layout=layout, key_padding_mask=kpm, scale=None, layer_index=0,  # noqa: E731
+
+    def sdpa():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=None if kpm is None else kpm[:, None, None])
+
+    def call():
+        return run_method(method, q, k, v, layout=layout, key_padding_mask=kpm, scale=None, layer_index=0,
                           context=ctx, dense_fn=sdpa)
+
+    return call, sdpa, ctx
+
+
+def rainfusion_call(name, args, device, dtype, timing):
+    """Full RainFusion layer call (ARM + cached plan + kernel) on planted-structure Q/K at the real layout."""
+    call, sdpa, ctx = _rainfusion_setup(name, args, device, dtype)
     dense_t = timeit(sdpa, **timing)
     full_t = timeit(call, **timing)
     ctx.stats.reset()
@@ -169,7 +180,37 @@ def rainfusion_call(name, args, device, dtype, timing):
     st = ctx.stats.summary()
     return {"shape": name, "dense_sdpa_ms": dense_t["median_ms"], "rainfusion_ms": full_t["median_ms"],
             "speedup": dense_t["median_ms"] / full_t["median_ms"], "density": st.density,
-            "video_density": st.video_density, "patterns": st.pattern_histogram, "one_call_breakdown_ms": st.timings_ms}
+            "video_density": st.video_density, "patterns": st.pattern_histogram, "one_call_breakdown_ms": st.timings_ms,
+            "dense_heads_route": st.info.get("dense_heads"), "dense_heads_measured": st.info.get("dense_heads_measured")}
+
+
+def rainfusion_graph(name, args, device, dtype, timing):
+    """Capture one sparse RainFusion layer call (recognition, selection, kernels) in a CUDA graph and replay it.
+
+    A host read or any other sync inside the call makes the capture raise. The replay must equal the eager call on
+    the same inputs (same kernels, same decisions); eager vs replay time is the host work the graph removes."""
+    if device.type != "cuda":
+        return {"shape": name, "skipped": "CUDA graphs need a CUDA device"}
+    call, _, ctx = _rainfusion_setup(name, args, device, dtype)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture stream: compilation, self-checks, plans, tables
+        for _ in range(2):
+            eager = call()
+    torch.cuda.current_stream().wait_stream(side)
+    eager = eager.clone()
+    ctx.stats.flush()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = call()
+    graph.replay()
+    torch.cuda.synchronize()
+    diff = (static_out.float() - eager.float()).abs().max().item()
+    eager_t = timeit(call, **timing)
+    graph_t = timeit(graph.replay, **timing)
+    ctx.stats.reset()
+    return {"shape": name, "captured": True, "max_abs_diff_vs_eager": diff, "finite": bool(static_out.isfinite().all()),
+            "eager_ms": eager_t["median_ms"], "replay_ms": graph_t["median_ms"]}
 
 
 def main(argv=None):

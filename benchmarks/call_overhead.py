@@ -16,6 +16,12 @@ Counted per call (the second call of a layer, after plans and tables are cached)
   seen by a ``TorchFunctionMode``.
 
     python benchmarks/call_overhead.py [--json OUT] [--shapes cogvideox-5b hunyuan-720p] [--mode rf1 rf2]
+        [--dense-heads kernel sdpa]
+
+rf1 is counted for each dense-head route: ``kernel`` (dense heads in the block-sparse kernel, no host read) and
+``sdpa`` (dense heads gathered into one SDPA call, one read of the decisions). The default ``dense_heads="auto"``
+takes one of the two per GPU, device, dtype and shape, by timing both once (``kernels/dense_route.py``); with the
+kernels stubbed here that timing would be meaningless, so ``auto`` is not a row of its own.
 
 Shapes: CogVideoX-5B 13x30x45 video + 226 text, 48 heads x 64, batch 2 (CFG); HunyuanVideo 720p 33x45x80 + 256
 text (padded: 200 valid), 24 heads x 128, batch 1; ``tiny`` for tests. bf16 inputs.
@@ -235,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--shapes", nargs="+", default=["cogvideox-5b", "hunyuan-720p"], choices=sorted(SHAPES))
     ap.add_argument("--mode", nargs="+", default=["rf1", "rf2"], choices=["rf1", "rf2"])
-    ap.add_argument("--dense-heads", nargs="+", default=[None], help="RainFusionConfig.dense_heads values (rf1)")
+    ap.add_argument("--dense-heads", nargs="+", default=["kernel", "sdpa"], choices=["kernel", "sdpa"],
+                    help="dense-head routes counted for rf1 (auto picks one of them per GPU by timing both)")
     ap.add_argument("--ops", action="store_true", help="list the ops of each call")
     args = ap.parse_args(argv)
     torch.manual_seed(0)

@@ -15,7 +15,9 @@ does not stop the others):
   ``sdpa_kernel``) vs FlexAttention with the same lists, batch 1 (``benchmarks/attention_kernels.py``'s lists and
   rows; Flex last, since it compiles per mask). Rows are saved as they are measured: a time-out keeps them.
 * ``rainfusion``: one full layer call (ARM + plan + kernels) on planted-structure Q/K at both shapes, rf1 with dense
-  heads on SDPA and in the kernel, and rf2, vs dense SDPA.
+  heads on SDPA, in the kernel and ``auto`` (the route its one-time timing picked, with both times), and rf2, vs
+  dense SDPA; then rf1 (dense heads in the kernel) and rf2 captured in a CUDA graph and replayed (replay equal to
+  the eager call, eager vs replay time).
 * ``step_cogvideox`` / ``step_hunyuan``: one denoising step, dense vs RainFusion (``benchmarks/step_e2e.py``):
   CogVideoX-5B 49 frames; HunyuanVideo 720p at ``--hunyuan-frames`` (default 49, i.e. 13 latent frames, 47,056
   tokens, so the section fits its time box; the full 129 frames is ``--hunyuan-frames 129``).
@@ -246,7 +248,7 @@ def section_rainfusion(args) -> dict:
     testing.planted_qkv = planted_once
     rows = []
     for name in shapes:
-        for mode, dense_heads in (("rf1", "sdpa"), ("rf1", "kernel"), ("rf2", "sdpa")):
+        for mode, dense_heads in (("rf1", "sdpa"), ("rf1", "kernel"), ("rf1", "auto"), ("rf2", "sdpa")):
             ns = SimpleNamespace(sparsity=0.75, block_m=32 if args.dry_run else 128,
                                  block_n=32 if args.dry_run else 64, backend="triton", mode=mode,
                                  dense_heads=dense_heads)
@@ -259,7 +261,21 @@ def section_rainfusion(args) -> dict:
             args.save({"rows": rows})
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    return {"rows": rows}
+    graphs = []  # after the timings, so a capture problem cannot cost them
+    for name in shapes:
+        for mode in ("rf1", "rf2"):
+            ns = SimpleNamespace(sparsity=0.75, block_m=32 if args.dry_run else 128,
+                                 block_n=32 if args.dry_run else 64, backend="triton", mode=mode, dense_heads="kernel")
+            label = "rf2" if mode == "rf2" else "rf1, dense heads on kernel"
+            try:
+                graphs.append({"variant": label, **ak.rainfusion_graph(name, ns, device, dtype, timing)})
+            except Exception as e:  # noqa: BLE001
+                graphs.append({"shape": name, "variant": label, "captured": False,
+                               "error": f"{type(e).__name__}: {e}"})
+            args.save({"rows": rows, "graphs": graphs})
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return {"rows": rows, "graphs": graphs}
 
 
 def _step(args, model: str, frames: int | None) -> dict:
@@ -280,6 +296,15 @@ def section_step_cogvideox(args) -> dict:
 
 def section_step_hunyuan(args) -> dict:
     return _step(args, "hunyuan-720p", None if args.dry_run else args.hunyuan_frames)
+
+
+def _route(row: dict) -> str:
+    """The dense-head route of an ``auto`` row and the timing it came from."""
+    meas = [m for m in row.get("dense_heads_measured") or [] if "kernel_ms" in m]
+    if row.get("dense_heads_route") is None or not meas:
+        return ""
+    m = meas[-1]
+    return f", auto -> {row['dense_heads_route']} (kernel {m['kernel_ms']:.3f} ms vs SDPA {m['sdpa_ms']:.3f} ms)"
 
 
 # --------------------------------------------------------------------------- driver
@@ -353,7 +378,13 @@ def summary(results: dict) -> str:
                 continue
             lines.append(f"| rainfusion | {r['shape']} {r['variant']} | {r['rainfusion_ms']:.3f} ms vs SDPA "
                          f"{r['dense_sdpa_ms']:.3f} ms = {r['speedup']:.2f}x, density {r['density']:.3f}, "
-                         f"{r['patterns']} |")
+                         f"{r['patterns']}{_route(r)} |")
+        for r in data.get("graphs", []) if name == "rainfusion" else []:
+            if "skipped" in r or "error" in r:
+                lines.append(f"| CUDA graph | {r['shape']} {r['variant']} | {r.get('skipped') or r['error']} |")
+                continue
+            lines.append(f"| CUDA graph | {r['shape']} {r['variant']} | captured; replay {r['replay_ms']:.3f} ms vs "
+                         f"eager {r['eager_ms']:.3f} ms, max |replay - eager| {r['max_abs_diff_vs_eager']:.2e} |")
         for r in data.get("rows", []) if name.startswith("step_") else []:
             dens = f", density {_fmt(r.get('density'))}" if "density" in r else ""
             lines.append(f"| {name} | {r['path']} | {r['median_ms']:.1f} ms, {_fmt(r.get('speedup', 1.0), '.2f')}x"

@@ -25,8 +25,12 @@ def test_gpu_quick_dry_run_writes_json(tmp_path):
                              "step_cogvideox", "step_hunyuan"}
     assert all(s["status"] == "ok" for s in sections.values()), {k: s["status"] for k, s in sections.items()}
     assert sections["correctness"]["data"]["all_ok"] is True
-    assert {r["variant"] for r in sections["rainfusion"]["data"]["rows"]} == {
-        "rf1, dense heads on sdpa", "rf1, dense heads on kernel", "rf2"}
+    rf_rows = {r["variant"]: r for r in sections["rainfusion"]["data"]["rows"]}
+    assert set(rf_rows) == {"rf1, dense heads on sdpa", "rf1, dense heads on kernel", "rf1, dense heads on auto", "rf2"}
+    assert rf_rows["rf1, dense heads on auto"]["dense_heads_route"] == "sdpa"  # CPU: no timing, SDPA
+    graphs = sections["rainfusion"]["data"]["graphs"]
+    assert [g["variant"] for g in graphs] == ["rf1, dense heads on kernel", "rf2"]
+    assert all(g["skipped"] == "CUDA graphs need a CUDA device" for g in graphs)  # CPU: nothing to capture
     assert [r["path"] for r in sections["step_hunyuan"]["data"]["rows"]][0] == "dense (stock processors)"
     kernels = sections["kernels_hunyuan"]["data"]["tables"][0]["rows"]
     assert [r["path"] for r in kernels].count("ours (triton)") == 3 and all("median_ms" in r for r in kernels)

@@ -32,7 +32,7 @@ def test_rf1_call_overhead_within_goal(tmp_path):
     assert lean["torch_ops_per_call"] <= 30
     # dense heads sent to SDPA: exactly one read (the decisions), and a bounded number of ops
     assert routed["device_to_host_reads_per_call"] == 1, routed["reads"]
-    assert routed["torch_ops_per_call"] <= 80
+    assert routed["torch_ops_per_call"] <= 52  # 49 at the tiny (padded) shape: textural rows as in the kernel route
 
 
 def test_rf2_call_has_no_host_read(tmp_path):

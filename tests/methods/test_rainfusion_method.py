@@ -430,6 +430,58 @@ def test_triton_path_all_dense_heads(dense_heads):
     assert ctx.stats.summary().pattern_histogram["dense"] == B * H
 
 
+@pytest.mark.parametrize("kernel_wins", [True, False])
+def test_auto_dense_heads_follow_the_measurement(monkeypatch, kernel_wins):
+    """``dense_heads="auto"``: the route is the side that measured faster (the device is declared measurable and the
+    clock faked, so both outcomes run here); either way every head equals its reference and the stats say where."""
+    _triton_or_skip()
+    from diffusers_attn.kernels import dense_route
+
+    dense_route.reset()
+    monkeypatch.setattr(dense_route, "MEASURED_DEVICE_TYPES", ("cuda", "cpu"))
+    monkeypatch.setattr(dense_route, "_elapsed_ms",
+                        lambda fn, device: (fn(), 1.0 if (fn.__name__ == "kernel") == kernel_wins else 2.0)[1])
+    layout = TokenLayout.video_first((4, 6, 8), 10)
+    q, k, v = planted_qkv(layout, 1, ["spatial", "temporal", "textural", "random"], 16, seed=1)
+    cfg = RainFusionConfig(sparsity=0.75, dense_steps=0, dense_layers=0, min_video_tokens=0, block_m=16, block_n=16,
+                           arm_threshold=0.95, kernel_backend="triton")
+    assert cfg.dense_heads == "auto"
+    method, ctx = RainFusionMethod(cfg), _ctx()
+    try:
+        out = run_method(method, q, k, v, layout=layout, key_padding_mask=None, scale=None, layer_index=0,
+                         context=ctx, dense_fn=lambda: pytest.fail("mixed heads never take the stock path"))
+        dec = ctx.last_decisions[0]
+        assert DENSE in dec.patterns and TEXTURAL in dec.patterns
+        plan = method.plan(layout)
+        for h in range(4):
+            ref = masked_attention_reference(q[0, h], k[0, h], v[0, h], plan.token_mask(int(dec.patterns[0, h])))
+            assert rel_err(out[0, h], ref) < 1e-5, (kernel_wins, h)
+        info = ctx.stats.summary().info
+        assert info["dense_heads"] == ("kernel" if kernel_wins else "sdpa")
+        [rec] = info["dense_heads_measured"]
+        assert rec["choice"] == info["dense_heads"] and rec["n_q"] == layout.seq_len
+    finally:
+        dense_route.reset()
+
+
+def test_auto_dense_heads_off_gpu_take_sdpa_without_measuring():
+    """Off CUDA the Triton path is the interpreter: timing it would say nothing, so "auto" takes SDPA."""
+    _triton_or_skip()
+    from diffusers_attn.kernels import dense_route
+
+    dense_route.reset()
+    layout = TokenLayout.video_first((4, 6, 8), 10)
+    q, k, v = planted_qkv(layout, 1, ["spatial", "random"], 16, seed=3)
+    cfg = RainFusionConfig(sparsity=0.75, dense_steps=0, dense_layers=0, min_video_tokens=0, block_m=16, block_n=16,
+                           arm_threshold=0.95, kernel_backend="triton")
+    ctx = _ctx()
+    run_method(RainFusionMethod(cfg), q, k, v, layout=layout, key_padding_mask=None, scale=None, layer_index=0,
+               context=ctx, dense_fn=lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    info = ctx.stats.summary().info
+    assert info["dense_heads"] == "sdpa" and "dense_heads_measured" not in info
+    assert dense_route.measurements() == []
+
+
 def test_stats_pending_until_read():
     """A sparse call leaves its numbers on the device; reading the stats records them once, in call order."""
     layout = TokenLayout.text_first((4, 6, 8), 10)

@@ -12,7 +12,7 @@ PATTERN_NAMES = ("dense", "spatial", "temporal", "textural")
 SPARSE_PATTERNS = {"spatial": SPATIAL, "temporal": TEMPORAL, "textural": TEXTURAL}
 ARM_RULES = ("cheapest", "argmax")
 MODES = RAINFUSION_MODES
-DENSE_HEADS = ("sdpa", "kernel")
+DENSE_HEADS = ("auto", "sdpa", "kernel")
 SKIP = 4  # table row with no key blocks: a head the same call computes elsewhere (dense heads sent to SDPA)
 RF2_FIRST_FRAME = ("sink", "dense", "none")
 
@@ -57,11 +57,14 @@ class RainFusionConfig:
         num_inference_steps: Total steps, for fractional ``dense_steps`` when no pipeline is available.
         kernel_backend: Force a block-sparse kernel backend (``"torch"``, ``"triton"``, ``"flex"``: PyTorch
             FlexAttention); default automatic (CUDA: Triton, else Flex where Triton cannot run the call).
-        dense_heads: Where heads ARM keeps dense run on the Triton path. ``"sdpa"`` (default): gathered into one
-            stock SDPA call (flash / cuDNN) in the same layer call, which costs one read of the (B, H) decisions
-            on the host per call (copied before the sparse kernel is launched, waited on after it). ``"kernel"``:
-            in the block-sparse kernel over all key blocks; no host read at all (the call can be captured in a CUDA
-            graph). The PyTorch path always uses SDPA for them.
+        dense_heads: Where heads ARM keeps dense run on the Triton path. ``"auto"`` (default): the first call of
+            each (device, dtype, head_dim, sequence length) times the kernel over all key blocks against SDPA on a
+            few of its heads (milliseconds, once per process) and takes the kernel only if it measured at least as
+            fast (:mod:`diffusers_attn.kernels.dense_route`); under CUDA-graph capture or ``torch.compile`` it
+            takes the kernel. ``"sdpa"``: gathered into one stock SDPA call (flash / cuDNN) in the same layer call,
+            which costs one read of the (B, H) decisions on the host per call (copied before the sparse kernel is
+            launched, waited on after it). ``"kernel"``: in the block-sparse kernel over all key blocks; no host
+            read at all (the call can be captured in a CUDA graph). The PyTorch path always uses SDPA for them.
         token_order: ``"raster"`` (the model's (t, h, w) order) or ``"tiles"``: the transformer runs the video
             tokens of frames t >= 1 in spatio-temporal tiles of ``tile`` = (tt, th, tw) tokens, permuted once where
             they are embedded and restored at the output projection (never per layer), so that each query block
@@ -104,7 +107,7 @@ class RainFusionConfig:
     block_n: int = 64
     num_inference_steps: int | None = None
     kernel_backend: str | None = None
-    dense_heads: str = "sdpa"
+    dense_heads: str = "auto"
     token_order: str = "tiles"
     tile: tuple[int, int, int] | None = None
     mode: str = DEFAULT_MODE

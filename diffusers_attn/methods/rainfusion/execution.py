@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ...kernels import block_sparse_attention, block_sparse_attention_table, num_blocks
+from ...kernels import block_sparse_attention, block_sparse_attention_table
 from ...kernels.memo import TensorMemo
 from .config import DENSE, SKIP, SPATIAL, TEMPORAL, TEXTURAL
 from .plan import RainFusionPlan
@@ -30,19 +30,20 @@ def triton_tables(plan: RainFusionPlan, dplan: dict[str, Any], device: torch.dev
     return t
 
 
-def execute_tables(cfg: Any, q, k, v, patterns: torch.Tensor, host: np.ndarray | None, plan: RainFusionPlan,
+def execute_tables(cfg: Any, dense_heads: str, q, k, v, patterns: torch.Tensor, host: np.ndarray | None, plan: RainFusionPlan,
                    dplan: dict[str, Any], kpm, scale, timer, read_host) -> torch.Tensor | None:
     """The Triton path: one table-kernel launch for every head (``patterns`` int32 (B, H) on the device indexes the
-    tables), then the textural heads' sparse rows over their gathered keys, and (``cfg.dense_heads == "sdpa"``)
+    tables), then the textural heads' sparse rows over their gathered keys, and (``dense_heads == "sdpa"``)
     the dense heads in one SDPA call. Returns None when every head is dense (the caller runs the stock call).
 
-    ``dense_heads="kernel"``: no host read; the textural launch covers every head (other heads read no block) and
+    ``dense_heads`` is the call's route (``RainFusionConfig.dense_heads`` with ``"auto"`` resolved).
+    ``"kernel"``: no host read; the textural launch covers every head (other heads read no block) and
     a device-side select keeps the textural heads' rows. ``"sdpa"``: ``read_host()`` gives the decisions on the
-    host (``host`` when already known), read after the sparse kernel is queued; the dense and textural heads are
-    then gathered, one launch each."""
+    host (``host`` when already known), read after the sparse kernel is queued; the dense heads are then gathered
+    into one SDPA launch, and the textural rows run as in the kernel route when any head is textural."""
     t = triton_tables(plan, dplan, q.device)
     tex_possible = TEXTURAL in cfg_candidates(cfg, plan)
-    if cfg.dense_heads == "kernel":
+    if dense_heads == "kernel":
         out = block_sparse_attention_table(q, k, v, *t["pattern"], patterns, block_m=cfg.block_m,
                                            block_n=cfg.block_n, key_padding_mask=kpm, scale=scale, backend="triton")
         if tex_possible:
@@ -62,9 +63,10 @@ def execute_tables(cfg: Any, q, k, v, patterns: torch.Tensor, host: np.ndarray |
         qd, kd, vd = (x[bi, hi].unsqueeze(1 if kpm is not None else 0) for x in (q, k, v))
         o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=kpm_d, scale=scale)
         out[bi, hi] = o.squeeze(1 if kpm is not None else 0)
-    tex = np.nonzero(host == TEXTURAL)
-    if tex[0].size:
-        _textural_gathered(cfg, q, k, v, tex, plan, dplan, kpm, scale, timer, out)
+    if tex_possible and (host == TEXTURAL).any():
+        # The device-side form of the kernel route (one launch, memoized gathered mask and key bounds): fewer host
+        # ops than gathering the listed heads, for a gather of every head's textural keys (a few % of the call).
+        _textural_all_heads(cfg, q, k, v, patterns, plan, dplan, t, kpm, scale, timer, out)
     return out
 
 
@@ -106,23 +108,6 @@ def _gathered_mask(dplan: dict[str, Any], kpm: torch.Tensor | None, gi: torch.Te
         return None
     memo = dplan.setdefault("_gathered_mask", TensorMemo())
     return memo.get(kpm, lambda: kpm.index_select(1, gi))
-
-
-def _textural_gathered(cfg, q, k, v, tex, plan, dplan, kpm, scale, timer, out) -> None:
-    """Textural S rows of the heads listed in ``tex`` (host (batch, head) indices): one launch, heads as batch."""
-    gi = dplan["gather_index"]
-    s0, s1 = plan.layout.sparse_rows
-    bi, hi = _index_pair(tex, q.device)
-    with timer("gather", q.device):
-        kc = k[bi[:, None], hi[:, None], gi[None, :]].unsqueeze(1)  # (n, 1, N_c, D)
-        vc = v[bi[:, None], hi[:, None], gi[None, :]].unsqueeze(1)
-        kpm_c = kpm[bi[:, None], gi[None, :]] if kpm is not None else None
-    qs = q[bi, hi, s0:s1].unsqueeze(1)
-    if kpm_c is None:
-        o = _sdpa(qs, kc, vc, None, scale)
-    else:  # a boolean mask would push SDPA off its flash backend; the kernel masks for free
-        o = _dense_triton(qs, kc, vc, kpm_c, scale, cfg.block_m, cfg.block_n)
-    out[bi, hi, s0:s1] = o.squeeze(1)
 
 
 def execute_grouped(cfg: Any, q, k, v, patterns: np.ndarray, plan: RainFusionPlan, dplan: dict[str, Any], kpm,
@@ -170,15 +155,6 @@ def _textural(qs, ks, vs, plan, dplan, kpm_b, scale, timer):
     s0, s1 = plan.layout.sparse_rows
     o[:, :, s0:s1] = _sdpa(qs[:, :, s0:s1], kc, vc, kpm_c, scale)
     return o
-
-
-def _dense_triton(q, k, v, kpm, scale, block_m, block_n):
-    """Dense attention with a key padding mask through the block-sparse kernel (every key block listed)."""
-    M, K = num_blocks(q.shape[2], block_m), num_blocks(k.shape[2], block_n)
-    idx = torch.arange(K, dtype=torch.int32, device=q.device).expand(q.shape[0], q.shape[1], M, K)
-    cnt = torch.full((1, 1, 1), K, dtype=torch.int32, device=q.device).expand(q.shape[0], q.shape[1], M)
-    return block_sparse_attention(q, k, v, idx, cnt, block_m=block_m, block_n=block_n, key_padding_mask=kpm,
-                                  scale=scale, backend="triton")
 
 
 def _sdpa(q, k, v, kpm, scale):

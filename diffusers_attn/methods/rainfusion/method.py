@@ -25,7 +25,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ...kernels import fast_kernel_unavailable, select_backend
+from ...kernels import dense_route, fast_kernel_unavailable, select_backend
 from ...kernels.selfcheck import stats_info as kernel_check_info
 from ...kernels.memo import TensorMemo
 from ...layout import TokenLayout
@@ -39,7 +39,7 @@ from .config import (
     RainFusionConfig,
     pattern_params,
 )
-from .execution import execute_grouped, execute_tables
+from .execution import cfg_candidates, execute_grouped, execute_tables
 from .plan import RainFusionPlan
 from .recognition import arm_recalls, choose_patterns
 from .rf2 import RF2Attention
@@ -278,14 +278,33 @@ class RainFusionMethod:
                 logger.warning("diffusers-attn: RainFusion runs its sparse calls on the PyTorch path on %s: %s",
                                q.device, reason)
         if backend == "triton":
-            if cfg.dense_heads == "sdpa" and entry.host is None and patterns.is_cuda:
+            route = self._dense_route(q, k, v, kpm, scale, plan)
+            record.info["dense_heads"] = route
+            if cfg.dense_heads == "auto" and dense_route.measures(q.device):
+                record.info["dense_heads_measured"] = dense_route.measurements()
+            if route == "sdpa" and entry.host is None and patterns.is_cuda:
                 self._start_copy(entry)  # queued before the sparse kernel, so waiting on it never waits for that
-            return execute_tables(cfg, q, k, v, patterns, entry.host, plan, dplan, kpm, scale, call.timer,
+            return execute_tables(cfg, route, q, k, v, patterns, entry.host, plan, dplan, kpm, scale, call.timer,
                                   lambda: self._read_host(entry))
         host = self._read_host(entry)
         if (host == DENSE).all():
             return None
         return execute_grouped(cfg, q, k, v, host, plan, dplan, kpm, scale, call.timer)
+
+    def _dense_route(self, q, k, v, kpm, scale, plan: RainFusionPlan) -> str:
+        """Where this call's dense heads run on the Triton path: ``"kernel"`` or ``"sdpa"`` (``dense_heads``;
+        ``"auto"`` measures once per device and shape on CUDA, takes SDPA elsewhere: off CUDA, Triton is the
+        interpreter and timing it says nothing)."""
+        cfg = self.config
+        if cfg.dense_heads != "auto":
+            return cfg.dense_heads
+        if DENSE not in cfg_candidates(cfg, plan):
+            return "kernel"  # no head can be dense: nothing to route, and no host read
+        if not dense_route.measures(q.device):
+            return "sdpa"
+        fast = dense_route.kernel_beats_sdpa(q, k, v, block_m=cfg.block_m, block_n=cfg.block_n,
+                                             key_padding_mask=kpm, scale=scale, backend="triton")
+        return "kernel" if fast else "sdpa"
 
     @staticmethod
     def _start_copy(entry: _ArmCacheEntry) -> None:
