@@ -269,6 +269,10 @@ def tile_config(
             bm_t, stages = (64 if head_dim <= 128 else 32), 1
         elif head_dim > 128:
             stages = 1
+        elif head_dim > 64:
+            # 16-bit D=128 at 128x64x3 takes 96 KiB with triton 3.9 but 128 KiB with 3.6 (the GPU image's and
+            # torch 2.10/2.11's version; launch fails with OutOfResources): two stages take 96 KiB there
+            stages = 2
     elif cap is not None and cap[0] < 9 and elem_size >= 4 and head_dim > 64:
         # fp32 tiles need twice the shared memory: the fp16 table's D=128 (128x64, 3 stages) takes 225 KiB and
         # D=256 (64x32, 2 stages) 200 KiB, over Ampere's 163 KiB (launch fails with OutOfResources); these take
@@ -389,7 +393,7 @@ def block_sparse_attention_triton(
             EVEN_D=block_d == D, HAS_KPM=key_padding_mask is not None, HAS_LSE=return_lse,
             USE_TABLE=head_table is not None, IEEE=q.dtype == torch.float32, NEG_SCALE=scale < 0,
             MASKED_STAGES=masked_stages,
-            num_warps=warps, num_stages=stages,
+            num_warps=warps, num_stages=stages, enable_fp_fusion=True,  # explicit: triton 3.10 turns the default off
         )
     if return_lse:
         return out, lse
