@@ -140,6 +140,6 @@ def probe_block_mass_triton(
             H, P, N, D, scale * _LOG2E,
             LIST_BN=block_n, BLOCK_P=block_p, BLOCK_N=bn_t, BLOCK_D=block_d, EVEN_D=block_d == D,
             HAS_KPM=key_padding_mask is not None, HAS_TW=token_weights is not None, IEEE=q.dtype == torch.float32,
-            num_warps=warps, num_stages=stages,
+            num_warps=warps, num_stages=stages, enable_fp_fusion=True,  # explicit: triton 3.10 turns the default off
         )
     return mass, tmass
