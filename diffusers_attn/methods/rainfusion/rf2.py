@@ -18,8 +18,9 @@ Ties in the top-k go to the lower key block index; non-finite scores are never p
 through ``TokenLayout.token_coords()`` (a token permutation changes no code here). Selection runs without autograd:
 on the Triton path (CUDA) as :func:`diffusers_attn.kernels.block_topk_select` (three kernel launches, same lists
 as the PyTorch path), else with the PyTorch ops below; execution is
-:func:`diffusers_attn.kernels.block_sparse_attention` (relaxed block semantics, exact). Optional reuse of a layer's lists for ``rf2_reuse_steps`` steps, or of one layer's lists for all layers of
-a step (``rf2_share_layers``), as LightX2V and xLLM do.
+:func:`diffusers_attn.kernels.block_sparse_attention` (relaxed block semantics, exact). Optional reuse of a
+layer's lists for ``rf2_reuse_steps`` steps, or of one layer's lists for all layers of a step
+(``rf2_share_layers``), as LightX2V and xLLM do.
 """
 
 from __future__ import annotations
