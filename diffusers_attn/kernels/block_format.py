@@ -29,21 +29,27 @@ def num_blocks(n: int, block: int) -> int:
     return (n + block - 1) // block
 
 
-def block_mask_to_lists(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def block_mask_to_lists(block_mask: torch.Tensor, k_max: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Convert a boolean block mask ``[..., M, K]`` to ``(kv_indices int32 [..., M, K_max], kv_counts int32 [..., M])``.
 
-    ``K_max`` is the largest row count (at least 1). Padding slots repeat the last valid index of the row
-    (0 for empty rows).
+    ``K_max`` is ``k_max`` when given (raises if a row lists more blocks; may exceed K), else the largest row count
+    (at least 1). Padding slots repeat the last valid index of the row (0 for empty rows).
     """
     if block_mask.dtype != torch.bool:
         raise TypeError(f"block_mask must be bool, got {block_mask.dtype}")
     counts = block_mask.sum(-1)
-    k_max = max(int(counts.max().item()) if counts.numel() else 0, 1)
+    top = int(counts.max().item()) if counts.numel() else 0
+    if k_max is None:
+        k_max = max(top, 1)
+    elif top > k_max:
+        raise ValueError(f"a row selects {top} key blocks, more than k_max={k_max}")
     num_k = block_mask.shape[-1]
     # Sort key: selected blocks first in ascending order, then unselected ones.
     ar = torch.arange(num_k, device=block_mask.device)
     key = torch.where(block_mask, ar, ar + num_k)
     order = key.argsort(dim=-1, stable=True)[..., :k_max]
+    if order.shape[-1] < k_max:  # wider than a row: the extra slots are padding
+        order = torch.cat([order, order[..., -1:].expand(*order.shape[:-1], k_max - num_k)], -1)
     slot = torch.arange(k_max, device=block_mask.device)
     valid = slot < counts.unsqueeze(-1)
     last = torch.gather(order, -1, (counts.clamp(min=1) - 1).unsqueeze(-1))

@@ -31,7 +31,7 @@ from typing import NamedTuple
 
 import torch
 
-from .block_format import num_blocks
+from .block_format import block_mask_to_lists, num_blocks
 
 __all__ = ["KeyBlocks", "block_topk_select_torch", "key_blocks", "topk_lower_index"]
 
@@ -88,22 +88,6 @@ def topk_lower_index(scores: torch.Tensor, eligible: torch.Tensor, k: int) -> to
     return picked.scatter(-1, idx[..., :k], vals[..., :k] > float("-inf"))
 
 
-def mask_to_lists(sel: torch.Tensor, k_max: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A block mask (..., M, K) as ``(kv_indices int32 (..., M, k_max), kv_counts int32 (..., M))``: ascending,
-    padded with the row's last listed block (0 for an empty row). Raises if a row lists more than ``k_max``."""
-    K = sel.shape[-1]
-    counts = sel.sum(-1)
-    if sel.numel() and int(counts.max()) > k_max:
-        raise ValueError(f"a row selects {int(counts.max())} key blocks, more than k_max={k_max}")
-    ar = torch.arange(K, device=sel.device)
-    order = torch.where(sel, ar, ar + K).argsort(dim=-1, stable=True)
-    order = torch.cat([order, order[..., -1:].expand(*order.shape[:-1], max(0, k_max - K))], -1)[..., :k_max]
-    last = torch.where(sel, ar, 0).amax(-1, keepdim=True)
-    slot = torch.arange(k_max, device=sel.device)
-    idx = torch.where(slot < counts[..., None], order, last)
-    return idx.to(torch.int32), counts.to(torch.int32)
-
-
 @torch.no_grad()
 def block_topk_select_torch(
     q: torch.Tensor,
@@ -131,7 +115,7 @@ def block_topk_select_torch(
     forced = forced.bool()
     eligible = ~forced & has & logits.isfinite()
     sel = (forced & has) | topk_lower_index(logits, eligible, topk)
-    idx, cnt = mask_to_lists(sel, k_max)
+    idx, cnt = block_mask_to_lists(sel, k_max)
     p = logits.softmax(-1).nan_to_num(0.0)  # a batch element without a valid key: all -inf, nothing listed
     s = sel.to(acc)
     f64 = torch.float64

@@ -127,6 +127,18 @@ def test_block_list_round_trip():
             assert row == sorted(set(row))
 
 
+
+def test_block_lists_with_a_given_width():
+    """``k_max`` fixes the list width (narrower or wider than K), padding with the row's last listed block."""
+    mask = torch.tensor([[True, False, True, False], [False, False, False, False], [False, True, False, False]])
+    idx, cnt = block_mask_to_lists(mask, 6)
+    assert idx.tolist() == [[0, 2, 2, 2, 2, 2], [0] * 6, [1] * 6] and cnt.tolist() == [2, 0, 1]
+    idx2, cnt2 = block_mask_to_lists(mask, 2)
+    assert idx2.tolist() == [[0, 2], [0, 0], [1, 1]] and torch.equal(cnt2, cnt)
+    with pytest.raises(ValueError, match="more than k_max=1"):
+        block_mask_to_lists(mask, 1)
+
+
 def _args(B=1, H=1, n=32, D=8, bm=16, bn=16):
     q = torch.randn(B, H, n, D)
     idx, cnt = block_mask_to_lists(torch.ones(B, H, num_blocks(n, bm), num_blocks(n, bn), dtype=torch.bool))
