@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ...kernels import block_sparse_attention, block_sparse_attention_table
+from ...kernels.dense_route import sdpa_dense
 from ...kernels.memo import TensorMemo
 from .config import DENSE, SKIP, SPATIAL, TEMPORAL, TEXTURAL
 from .plan import RainFusionPlan
@@ -127,7 +128,7 @@ def execute_grouped(cfg: Any, q, k, v, patterns: np.ndarray, plan: RainFusionPla
                 qs, ks, vs = (x[b].index_select(0, sel).unsqueeze(0) for x in (q, k, v))
             nh = len(heads)
             if p == DENSE:
-                o = _sdpa(qs, ks, vs, kpm_b, scale)
+                o = sdpa_dense(qs, ks, vs, kpm_b, scale)
             elif p == TEXTURAL:
                 o = _textural(qs, ks, vs, plan, dplan, kpm_b, scale, timer)
             else:
@@ -147,17 +148,11 @@ def execute_grouped(cfg: Any, q, k, v, patterns: np.ndarray, plan: RainFusionPla
 def _textural(qs, ks, vs, plan, dplan, kpm_b, scale, timer):
     o = torch.empty(*qs.shape[:3], vs.shape[-1], dtype=qs.dtype, device=qs.device)
     for r0, r1 in plan.layout.dense_row_ranges:
-        o[:, :, r0:r1] = _sdpa(qs[:, :, r0:r1], ks, vs, kpm_b, scale)
+        o[:, :, r0:r1] = sdpa_dense(qs[:, :, r0:r1], ks, vs, kpm_b, scale)
     gi = dplan["gather_index"]
     with timer("gather", qs.device):
         kc, vc = ks.index_select(2, gi), vs.index_select(2, gi)
         kpm_c = kpm_b.index_select(1, gi) if kpm_b is not None else None
     s0, s1 = plan.layout.sparse_rows
-    o[:, :, s0:s1] = _sdpa(qs[:, :, s0:s1], kc, vc, kpm_c, scale)
+    o[:, :, s0:s1] = sdpa_dense(qs[:, :, s0:s1], kc, vc, kpm_c, scale)
     return o
-
-
-def _sdpa(q, k, v, kpm, scale):
-    mask = kpm[:, None, None, :] if kpm is not None else None
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-
