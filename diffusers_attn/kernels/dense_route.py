@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 from .block_format import num_blocks
 
-__all__ = ["MEASURED_DEVICE_TYPES", "kernel_beats_sdpa", "measurements", "measures", "reset", "sdpa_dense"]
+__all__ = ["MEASURED_DEVICE_TYPES", "kernel_beats_sdpa", "measurements", "measures", "reset", "sdpa_dense",
+           "stats_info"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ _FILL_BLOCKS = 264  # about two query blocks per SM of an H100/H200
 _lock = threading.Lock()
 _decisions: dict[tuple, bool] = {}
 _records: list[dict[str, Any]] = []
+_info: dict[str, Any] = {}  # what stats_info() returns: rebuilt when a measurement is added, not per call
 
 
 def measures(device: torch.device) -> bool:
@@ -132,6 +134,7 @@ def kernel_beats_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, bloc
             logger.error("diffusers-attn: timing dense heads in the %s kernel failed (%s); they run in SDPA",
                          backend, rec["error"])
         _records.append(rec)
+        _info["dense_heads_measured"] = [dict(r) for r in _records]
         _decisions[key] = rec["choice"] == "kernel"
         logger.info("diffusers-attn: dense heads on %s %s head_dim %d, %d tokens: %s (%s)", rec["device"],
                     rec["dtype"], rec["head_dim"], rec["n_q"], rec["choice"],
@@ -145,8 +148,15 @@ def measurements() -> list[dict[str, Any]]:
         return [dict(r) for r in _records]
 
 
+def stats_info() -> dict[str, Any]:
+    """``{"dense_heads_measured": [...]}`` once a measurement was made, else ``{}`` (for a method's record; the
+    same dict until the next measurement, so a call copies nothing)."""
+    return _info
+
+
 def reset() -> None:
     """Forget every measurement (the next call of each key measures again)."""
     with _lock:
         _decisions.clear()
         _records.clear()
+        _info.clear()

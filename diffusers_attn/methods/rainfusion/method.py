@@ -280,8 +280,7 @@ class RainFusionMethod:
         if backend == "triton":
             route = self._dense_route(q, k, v, kpm, scale, plan)
             record.info["dense_heads"] = route
-            if cfg.dense_heads == "auto" and dense_route.measures(q.device):
-                record.info["dense_heads_measured"] = dense_route.measurements()
+            record.info.update(dense_route.stats_info())  # the one-time route timings, if any
             if route == "sdpa" and entry.host is None and patterns.is_cuda:
                 self._start_copy(entry)  # queued before the sparse kernel, so waiting on it never waits for that
             return execute_tables(cfg, route, q, k, v, patterns, entry.host, plan, dplan, kpm, scale, call.timer,
