@@ -147,35 +147,23 @@ def test_off_and_env_validation(backend, monkeypatch):
         selfcheck.enabled(torch.device("cpu"))
 
 
+def _rainfusion_call(q, k, v, layout, kpm, kernel_backend):
+    """One sparse RainFusion layer call with ``kernel_backend`` (None: automatic): (output, context)."""
+    cfg = RainFusionConfig(sparsity=0.75, dense_steps=0, dense_layers=0, min_video_tokens=0, block_m=16, block_n=16,
+                           arm_threshold=0.95, kernel_backend=kernel_backend)
+    ctx = AttentionContext(object())  # the method never touches the adapter
+    out = run_method(RainFusionMethod(cfg), q, k, v, layout=layout, key_padding_mask=kpm, scale=None, layer_index=0,
+                     context=ctx, dense_fn=lambda: pytest.fail("mixed heads are sparse"))
+    return out, ctx
+
+
 def test_failures_visible_in_rainfusion_stats(backend):
     backend("wrong", _ignores_lists)
     layout = TokenLayout.video_first((4, 6, 8), 10)
     q, k, v = planted_qkv(layout, 1, ["spatial", "temporal", "textural", "random"], 16)
     outs = {}
     for name in (None, "torch"):
-        cfg = RainFusionConfig(
-            sparsity=0.75,
-            dense_steps=0,
-            dense_layers=0,
-            min_video_tokens=0,
-            block_m=16,
-            block_n=16,
-            arm_threshold=0.95,
-            kernel_backend=name,
-        )
-        ctx = AttentionContext(object())  # the method never touches the adapter
-        outs[name] = run_method(
-            RainFusionMethod(cfg),
-            q,
-            k,
-            v,
-            layout=layout,
-            key_padding_mask=None,
-            scale=None,
-            layer_index=0,
-            context=ctx,
-            dense_fn=lambda: pytest.fail("mixed heads are sparse"),
-        )
+        outs[name], ctx = _rainfusion_call(q, k, v, layout, None, name)
         if name is None:
             fails = ctx.stats.info["kernel_self_check_failures"]
             assert [f["backend"] for f in fails] == ["wrong"] and fails[0]["fallback"] == "flex"
@@ -301,29 +289,7 @@ def test_probe_failure_visible_in_rainfusion_stats(probe_backend, monkeypatch):
     for run, name in (("checked", None), ("torch", "torch"), ("unchecked", None)):
         if run == "unchecked":
             monkeypatch.setenv("DIFFATTN_SELF_CHECK", "0")
-        cfg = RainFusionConfig(
-            sparsity=0.75,
-            dense_steps=0,
-            dense_layers=0,
-            min_video_tokens=0,
-            block_m=16,
-            block_n=16,
-            arm_threshold=0.95,
-            kernel_backend=name,
-        )
-        ctx = AttentionContext(object())  # the method never touches the adapter
-        outs[run] = run_method(
-            RainFusionMethod(cfg),
-            q,
-            k,
-            v,
-            layout=layout,
-            key_padding_mask=kpm,
-            scale=None,
-            layer_index=0,
-            context=ctx,
-            dense_fn=lambda: pytest.fail("mixed heads are sparse"),
-        )
+        outs[run], ctx = _rainfusion_call(q, k, v, layout, kpm, name)
         recalls[run] = torch.as_tensor(ctx.last_decisions[0].recalls)
         if run == "checked":
             fails = ctx.stats.info["kernel_self_check_failures"]
