@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.distributed as dist
 
 
 def _sample(out):
@@ -20,8 +19,9 @@ def run(rank: int, world: int, init_file: str, model: str, sparsities: tuple, ou
     from diffusers_attn import RainFusionConfig, apply_rainfusion, get_attention_context
     from diffusers_attn.parallel import enable_context_parallel
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    from _gloo import gloo_rank
+
+    with gloo_rank(init_file, rank, world):
         for sparsity in sparsities:
             torch.manual_seed(0)
             if model == "cogvideox":
@@ -53,5 +53,3 @@ def run(rank: int, world: int, init_file: str, model: str, sparsities: tuple, ou
             torch.save({"ref": ref, "out": out, "ref_dec": ref_dec, "dec": dec, "density": ctx.stats.summary().density,
                         "token_order": ctx.token_order},
                        os.path.join(out_dir, f"{sparsity}-rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()

@@ -195,13 +195,13 @@ def test_rf2_runs_and_is_exact_at_sparsity0():
 
 # --------------------------------------------------------------------------- Ulysses degree 2
 def _cp_worker(rank: int, world: int, init_file: str, out_dir: str, runs: tuple) -> None:
-    import torch.distributed as dist
 
     from diffusers_attn import get_attention_context
     from diffusers_attn.parallel import enable_context_parallel
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    from _gloo import gloo_rank
+
+    with gloo_rank(init_file, rank, world):
         for mode, sparsity in runs:
             m = make_hunyuan_video15(heads=4, head_dim=8)
             inputs = hunyuan_video15_inputs(batch=2, frames=4, height=8, width=8, valid=(4, 10), valid_2=(0, 3),
@@ -219,8 +219,6 @@ def _cp_worker(rank: int, world: int, init_file: str, out_dir: str, runs: tuple)
             torch.save({"ref": ref, "out": out, "ref_dec": ref_dec, "dec": dec, "token_order": ctx.token_order,
                         "density": ctx.stats.summary().density},
                        os.path.join(out_dir, f"{mode}-{sparsity}-rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_ulysses_degree2_equals_single_process(tmp_path):

@@ -153,13 +153,13 @@ def _cp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     """One rank of the 2-process Ulysses test (spawned; gloo on CPU)."""
     import os
 
-    import torch.distributed as dist
 
     from diffusers_attn import get_attention_context
     from diffusers_attn.parallel import enable_context_parallel
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    from _gloo import gloo_rank
+
+    with gloo_rank(init_file, rank, world):
         for sparsity in (0.0, 0.75):
             torch.manual_seed(0)
             model = OpenSoraTransformer3DModel(
@@ -180,8 +180,6 @@ def _cp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             dec = {k: (v.patterns.copy(), v.head_offset) for k, v in ctx.last_decisions.items()}
             torch.save({"ref": ref, "out": out, "out_nocond": out_nocond, "ref_dec": ref_dec, "dec": dec,
                         "density": ctx.stats.summary().density}, os.path.join(out_dir, f"{sparsity}-rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_ulysses_degree2_equals_single_process(tmp_path):

@@ -12,14 +12,14 @@ from conftest import rel_err
 
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    import torch.distributed as dist
     from conftest import hunyuan_inputs, make_hunyuan
 
     from diffusers_attn import RainFusionConfig, apply_rainfusion, get_attention_context
     from diffusers_attn.parallel import enable_context_parallel
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    from _gloo import gloo_rank
+
+    with gloo_rank(init_file, rank, world):
         torch.manual_seed(0)
         m = make_hunyuan(heads=4, head_dim=10, num_layers=1, num_single_layers=1)
         inputs = hunyuan_inputs(batch=2, frames=4, size=8, text_len=12, valid=(5, 12))
@@ -34,8 +34,6 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         dec = {k: (v.kept_mass.copy(), v.head_offset) for k, v in ctx.last_decisions.items()}
         torch.save({"ref": ref, "out": out, "ref_dec": ref_dec, "dec": dec, "density": ctx.stats.summary().density},
                    os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_rf2_ulysses_degree2_equals_single_process(tmp_path):

@@ -248,12 +248,12 @@ def _two_expert_cp_worker(rank: int, world: int, init_file: str, out_dir: str) -
     """One rank: a two-expert "pipeline" (Wan 2.2 A14B layout), RainFusion on both, then Ulysses on both."""
     import os
 
-    import torch.distributed as dist
 
     from diffusers_attn.parallel import enable_context_parallel
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    from _gloo import gloo_rank
+
+    with gloo_rank(init_file, rank, world):
         experts = [make_wan(num_layers=1, heads=4, head_dim=12) for _ in range(2)]
         with torch.no_grad():
             for p in experts[1].parameters():
@@ -273,8 +273,6 @@ def _two_expert_cp_worker(rank: int, world: int, init_file: str, out_dir: str) -
         torch.save({"ref": ref, "out": out, "density": get_attention_stats(pipe, log=False).density,
                     "sharded": sharded},
                    os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_ulysses_shards_both_experts(tmp_path):
