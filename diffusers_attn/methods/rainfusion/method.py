@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from ...kernels import dense_route, fast_kernel_unavailable, select_backend
-from ...kernels.selfcheck import stats_info as kernel_check_info
 from ...kernels.memo import TensorMemo
+from ...kernels.selfcheck import stats_info as kernel_check_info
 from ...layout import TokenLayout
 from ..base import CallInfo, MethodRecord, deferred_record, dense_record
 from .config import (
@@ -193,20 +193,10 @@ class RainFusionMethod:
         if self.config.mode == "rf2":  # RainFusion 2.0: block top-k instead of ARM patterns (rf2.py)
             return RF2Attention.of(self).attend(q, k, v, layout=layout, key_padding_mask=key_padding_mask,
                                                 scale=scale, call=call, dense_fn=dense_fn)
+        dense = self._checked_or_dense(q, k, layout, key_padding_mask, call, dense_fn, PATTERN_NAMES, "RainFusion")
+        if dense is not None:
+            return dense
         B, H, N, D = q.shape
-        if N != layout.seq_len or k.shape[2] != N:
-            raise ValueError(
-                f"RainFusion: sequence length {N} (keys {k.shape[2]}) does not match the layout "
-                f"{layout} (expected {layout.seq_len}); the latent grid from the context hook disagrees with the "
-                "attention inputs"
-            )
-        reason = self.fallback_reason(layout, call.layer_index, call)
-        if reason is not None:
-            valid = self._valid_counts(key_padding_mask)
-            return dense_fn(), dense_record(reason, batch=B, heads=H, head_dim=D, n_q=N,
-                                            n_k_valid=float(N * B) if valid is None else valid,
-                                            n_video=layout.num_video, pattern_names=PATTERN_NAMES)
-
         dev = q.device
         with call.timer("plan", dev):
             plan = self.plan(layout)
@@ -220,6 +210,25 @@ class RainFusionMethod:
         if out is None:  # every head stays dense: the stock call is the fastest exact dense path
             return dense_fn(), record
         return out, record
+
+    def _checked_or_dense(self, q, k, layout: TokenLayout, key_padding_mask, call: CallInfo,
+                          dense_fn: Callable[[], torch.Tensor], pattern_names, who: str):
+        """The start every sparse call shares (rf1, rf2, random blocks): the sequence must match the layout, and a
+        call the schedule keeps dense (warm-up step, dense layer, short video) returns ``(stock output, record)``.
+        None: go on with the sparse call."""
+        B, H, N, D = q.shape
+        if N != layout.seq_len or k.shape[2] != N:
+            raise ValueError(
+                f"{who}: sequence length {N} (keys {k.shape[2]}) does not match the layout {layout} (expected "
+                f"{layout.seq_len}); the latent grid from the context hook disagrees with the attention inputs"
+            )
+        reason = self.fallback_reason(layout, call.layer_index, call)
+        if reason is None:
+            return None
+        valid = self._valid_counts(key_padding_mask)
+        return dense_fn(), dense_record(reason, batch=B, heads=H, head_dim=D, n_q=N,
+                                        n_k_valid=float(N * B) if valid is None else valid,
+                                        n_video=layout.num_video, pattern_names=pattern_names)
 
     def _valid_counts(self, kpm: torch.Tensor | None) -> torch.Tensor | None:
         """Valid keys per batch element on the device (None: no padding), for the stats. Every layer of a forward

@@ -29,7 +29,7 @@ import torch
 
 from ...kernels import block_sparse_attention, select_backend
 from ...layout import TokenLayout
-from ..base import CallInfo, MethodRecord, deferred_record, dense_record
+from ..base import CallInfo, MethodRecord, deferred_record
 from .config import RainFusionConfig
 from .method import RainFusionMethod
 from .rf2 import RF2Plan, block_lists, pair_counts
@@ -154,16 +154,11 @@ class RandomBlockMethod(RainFusionMethod):
         call: CallInfo,
         dense_fn: Callable[[], torch.Tensor],
     ) -> tuple[torch.Tensor, MethodRecord]:
+        dense = self._checked_or_dense(q, k, layout, key_padding_mask, call, dense_fn, RANDOM_PATTERN_NAMES,
+                                       "RandomBlockMethod")
+        if dense is not None:
+            return dense
         B, H, N, D = q.shape
-        if N != layout.seq_len or k.shape[2] != N:
-            raise ValueError(f"RandomBlockMethod: sequence length {N} (keys {k.shape[2]}) does not match the "
-                             f"layout {layout} (expected {layout.seq_len})")
-        reason = self.fallback_reason(layout, call.layer_index, call)
-        if reason is not None:
-            valid = self._valid_counts(key_padding_mask)
-            return dense_fn(), dense_record(reason, batch=B, heads=H, head_dim=D, n_q=N,
-                                            n_k_valid=float(N * B) if valid is None else valid,
-                                            n_video=layout.num_video, pattern_names=RANDOM_PATTERN_NAMES)
         plan = self.random_plan(layout)
         dplan = plan.on(q.device)
         bn = plan.base.block_n

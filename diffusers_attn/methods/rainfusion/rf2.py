@@ -46,7 +46,7 @@ from ...kernels.block_select import topk_lower_index
 from ...kernels.memo import TensorMemo
 from ...kernels.selfcheck import stats_info as kernel_check_info
 from ...layout import TokenLayout
-from ..base import CallInfo, MethodRecord, deferred_record, dense_record, valid_key_counts
+from ..base import CallInfo, MethodRecord, deferred_record, valid_key_counts
 
 logger = logging.getLogger(__name__)
 
@@ -343,18 +343,11 @@ class RF2Attention:
         dense_fn: Callable[[], torch.Tensor],
     ) -> tuple[torch.Tensor, MethodRecord]:
         """rf2 attention for heads ``[call.head_offset, call.head_offset + H)``; same schedule as rf1."""
+        dense = self.method._checked_or_dense(q, k, layout, key_padding_mask, call, dense_fn, RF2_PATTERN_NAMES,
+                                              "RainFusion rf2")
+        if dense is not None:
+            return dense
         B, H, N, D = q.shape
-        if N != layout.seq_len or k.shape[2] != N:
-            raise ValueError(
-                f"RainFusion rf2: sequence length {N} (keys {k.shape[2]}) does not match the layout {layout} "
-                f"(expected {layout.seq_len}); the latent grid from the context hook disagrees with the inputs"
-            )
-        reason = self.method.fallback_reason(layout, call.layer_index, call)
-        if reason is not None:
-            valid = self.method._valid_counts(key_padding_mask)
-            return dense_fn(), dense_record(reason, batch=B, heads=H, head_dim=D, n_q=N,
-                                            n_k_valid=float(N * B) if valid is None else valid,
-                                            n_video=layout.num_video, pattern_names=RF2_PATTERN_NAMES)
         dev = q.device
         with call.timer("plan", dev):
             plan = self.plan(layout)
