@@ -102,8 +102,6 @@ def capture_launches(capability: tuple[int, int]):
                     patch(mod, name, _Recorder(obj, sink))
         patch(block_sparse_triton, "device_capability", lambda device: capability)
         patch(block_sparse_triton, "interpreter_enabled", lambda: True)
-        patch(probe_triton, "interpreter_enabled", lambda: True)
-        patch(block_select_triton, "interpreter_enabled", lambda: True)
         patch(biwkv_triton, "_interpreting", lambda: True)
         yield sink
     finally:

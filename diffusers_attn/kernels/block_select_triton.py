@@ -29,7 +29,7 @@ import triton.language as tl
 from . import block_sparse_triton as bst
 from .block_format import num_blocks
 from .block_select import KeyBlocks
-from .block_sparse_triton import interpreter_enabled, launch_guard
+from .block_sparse_triton import launch_guard
 
 MAX_KEY_BLOCKS = 8192
 
@@ -166,10 +166,9 @@ def _block_select_kernel(
 
 def supports(q: torch.Tensor, k: torch.Tensor, block_m: int, block_n: int) -> str | None:
     """None if the kernels can run this call, else the reason."""
-    if q.device.type != "cuda" and not interpreter_enabled():
-        return f"tensors on {q.device.type} (the Triton kernel needs CUDA, or TRITON_INTERPRET=1 for tests)"
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"dtype {q.dtype} (supported: float16, bfloat16, float32)"
+    why = bst.device_dtype_problem(q)
+    if why:
+        return why
     if q.shape[-1] > 256:
         return f"head_dim {q.shape[-1]} (supported: at most 256)"
     if num_blocks(k.shape[2], block_n) > MAX_KEY_BLOCKS:

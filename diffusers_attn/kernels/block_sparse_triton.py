@@ -224,6 +224,16 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def device_dtype_problem(q: torch.Tensor) -> str | None:
+    """Why no Triton kernel of this package can take ``q`` (its device or dtype), else None: the checks every
+    kernel's ``supports`` starts with."""
+    if q.device.type != "cuda" and not interpreter_enabled():
+        return f"tensors on {q.device.type} (the Triton kernel needs CUDA, or TRITON_INTERPRET=1 for tests)"
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {q.dtype} (supported: float16, bfloat16, float32)"
+    return None
+
+
 def _pow2_divisor(limit: int, of: int) -> int:
     """Largest power of two <= limit dividing ``of`` (0 if below 16)."""
     t = 1 << (max(limit, 1).bit_length() - 1)
@@ -296,10 +306,9 @@ def _stride_problem(t: torch.Tensor, name: str) -> str | None:
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m: int, block_n: int) -> str | None:
     """None if the Triton kernel can run this call, else the reason."""
-    if q.device.type != "cuda" and not interpreter_enabled():
-        return f"tensors on {q.device.type} (the Triton kernel needs CUDA, or TRITON_INTERPRET=1 for tests)"
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"dtype {q.dtype} (supported: float16, bfloat16, float32)"
+    why = device_dtype_problem(q)
+    if why:
+        return why
     if q.shape[-1] > 256 or v.shape[-1] != q.shape[-1]:
         return f"head_dim {q.shape[-1]} / value dim {v.shape[-1]} (supported: equal, at most 256)"
     if block_m % 16 or block_n % 16:

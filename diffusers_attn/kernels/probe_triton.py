@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from . import block_sparse_triton as bst
-from .block_sparse_triton import _pow2_divisor, _tile_scores, interpreter_enabled, launch_guard
+from .block_sparse_triton import _pow2_divisor, _tile_scores, launch_guard
 
 _LOG2E = 1.4426950408889634
 
@@ -91,10 +91,9 @@ def _probe_mass_kernel(
 
 def supports(q: torch.Tensor, k: torch.Tensor, block_n: int) -> str | None:
     """None if the kernel can run this call, else the reason."""
-    if q.device.type != "cuda" and not interpreter_enabled():
-        return f"tensors on {q.device.type} (the Triton kernel needs CUDA, or TRITON_INTERPRET=1 for tests)"
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"dtype {q.dtype} (supported: float16, bfloat16, float32)"
+    why = bst.device_dtype_problem(q)
+    if why:
+        return why
     if q.shape[-1] > 256:
         return f"head_dim {q.shape[-1]} (supported: at most 256)"
     if block_n % 16:
