@@ -52,24 +52,30 @@ def _correct(q, k, v, kv_indices, kv_counts, **kwargs):
     return block_sparse_attention_torch(q, k, v, kv_indices, kv_counts, impl="math", **kwargs)
 
 
-@pytest.fixture
-def backend(monkeypatch):
-    """Register a test backend ahead of every other one (automatic on every device); self-check on."""
+def _inject(monkeypatch, ops):
+    """Fixture body: ``add(name, fn)`` registers ``wrap(fn)`` for each ``(op, wrap)`` of ``ops`` ahead of every
+    other backend (automatic on every device), with the self-check on; everything is removed afterwards."""
     monkeypatch.setenv("DIFFATTN_SELF_CHECK", "1")
-    monkeypatch.setenv("DIFFATTN_FLEX_COMPILE", "0")
     selfcheck.reset()
     names = []
 
     def add(name, fn):
         names.append(name)
-        register_backend(BLOCK_SPARSE, name, fn, auto=lambda *a: True, order=-100)
-        register_backend(TABLE, name, table_from_lists(fn), auto=lambda *a: True, order=-100)
+        for op, wrap in ops:
+            register_backend(op, name, wrap(fn), auto=lambda *a: True, order=-100)
 
     yield add
     for name in names:
-        unregister_backend(BLOCK_SPARSE, name)
-        unregister_backend(TABLE, name)
+        for op, _ in ops:
+            unregister_backend(op, name)
     selfcheck.reset()
+
+
+@pytest.fixture
+def backend(monkeypatch):
+    """A test attention backend (lists and table forms) ahead of every other one; self-check on."""
+    monkeypatch.setenv("DIFFATTN_FLEX_COMPILE", "0")
+    yield from _inject(monkeypatch, [(BLOCK_SPARSE, lambda fn: fn), (TABLE, table_from_lists)])
 
 
 def _problem(seed=0, B=2, H=2, n=80, D=32, bm=16, bn=16):
@@ -181,19 +187,8 @@ def _probe_ignores_padding(q, k, *, block_n, key_padding_mask=None, scale=None, 
 
 @pytest.fixture
 def probe_backend(monkeypatch):
-    """Register a test probe backend ahead of every other one (automatic on every device); self-check on."""
-    monkeypatch.setenv("DIFFATTN_SELF_CHECK", "1")
-    selfcheck.reset()
-    names = []
-
-    def add(name, fn):
-        names.append(name)
-        register_backend(PROBE, name, fn, auto=lambda *a: True, order=-100)
-
-    yield add
-    for name in names:
-        unregister_backend(PROBE, name)
-    selfcheck.reset()
+    """A test probe backend ahead of every other one; self-check on."""
+    yield from _inject(monkeypatch, [(PROBE, lambda fn: fn)])
 
 
 def _probe_inputs(seed=0, B=2, H=2, P=13, n=70, D=32, dtype=torch.float32):
@@ -327,19 +322,8 @@ def _select_ties_to_higher_index(*args, **kw):
 
 @pytest.fixture
 def sel_backend(monkeypatch):
-    """Register a test selection backend ahead of every other one (automatic on every device); self-check on."""
-    monkeypatch.setenv("DIFFATTN_SELF_CHECK", "1")
-    selfcheck.reset()
-    names = []
-
-    def add(name, fn):
-        names.append(name)
-        register_backend(SELECT, name, fn, auto=lambda *a: True, order=-100)
-
-    yield add
-    for name in names:
-        unregister_backend(SELECT, name)
-    selfcheck.reset()
+    """A test selection backend ahead of every other one; self-check on."""
+    yield from _inject(monkeypatch, [(SELECT, lambda fn: fn)])
 
 
 def _select_inputs(seed=0, B=2, H=2, n=100, D=32, dtype=torch.float32):
